@@ -1,0 +1,47 @@
+"""Graceful stop on SIGINT/SIGTERM: the training loop finishes its step, saves, then stops.
+
+A second Ctrl-C restores Python's default behaviour and interrupts at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+
+class TrainingInterrupted(Exception):
+    """Raised by the trainer after it saved ``last.pt`` because a stop signal arrived."""
+
+    def __init__(self, signum: int, checkpoint: str) -> None:
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name}; state saved to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # shell convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """Context manager that records SIGINT/SIGTERM instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
+        self.received = signum
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: finishing this step and saving a checkpoint (press again to quit at once)", flush=True)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

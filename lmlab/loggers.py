@@ -1,0 +1,102 @@
+"""Where metrics go: the console and ``metrics.jsonl`` always, W&B when ``logger=wandb``.
+
+Every logger has the same small interface (:class:`Logger`); the trainer and runner call it and never
+know which backends are behind it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class Logger:
+    """The interface; the base class ignores everything, so a backend overrides only what it needs."""
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_summary(self, results: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, text: str) -> None:
+        pass
+
+    def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
+        """Called on resume with the epochs already done and what :meth:`state` returned then."""
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this logger (stored in checkpoints)."""
+        return {}
+
+    def finish(self) -> None:
+        pass
+
+
+class ConsoleLogger(Logger):
+    """One line per epoch on stdout and one JSON object per epoch in ``metrics.jsonl``."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        print(format_epoch(metrics), flush=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
+        # The checkpoint is the truth: epochs logged after it was written are dropped, none are lost.
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in history))
+
+    def log_summary(self, results: dict[str, Any]) -> None:
+        print(f"test-loss: {results['test_loss']:.2f} | test-pp: {results['test_ppl']:.2f}", flush=True)
+
+    def log_samples(self, text: str) -> None:
+        print(f"Generated: {text}", flush=True)
+
+
+class MultiLogger(Logger):
+    """Fans every call out to several loggers."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.loggers = loggers
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log_step(step, metrics)
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_epoch(metrics)
+
+    def log_summary(self, results: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_summary(results)
+
+    def log_samples(self, text: str) -> None:
+        for logger in self.loggers:
+            logger.log_samples(text)
+
+    def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
+        for i, logger in enumerate(self.loggers):
+            logger.restore(history, (state or {}).get(str(i)))
+
+    def state(self) -> dict[str, Any]:
+        return {str(i): logger.state() for i, logger in enumerate(self.loggers)}
+
+    def finish(self) -> None:
+        for logger in self.loggers:
+            logger.finish()
+
+
+def format_epoch(m: dict[str, Any]) -> str:
+    return (
+        f"[Epoch: {m['epoch']}] train-loss: {m['train_loss']:.2f} | val-loss: {m['val_loss']:.2f} | "
+        f"val-pp: {m['val_ppl']:.2f} | lr {m['lr']:g} | {m['tokens_per_sec']:,.0f} tok/s | "
+        f"{m['elapsed_s']:.0f} s"
+    )

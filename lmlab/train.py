@@ -1,0 +1,308 @@
+"""The training loop: epochs of truncated BPTT, validation, LR schedule, checkpoints, resume.
+
+The trainer takes plain objects (model, data, optimizer, scheduler, device, logger) and knows nothing
+about Hydra. Checkpoints: ``checkpoints/last.pt`` (everything needed to resume, written every
+``save_every_steps`` steps and at each epoch end) and ``checkpoints/best.pt`` (best validation loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lmlab.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
+from lmlab.data import LanguageModelData, bptt_batches, num_bptt_batches
+from lmlab.errors import CheckpointError, ConfigError
+from lmlab.interrupt import StopSignals, TrainingInterrupted
+from lmlab.loggers import Logger
+from lmlab.models import Hidden, RNNLanguageModel, detach_hidden
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss and ``on_nan=stop``."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in ``last.pt`` so a run resumes exactly."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    step: int = 0  # batches done in that epoch
+    global_step: int = 0
+    best_val_loss: float = math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per finished epoch
+    hidden: Hidden | None = None
+    loss_sum: float = 0.0  # train loss summed over this epoch's finished steps
+    skipped_batches: int = 0
+
+
+@dataclass
+class FitResult:
+    best_val_loss: float
+    epochs_run: int
+    train_tokens_per_sec: float
+    best_checkpoint: Path
+
+
+class Trainer:
+    """Runs ``epochs`` of training with gradient clipping, plateau LR schedule and checkpoints."""
+
+    def __init__(
+        self,
+        epochs: int = 20,
+        clip_grad_norm: float | None = 0.25,
+        limit_train_batches: int | None = None,
+        limit_eval_batches: int | None = None,
+        log_interval: int = 200,
+        progress: bool | None = None,
+        precision: str = "fp32",
+        save_every_steps: int | None = None,
+        resume: str | None = "auto",
+        on_nan: str = "stop",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {list(PRECISIONS)}")
+        if on_nan not in ("stop", "skip_batch"):
+            raise ConfigError(f"trainer.on_nan={on_nan!r} is unknown; choose 'stop' or 'skip_batch'")
+        self.epochs, self.clip_grad_norm = epochs, clip_grad_norm
+        self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
+        self.log_interval, self.progress, self.precision = log_interval, progress, precision
+        self.save_every_steps, self.resume, self.on_nan = save_every_steps, resume, on_nan
+
+    # ----------------------------------------------------------------------------------------- fit
+    def fit(
+        self,
+        model: RNNLanguageModel,
+        data: LanguageModelData,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        device: torch.device,
+        out_dir: Path,
+        logger: Logger,
+        checkpoint_meta: dict[str, Any],
+    ) -> FitResult:
+        """Train, validating after each epoch; returns the best validation loss and where it is saved."""
+        ckpt_dir = Path(out_dir) / "checkpoints"
+        self._logger = logger
+        self._meta, self._last, self._best = checkpoint_meta, ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+        state = self._restore(model, optimizer, scheduler, logger)
+        train_columns, valid_columns = data.columns("train").to(device), data.columns("valid").to(device)
+        tokens_seen, train_seconds = 0, 0.0
+        with StopSignals() as signals:
+            while state.epoch <= self.epochs:
+                started = time.perf_counter()
+                tokens = self._train_epoch(model, train_columns, data, optimizer, device, state, logger, signals)
+                seconds = time.perf_counter() - started
+                tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
+                val_loss = self.evaluate(model, valid_columns, data.bptt, device)
+                self._end_epoch(state, model, optimizer, scheduler, logger, val_loss, tokens, seconds)
+        speed = tokens_seen / train_seconds if train_seconds else 0.0
+        return FitResult(state.best_val_loss, len(state.history), speed, self._best)
+
+    def _train_epoch(self, model, columns, data, optimizer, device, state, logger, signals) -> int:
+        model.train()
+        n_batches = num_bptt_batches(columns, data.bptt, self.limit_train_batches)
+        hidden = state.hidden if state.hidden is not None else model.init_hidden(columns.size(1), device)
+        loss_sum = torch.tensor(state.loss_sum, device=device)
+        check_each_step = self.on_nan == "skip_batch" or device.type == "cpu"  # .item() is free on CPU
+        tokens = 0
+        bar = tqdm(
+            total=n_batches,
+            initial=state.step,
+            desc=f"epoch {state.epoch}",
+            leave=False,
+            disable=None if self.progress is None else not self.progress,
+            dynamic_ncols=True,
+        )
+        batches = bptt_batches(columns, data.bptt, self.limit_train_batches)
+        for step, (inputs, targets) in enumerate(batches, start=1):
+            if step <= state.step:
+                continue  # resumed mid-epoch: these steps are already in the checkpoint
+            hidden = detach_hidden(hidden)
+            with self._autocast(device):
+                features, hidden = model(inputs, hidden)
+                loss = model.loss(features, targets)
+            finite = bool(torch.isfinite(loss)) if check_each_step else True
+            if not finite and self.on_nan == "skip_batch":
+                state.skipped_batches += 1
+                optimizer.zero_grad(set_to_none=True)
+                hidden = model.init_hidden(columns.size(1), device)
+            else:
+                if not finite:
+                    self._raise_non_finite(state.epoch, step)
+                self._backward_and_step(model, loss, optimizer)
+                loss_sum += loss.detach()
+            state.step, state.global_step = step, state.global_step + 1
+            tokens += inputs.numel()
+            bar.update(1)
+            if step % self.log_interval == 0 or step == n_batches:
+                running = (loss_sum / max(step - state.skipped_batches, 1)).item()
+                if not math.isfinite(running):
+                    self._raise_non_finite(state.epoch, step, window=self.log_interval)
+                bar.set_postfix(loss=f"{running:.3f}")
+                logger.log_step(state.global_step, {"train/loss": running, "lr": _lr(optimizer)})
+            if signals.received or (self.save_every_steps and state.global_step % self.save_every_steps == 0):
+                state.hidden, state.loss_sum = detach_hidden(hidden), loss_sum.item()
+                self._save_last(model, optimizer, self._scheduler, state)
+                if signals.received:
+                    bar.close()
+                    raise TrainingInterrupted(signals.received, str(self._last))
+        bar.close()
+        state.loss_sum = loss_sum.item()
+        return tokens
+
+    def _backward_and_step(self, model, loss, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self._scaler.scale(loss).backward()
+        if self.clip_grad_norm:
+            self._scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm, foreach=True)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+
+    def _end_epoch(self, state, model, optimizer, scheduler, logger, val_loss, tokens, seconds) -> None:
+        done = max(state.step - state.skipped_batches, 1)
+        metrics = {
+            "epoch": state.epoch,
+            "train_loss": state.loss_sum / done,
+            "val_loss": val_loss,
+            "val_ppl": perplexity(val_loss),
+            "lr": _lr(optimizer),
+            "tokens_per_sec": tokens / seconds if seconds else 0.0,
+            "elapsed_s": seconds,
+        }
+        if state.skipped_batches:
+            metrics["skipped_batches"] = state.skipped_batches
+        if scheduler is not None:
+            is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            scheduler.step(val_loss) if is_plateau else scheduler.step()
+        if val_loss < state.best_val_loss:
+            state.best_val_loss = val_loss
+            atomic_save(self._checkpoint(model, None, None, state, full=False), self._best)
+        state.history.append(metrics)
+        state.epoch, state.step, state.hidden, state.loss_sum, state.skipped_batches = state.epoch + 1, 0, None, 0.0, 0
+        self._save_last(model, optimizer, scheduler, state)
+        logger.log_epoch(metrics)
+
+    # -------------------------------------------------------------------------------- evaluation
+    @torch.inference_mode()
+    def evaluate(self, model: RNNLanguageModel, columns: torch.Tensor, bptt: int, device: torch.device) -> float:
+        """Mean loss per token over ``columns`` (at most ``limit_eval_batches`` windows)."""
+        model.eval()
+        hidden = model.init_hidden(columns.size(1), device)
+        total, count = torch.zeros((), device=device), 0
+        for inputs, targets in bptt_batches(columns, bptt, self.limit_eval_batches):
+            with self._autocast(device):
+                features, hidden = model(inputs, hidden)
+                total += model.loss(features, targets).float() * targets.numel()
+            count += targets.numel()
+        return total.item() / count
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _checkpoint(self, model, optimizer, scheduler, state: TrainState, full: bool) -> dict[str, Any]:
+        ckpt = {
+            "format": FORMAT,
+            "version": VERSION,
+            **self._meta,
+            "model_state": model.state_dict(),
+            "epoch": state.epoch,
+            "best_val_loss": state.best_val_loss,
+            "history": state.history,
+        }
+        if full:
+            ckpt.update(
+                optimizer_state=optimizer.state_dict(),
+                step=state.step,
+                global_step=state.global_step,
+                scheduler_state=scheduler.state_dict() if scheduler is not None else None,
+                scaler_state=self._scaler.state_dict(),
+                hidden=state.hidden,
+                loss_sum=state.loss_sum,
+                skipped_batches=state.skipped_batches,
+                rng=rng_state(),
+                logger_state=self._logger.state(),
+            )
+        return ckpt
+
+    def _save_last(self, model, optimizer, scheduler, state: TrainState) -> None:
+        atomic_save(self._checkpoint(model, optimizer, scheduler, state, full=True), self._last)
+
+    def _restore(self, model, optimizer, scheduler, logger) -> TrainState:
+        self._scheduler = scheduler
+        self._scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        source = self._resume_source()
+        if source is None:
+            return TrainState()
+        ckpt = load_checkpoint(source)
+        if ckpt["vocab"] != self._meta["vocab"] or ckpt["model_config"] != self._meta["model_config"]:
+            raise CheckpointError(
+                f"cannot resume from {source}: it was trained with another vocabulary or "
+                "model config; use trainer.resume=null or a fresh hydra.run.dir"
+            )
+        if "optimizer_state" not in ckpt:
+            raise CheckpointError(f"cannot resume from {source}: it holds weights only (a best.pt); use last.pt")
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        if scheduler is not None and ckpt["scheduler_state"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler_state"])
+        self._scaler.load_state_dict(ckpt["scaler_state"])
+        set_rng_state(ckpt["rng"])
+        device = next(model.parameters()).device
+        hidden = ckpt["hidden"]
+        if hidden is not None:
+            hidden = [tuple(h.to(device) for h in s) if isinstance(s, (tuple, list)) else s.to(device) for s in hidden]
+        logger.restore(ckpt["history"], ckpt.get("logger_state"))
+        print(f"Resuming from {source}: epoch {ckpt['epoch']}, step {ckpt['step']}")
+        return TrainState(
+            ckpt["epoch"],
+            ckpt["step"],
+            ckpt["global_step"],
+            ckpt["best_val_loss"],
+            ckpt["history"],
+            hidden,
+            ckpt["loss_sum"],
+            ckpt["skipped_batches"],
+        )
+
+    def _resume_source(self) -> Path | None:
+        if self.resume in (None, "never", False):
+            return None
+        if self.resume == "auto":
+            return self._last if self._last.is_file() else None
+        path = Path(self.resume)
+        if not path.is_file():
+            raise ConfigError(f"trainer.resume={self.resume} does not exist; give a last.pt path, 'auto' or null")
+        return path
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _raise_non_finite(self, epoch: int, step: int, window: int = 1) -> None:
+        where = f"step {step}" if window == 1 else f"the {window} steps up to step {step}"
+        raise NonFiniteLoss(
+            f"non-finite training loss in epoch {epoch}, {where}. The last good checkpoint "
+            f"is {self._last if self._last.exists() else 'not written yet'}. Try a lower "
+            "optimizer.lr, a smaller trainer.clip_grad_norm, trainer.precision=fp32, "
+            "or trainer.on_nan=skip_batch"
+        )
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a model is diverged anyway
