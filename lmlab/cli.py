@@ -6,7 +6,10 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
 from lmlab.errors import LmlabError
 
@@ -37,3 +40,16 @@ def exit_on_lmlab_error(task: Callable[..., T]) -> Callable[..., T]:
             sys.exit(2)
 
     return wrapper
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with plain Python containers, surfacing lmlab's own errors as they are."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, LmlabError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

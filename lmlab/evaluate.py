@@ -10,10 +10,9 @@ import json
 import math
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lmlab.cli import CONF_DIR, exit_on_lmlab_error
+from lmlab.cli import CONF_DIR, build, exit_on_lmlab_error
 from lmlab.data import SPLITS, batchify, read_text, tokenize
 from lmlab.errors import ConfigError
 from lmlab.generate import model_from_checkpoint
@@ -24,12 +23,12 @@ from lmlab.generate import model_from_checkpoint
 def main(cfg: DictConfig) -> dict[str, float]:
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r} is unknown; choose one of {SPLITS}")
-    device = instantiate(cfg.device)
+    device = build(cfg.device)
     model, vocab, _ = model_from_checkpoint(cfg.checkpoint, device)
-    data = instantiate(cfg.dataset, cache=True)
+    data = build(cfg.dataset, cache=True)
     tokens = tokenize(read_text(data.files[cfg.split]), vocab)
     columns = batchify(tokens, data.eval_batch_size).to(device)
-    loss = instantiate(cfg.trainer).evaluate(model, columns, data.bptt, device)
+    loss = build(cfg.trainer).evaluate(model, columns, data.bptt, device)
     result = {"split": cfg.split, "loss": loss, "ppl": math.exp(loss), "tokens": len(tokens)}
     print(f"{cfg.split}-loss: {loss:.2f} | {cfg.split}-pp: {math.exp(loss):.2f}")
     print(json.dumps(result))

@@ -12,11 +12,10 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_checkpoint
-from lmlab.cli import CONF_DIR, exit_on_lmlab_error
+from lmlab.cli import CONF_DIR, build, exit_on_lmlab_error
 from lmlab.data import EOS, Vocabulary
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models import RNNLanguageModel, detach_hidden
@@ -28,7 +27,7 @@ def model_from_checkpoint(
     """Rebuild the model and vocabulary saved in a checkpoint, ready for inference."""
     state = load_checkpoint(path)
     vocab = Vocabulary(state["vocab"])
-    model = instantiate(state["model_config"], vocab_size=len(vocab))
+    model = build(state["model_config"], vocab_size=len(vocab))
     try:
         model.load_state_dict(state["model_state"])
     except RuntimeError as err:
@@ -79,7 +78,7 @@ def format_words(words: list[str]) -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate_cli")
 @exit_on_lmlab_error
 def main(cfg: DictConfig) -> None:
-    device = instantiate(cfg.device)
+    device = build(cfg.device)
     model, vocab, _ = model_from_checkpoint(cfg.checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     words = generate_words(

@@ -19,11 +19,10 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint import load_checkpoint
-from lmlab.cli import CONF_DIR, exit_on_lmlab_error
+from lmlab.cli import CONF_DIR, build, exit_on_lmlab_error
 from lmlab.config import validate_config
 from lmlab.device import peak_gpu_mb, peak_rss_mb
 from lmlab.generate import format_words, generate_words
@@ -42,7 +41,7 @@ def seed_everything(seed: int | None) -> None:
 def build_logger(cfg: DictConfig, out_dir: Path) -> Logger:
     loggers: list[Logger] = [ConsoleLogger(out_dir)]
     if cfg.get("logger") and cfg.logger.get("_target_"):
-        loggers.append(instantiate(cfg.logger, out_dir=str(out_dir), config=OmegaConf.to_container(cfg, resolve=True)))
+        loggers.append(build(cfg.logger, out_dir=str(out_dir), config=OmegaConf.to_container(cfg, resolve=True)))
     return MultiLogger(loggers)
 
 
@@ -51,12 +50,12 @@ def train_and_report(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     validate_config(cfg)
     seed_everything(cfg.seed)
-    device = instantiate(cfg.device)
-    data = instantiate(cfg.dataset)
-    model = instantiate(cfg.model, vocab_size=len(data.vocab)).to(device)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
-    trainer = instantiate(cfg.trainer)
+    device = build(cfg.device)
+    data = build(cfg.dataset)
+    model = build(cfg.model, vocab_size=len(data.vocab)).to(device)
+    optimizer = build(cfg.optimizer)(model.parameters())
+    scheduler = build(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    trainer = build(cfg.trainer)
     logger = build_logger(cfg, out_dir)
     meta = {
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),

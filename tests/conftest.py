@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny corpora written to a temp dir, and Hydra config composition."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lmlab.cli import CONF_DIR
+
+NOUNS = "cat dog bird fish horse mouse lion bear wolf fox".split()
+VERBS = "sees chases likes bites follows".split()
+
+
+def make_sentences(n: int, seed: int) -> list[str]:
+    """A learnable toy language: 'the NOUN VERB the NOUN .' with some fixed noun/verb pairings."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        subject = rng.choice(NOUNS)
+        verb = VERBS[NOUNS.index(subject) % len(VERBS)]  # the verb is predictable from the subject
+        lines.append(f"the {subject} {verb} the {rng.choice(NOUNS)} .")
+    return lines
+
+
+def write_corpus(folder: Path, train: int = 400, valid: int = 80, test: int = 80) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train", train, 1), ("valid", valid, 2), ("test", test, 3)):
+        (folder / f"{name}.txt").write_text("\n".join(make_sentences(n, seed)) + "\n")
+    return folder
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+# Small and fast: every end-to-end test starts from these and adds its own overrides.
+TINY = [
+    "dataset=text_dir",
+    "dataset.batch_size=4",
+    "dataset.eval_batch_size=4",
+    "dataset.bptt=8",
+    "model.embed_dim=32",
+    "model.hidden_dim=32",
+    "model.dropout=0.0",
+    "trainer.epochs=3",
+    "optimizer.lr=5",
+    "trainer.progress=false",
+    "generate.num_words=5",
+    "device=cpu",
+    "device.num_threads=1",  # tiny ops: one thread is faster and never oversubscribes CI's 2 cores
+]
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(overrides, config_name='config') → a composed DictConfig (Hydra state cleared)."""
+
+    def _compose(overrides: list[str], config_name: str = "config"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+
+    yield _compose
+    GlobalHydra.instance().clear()

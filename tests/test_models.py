@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from lmlab.errors import ConfigError
+from lmlab.models import RNNLanguageModel
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("tie, embed, hidden", [(True, 16, 16), (True, 16, 24), (False, 16, 24)])
+def test_shapes_and_tying(cell, tie, embed, hidden):
+    model = RNNLanguageModel(50, cell=cell, embed_dim=embed, hidden_dim=hidden, num_layers=2, tie_weights=tie)
+    tokens = torch.randint(0, 50, (7, 3))
+    features, state = model(tokens, model.init_hidden(3))
+    assert features.shape == (7, 3, embed if tie else hidden)
+    assert len(state) == 2
+    assert model.log_probs(features).shape == (7, 3, 50)
+    assert torch.allclose(model.log_probs(features).exp().sum(-1), torch.ones(7, 3), atol=1e-5)
+    loss = model.loss(features, tokens)
+    assert loss.dim() == 0 and loss.item() > 0
+    assert (model.decoder.weight is model.embedding.weight) == tie
+    if cell == "lstm":
+        h, c = state[-1]
+        assert h.shape == c.shape == (1, 3, embed if tie else hidden)
+
+
+def test_adaptive_softmax_matches_its_log_probs():
+    model = RNNLanguageModel(
+        100, embed_dim=16, hidden_dim=16, tie_weights=False, softmax="adaptive", adaptive_cutoffs=[10, 40]
+    )
+    tokens = torch.randint(0, 100, (5, 2))
+    features, _ = model(tokens, model.init_hidden(2))
+    logp = model.log_probs(features)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(5, 2), atol=1e-4)
+    nll = -logp.gather(-1, tokens.unsqueeze(-1)).mean()
+    assert torch.allclose(model.loss(features, tokens), nll, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cell": "rnn"}, "model.cell='rnn' is unknown"),
+        ({"hidden_dim": -5}, "model.hidden_dim=-5 must be a positive integer"),
+        ({"dropout": 1.0}, r"model.dropout=1.0 must be a number in \[0, 1\)"),
+        ({"softmax": "adaptive", "tie_weights": True}, "cannot tie weights"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RNNLanguageModel(50, **kwargs)
