@@ -1,0 +1,237 @@
+"""Runs survive interruption, faults and bad input, and lose nothing."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.checkpoint import atomic_save, load_checkpoint
+from lmlab.errors import CheckpointError
+from lmlab.generate import model_from_checkpoint
+from lmlab.run import train_and_report
+from lmlab.train import NonFiniteLoss, Trainer
+from tests.conftest import TINY, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"tokens_per_sec", "elapsed_s", "train_tokens_per_sec", "peak_rss_mb", "wall_s"}
+
+
+def _without_timing(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in TIMING}
+
+
+def _stop_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Deliver a real signal to this process right after training step ``step``."""
+    original = Trainer._backward_and_step
+    calls = {"n": 0}
+
+    def stepping(self, model, loss, optimizer):
+        original(self, model, loss, optimizer)
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Trainer, "_backward_and_step", stepping)
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    overrides = [*TINY, f"dataset.path={corpus_dir}", "model.dropout=0.3", "trainer.epochs=3"]
+    straight = train_and_report(compose_cfg(overrides), tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        _stop_at_step(patch, 100)  # mid-epoch 2 (88 steps per epoch)
+        with pytest.raises(Exception) as stop:
+            train_and_report(compose_cfg(overrides), interrupted)
+    assert type(stop.value).__name__ == "TrainingInterrupted" and stop.value.exit_code == 143
+    saved = load_checkpoint(interrupted / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (2, 12)
+
+    resumed = train_and_report(compose_cfg(overrides), interrupted)  # trainer.resume=auto
+    assert _without_timing(resumed) == _without_timing(straight)
+    lines = [(interrupted / "metrics.jsonl"), (tmp_path / "straight" / "metrics.jsonl")]
+    a, b = ([_without_timing(json.loads(x)) for x in p.read_text().splitlines()] for p in lines)
+    assert a == b  # every epoch's figures, none lost or doubled
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(corpus_dir, tmp_path, compose_cfg):
+    out = tmp_path / "run"
+    train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1"]), out)
+    other = compose_cfg(
+        [
+            *TINY,
+            f"dataset.path={corpus_dir}",
+            "trainer.epochs=2",
+            "model.hidden_dim=16",
+            f"trainer.resume={out / 'checkpoints' / 'last.pt'}",
+        ]
+    )
+    with pytest.raises(CheckpointError, match="another vocabulary or model config"):
+        train_and_report(other, tmp_path / "other")
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"generation": 1}, path)
+
+    def torn_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save({"generation": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"generation": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_checkpoints_are_refused_and_nothing_runs(tmp_path, corpus_dir, compose_cfg):
+    out = tmp_path / "run"
+    train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1"]), out)
+    good = out / "checkpoints" / "best.pt"
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(truncated)
+
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("just some text\n")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(garbage)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not an lmlab checkpoint"):
+        load_checkpoint(foreign)
+
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "lmlab-checkpoint", "payload": exploit}, evil)
+    with pytest.raises(CheckpointError, match="nothing was executed"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(exploit, f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "plain.pkl")
+    assert not marker.exists()
+
+    state = torch.load(good, weights_only=True)
+    state["model_config"]["_target_"] = "os.system"
+    retargeted = tmp_path / "retargeted.pt"
+    torch.save(state, retargeted)
+    with pytest.raises(CheckpointError, match="only lmlab.models"):
+        load_checkpoint(retargeted)
+
+    state = torch.load(good, weights_only=True)
+    state["vocab"] = state["vocab"] + ["extra-word"]
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(state, mismatched)
+    with pytest.raises(CheckpointError, match="does not fit its own model config/vocabulary"):
+        model_from_checkpoint(mismatched, torch.device("cpu"))
+
+
+def _inject_nan_at(monkeypatch, step: int) -> None:
+    from lmlab.models import RNNLanguageModel
+
+    original = RNNLanguageModel.loss
+    calls = {"n": 0}
+
+    def loss(self, features, targets):
+        value = original(self, features, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == step:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(RNNLanguageModel, "loss", loss)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    _inject_nan_at(monkeypatch, 91)  # epoch 2, step 3
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 3\. The last good checkpoint is .*last.pt"):
+        train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}"]), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(t).all() for t in last["model_state"].values())
+
+
+def test_non_finite_loss_can_skip_the_batch(corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    _inject_nan_at(monkeypatch, 5)
+    results = train_and_report(
+        compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.on_nan=skip_batch"]), tmp_path / "run"
+    )
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[0]["skipped_batches"] == 1 and "skipped_batches" not in epochs[1]
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in epochs)
+    assert results["best_val_ppl"] < 5
+
+
+def _start_run(out: Path, corpus: Path) -> subprocess.Popen:
+    args = [
+        *TINY,
+        f"dataset.path={corpus}",
+        "trainer.epochs=200",
+        "trainer.save_every_steps=20",
+        f"hydra.run.dir={out}",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmlab.run", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_sigterm_saves_and_exits_for_requeue_then_resumes(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    proc = _start_run(out, corpus)
+    _wait_for(out / "metrics.jsonl", proc)  # an epoch has finished
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and f"hydra.run.dir={out}" in stderr
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert saved["epoch"] >= 2
+    epochs_done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert epochs_done == len(saved["history"])
+
+
+def test_ctrl_c_saves_and_a_second_ctrl_c_quits_at_once(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    proc = _start_run(out, corpus)
+    _wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped by SIGINT" in stderr
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+    proc = _start_run(tmp_path / "run2", corpus)
+    _wait_for(tmp_path / "run2" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
