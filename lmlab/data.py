@@ -25,6 +25,7 @@ EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
 _CACHE_VERSION = 1
+_PIECE_CHARS = 1 << 20
 
 
 class Vocabulary:
@@ -73,13 +74,24 @@ def read_text(path: Path) -> str:
 
 
 def iter_lines(text: str) -> Iterator[list[str]]:
-    """Yield each line's words plus ``<eos>``; a last line without a newline still counts."""
+    """Yield each line's words plus ``<eos>``; a last line without a newline still counts.
+
+    A very long line (say a 100 MB file with no newline) comes in pieces of about 1 MB, cut at spaces,
+    with ``<eos>`` after the last piece, so memory stays bounded by the piece, not the line.
+    """
     # str.splitlines() would also break on form feeds and Unicode separators; the field splits on \n.
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
     for line in lines:
-        yield line.split() + [EOS]
+        start = 0
+        while len(line) - start > _PIECE_CHARS:
+            cut = line.find(" ", start + _PIECE_CHARS)
+            if cut < 0:
+                break
+            yield line[start:cut].split()
+            start = cut
+        yield line[start:].split() + [EOS]
 
 
 def tokenize(text: str, vocab: Vocabulary) -> torch.Tensor:

@@ -83,3 +83,19 @@ def test_official_wikitext2_token_counts():
 
     for name, expected in (("wiki.valid.tokens", 217_646), ("wiki.test.tokens", 245_569)):
         assert sum(len(words) for words in iter_lines(read_text(folder / name))) == expected
+
+
+def test_a_100_mb_single_line_is_read_in_bounded_pieces(tmp_path):
+    import resource
+
+    words = [f"w{i}" for i in range(50)]
+    line = (" ".join(words) + " ") * (100 * 2**20 // len(" ".join(words) + " "))  # ~100 MB, no newline
+    (tmp_path / "train.txt").write_text(line)
+    (tmp_path / "valid.txt").write_text("w1 w2 unseen\n")
+    (tmp_path / "test.txt").write_text("w3\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    corpus = Corpus.from_files({s: tmp_path / f"{s}.txt" for s in ("train", "valid", "test")}, cache=False)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(corpus.train) == len(line.split()) + 1  # one <eos> for the one line
+    assert corpus.vocab.decode(corpus.valid.tolist()) == ["w1", "w2", UNK, EOS]
+    assert grown_mb < 1000  # splitting the whole line at once would need ~1.5 GB of Python strings
