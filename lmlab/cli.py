@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from lmlab.errors import LmlabError
 
@@ -26,6 +28,27 @@ def _find_conf_dir() -> str:
 
 
 CONF_DIR = _find_conf_dir()
+MAX_DIRNAME = 120
+
+
+def short_dirname(override_dirname: str) -> str:
+    """A job folder name from its overrides: keys shortened to their last part (``batch_size=40``) and
+    the whole capped at ~120 characters (plus a hash), since file systems refuse names over 255 bytes.
+    The full overrides stay in the job's ``.hydra/overrides.yaml``."""
+    parts = []
+    for item in override_dirname.split(","):
+        if item.startswith("+sweep="):
+            continue  # the preset name says nothing about the job
+        key, sep, value = item.partition("=")
+        parts.append(f"{key.rsplit('.', 1)[-1]}{sep}{value}")
+    name = ",".join(parts)
+    if len(name) > MAX_DIRNAME:
+        name = f"{name[:MAX_DIRNAME]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+if not OmegaConf.has_resolver("lmlab_dirname"):
+    OmegaConf.register_new_resolver("lmlab_dirname", short_dirname)
 
 
 def exit_on_lmlab_error(task: Callable[..., T]) -> Callable[..., T]:

@@ -26,6 +26,9 @@ class Logger:
     def log_samples(self, text: str) -> None:
         pass
 
+    def log_checkpoint(self, path: Path) -> None:
+        pass
+
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
         """Called on resume with the epochs already done and what :meth:`state` returned then."""
 
@@ -81,6 +84,10 @@ class MultiLogger(Logger):
     def log_samples(self, text: str) -> None:
         for logger in self.loggers:
             logger.log_samples(text)
+
+    def log_checkpoint(self, path: Path) -> None:
+        for logger in self.loggers:
+            logger.log_checkpoint(path)
 
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
         for i, logger in enumerate(self.loggers):

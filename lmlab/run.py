@@ -19,6 +19,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint import load_checkpoint
@@ -38,15 +39,23 @@ def seed_everything(seed: int | None) -> None:
         torch.manual_seed(seed)
 
 
-def build_logger(cfg: DictConfig, out_dir: Path) -> Logger:
+def build_logger(cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None) -> Logger:
+    """Console + metrics.jsonl always; plus the ``logger`` group's backend, named after the job."""
     loggers: list[Logger] = [ConsoleLogger(out_dir)]
     if cfg.get("logger") and cfg.logger.get("_target_"):
-        loggers.append(build(cfg.logger, out_dir=str(out_dir), config=OmegaConf.to_container(cfg, resolve=True)))
+        naming = {"group": cfg.logger.get("group") or group, "name": cfg.logger.get("name") or name}
+        config = OmegaConf.to_container(cfg, resolve=True)
+        loggers.append(build(cfg.logger, _recursive_=False, out_dir=str(out_dir), run_config=config, **naming))
     return MultiLogger(loggers)
 
 
-def train_and_report(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """The whole job: returns (and writes to results.json) the run's final figures."""
+def train_and_report(
+    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """The whole job: returns (and writes to results.json) the run's final figures.
+
+    ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides).
+    """
     started = time.perf_counter()
     validate_config(cfg)
     seed_everything(cfg.seed)
@@ -56,7 +65,7 @@ def train_and_report(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     optimizer = build(cfg.optimizer)(model.parameters())
     scheduler = build(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
     trainer = build(cfg.trainer)
-    logger = build_logger(cfg, out_dir)
+    logger = build_logger(cfg, out_dir, group, name)
     meta = {
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),
         "vocab": data.vocab.words,
@@ -65,6 +74,7 @@ def train_and_report(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     try:
         fit = trainer.fit(model, data, optimizer, scheduler, device, out_dir, logger, meta)
         model.load_state_dict(load_checkpoint(fit.best_checkpoint, device)["model_state"])
+        logger.log_checkpoint(fit.best_checkpoint)
         test_loss = trainer.evaluate(model, data.columns("test").to(device), data.bptt, device)
         gen = cfg.generate
         generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -84,6 +94,7 @@ def train_and_report(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "train_tokens_per_sec": fit.train_tokens_per_sec,
             "peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": peak_gpu_mb(device),
+            "torch_threads": torch.get_num_threads(),
             "wall_s": time.perf_counter() - started,
         }
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -98,9 +109,13 @@ def train_and_report(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 @exit_on_lmlab_error
 def main(cfg: DictConfig) -> float:
     """Hydra task: returns the best validation perplexity (what sweepers minimise)."""
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = "_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None
+    name = hydra_cfg.job.override_dirname or out_dir.name
     try:
-        return train_and_report(cfg, out_dir)["best_val_ppl"]
+        return train_and_report(cfg, out_dir, group, name)["best_val_ppl"]
     except TrainingInterrupted as stop:
         overrides = " ".join(HydraConfig.get().overrides.task)
         print(

@@ -1,0 +1,146 @@
+"""Weights & Biases behind lmlab's :class:`~lmlab.loggers.Logger` interface (``logger=wandb``).
+
+Offline by default (``WANDB_MODE=offline``): files go to ``<run dir>/wandb`` and ``wandb sync`` uploads
+them later, so nobody needs an account to train. A failing W&B (no network, bad key, full disk) warns
+once and training goes on with the local files. The run id is kept in checkpoints, so a resumed job
+re-attaches to the same W&B run instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmlab.loggers import Logger
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"hidden_dim": 650}}`` → ``{"model.hidden_dim": 650}`` (W&B tables filter on these)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class WandbLogger(Logger):
+    """Logs the flattened config, per-step train loss/lr, per-epoch validation figures, test summary,
+    generated samples (a table) and optionally the best checkpoint (an artifact)."""
+
+    def __init__(
+        self,
+        out_dir: str,
+        run_config: dict[str, Any],
+        project: str = "lmlab",
+        entity: str | None = None,
+        mode: str = "offline",
+        group: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        job_type: str = "train",
+        log_checkpoint: bool = False,
+    ) -> None:
+        self.out_dir, self.config = Path(out_dir), flatten(run_config)
+        self.init_args = {
+            "project": project,
+            "entity": entity,
+            "mode": mode,
+            "group": group,
+            "name": name,
+            "tags": tags or [],
+            "job_type": job_type,
+        }
+        self.log_checkpoint_files = log_checkpoint
+        self.run: Any = None
+        self.run_id: str | None = None
+        self.failed = False
+
+    def _call(self, what: str, action: Callable[[], Any]) -> None:
+        """Run a W&B action; on the first failure warn once and stop using W&B for this run."""
+        if self.failed:
+            return
+        try:
+            if self.run is None:
+                self._start()
+            action()
+        except Exception as err:  # W&B must never take training down with it
+            self.failed = True
+            warnings.warn(
+                f"W&B {what} failed ({type(err).__name__}: {err}); continuing with local files only",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _start(self) -> None:
+        import wandb
+
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            dir=str(self.out_dir),
+            config=self.config,
+            id=self.run_id,
+            resume="allow",
+            reinit="finish_previous",
+            **self.init_args,
+        )
+        self.run.define_metric("epoch")
+        for pattern in ("val/*", "train/epoch_loss", "throughput/*"):
+            self.run.define_metric(pattern, step_metric="epoch")
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._call("log", lambda: self.run.log({**metrics, "trainer/global_step": step}))
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        row = {
+            "epoch": metrics["epoch"],
+            "val/loss": metrics["val_loss"],
+            "val/ppl": metrics["val_ppl"],
+            "train/epoch_loss": metrics["train_loss"],
+            "throughput/tokens_per_sec": metrics["tokens_per_sec"],
+        }
+        self._call("log", lambda: self.run.log(row))
+
+    def log_summary(self, results: dict[str, Any]) -> None:
+        def update() -> None:
+            for key, value in results.items():
+                self.run.summary[key] = value
+
+        self._call("summary", update)
+
+    def log_samples(self, text: str) -> None:
+        import wandb
+
+        self._call("samples", lambda: self.run.log({"samples": wandb.Table(columns=["text"], data=[[text]])}))
+
+    def log_checkpoint(self, path: Path) -> None:
+        if not self.log_checkpoint_files:
+            return
+        import wandb
+
+        def upload() -> None:
+            artifact = wandb.Artifact(f"model-{self.run_id}", type="model")
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact, aliases=["best"])
+
+        self._call("artifact", upload)
+
+    def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
+        self.run_id = (state or {}).get("run_id") or self.run_id
+
+    def state(self) -> dict[str, Any]:
+        return {"run_id": self.run_id} if self.run_id else {}
+
+    def finish(self) -> None:
+        if self.run is not None:
+            run, self.run = self.run, None
+            try:
+                run.finish()
+            except Exception as err:
+                warnings.warn(f"W&B finish failed ({err}); local files are complete", RuntimeWarning, stacklevel=2)
