@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -162,6 +163,20 @@ def bptt_batches(
             return
         length = min(bptt, columns.size(0) - 1 - start)
         yield columns[start : start + length], columns[start + 1 : start + 1 + length]
+
+
+def variable_bptt_batches(
+    columns: torch.Tensor, bptt: int, seed: int, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """AWD-LSTM's variable-length BPTT: each window is ~N(bptt, 5) long (~N(bptt/2, 5) with p=0.05),
+    at least 5 steps, so window boundaries move between epochs. ``seed`` fixes the lengths."""
+    rng = random.Random(seed)
+    start, n = 0, 0
+    while start < columns.size(0) - 1 and (limit is None or n < limit):
+        mean = bptt if rng.random() < 0.95 else bptt / 2
+        length = min(max(5, int(rng.gauss(mean, 5))), columns.size(0) - 1 - start)
+        yield columns[start : start + length], columns[start + 1 : start + 1 + length]
+        start, n = start + length, n + 1
 
 
 def num_bptt_batches(columns: torch.Tensor, bptt: int, limit: int | None = None) -> int:

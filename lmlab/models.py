@@ -23,6 +23,12 @@ class RNNLanguageModel(nn.Module):
 
     ``softmax="adaptive"`` replaces the full output layer by ``nn.AdaptiveLogSoftmaxWithLoss``
     (vocabulary ids must be sorted by frequency, as lmlab's are), which cannot be tied.
+
+    AWD-LSTM regularisation (Merity et al. 2017), all off by default: ``dropout_input`` /
+    ``dropout_hidden`` (on embeddings / between layers; null = ``dropout``), ``locked_dropout`` (one mask
+    per sequence, shared over time), ``dropout_embedding`` (drops whole words), ``weight_drop``
+    (DropConnect on hidden-to-hidden weights), and the activation penalties ``ar_alpha``/``tar_beta``
+    returned by :meth:`regularization`.
     """
 
     def __init__(
@@ -36,15 +42,35 @@ class RNNLanguageModel(nn.Module):
         tie_weights: bool = True,
         softmax: str = "full",
         adaptive_cutoffs: list[int] | tuple[int, ...] = (2000, 10000),
+        dropout_input: float | None = None,
+        dropout_hidden: float | None = None,
+        dropout_embedding: float = 0.0,
+        locked_dropout: bool = False,
+        weight_drop: float = 0.0,
+        ar_alpha: float = 0.0,
+        tar_beta: float = 0.0,
     ) -> None:
         super().__init__()
         _check_args(vocab_size, cell, embed_dim, hidden_dim, num_layers, dropout, tie_weights, softmax)
+        for key, p in (
+            ("dropout_input", dropout_input),
+            ("dropout_hidden", dropout_hidden),
+            ("dropout_embedding", dropout_embedding),
+            ("weight_drop", weight_drop),
+        ):
+            if p is not None and not (isinstance(p, (int, float)) and 0 <= p < 1):
+                raise ConfigError(f"model.{key}={p!r} must be a number in [0, 1)")
         self.cell, self.vocab_size = cell, vocab_size
+        self.dropout, self.locked_dropout = dropout, locked_dropout
+        self.dropout_input = dropout if dropout_input is None else dropout_input
+        self.dropout_hidden = dropout if dropout_hidden is None else dropout_hidden
+        self.dropout_embedding, self.weight_drop = dropout_embedding, weight_drop
+        self.ar_alpha, self.tar_beta = ar_alpha, tar_beta
+        self._last_raw_output: torch.Tensor | None = None
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         out_dim = embed_dim if tie_weights else hidden_dim
         sizes = [embed_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.rnns = nn.ModuleList(RNN_CELLS[cell](sizes[i], sizes[i + 1]) for i in range(num_layers))
-        self.drop = nn.Dropout(dropout)
         if softmax == "adaptive":
             cutoffs = [c for c in adaptive_cutoffs if c < vocab_size - 1]
             self.decoder = None
@@ -72,13 +98,71 @@ class RNNLanguageModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (T, B) → features (T, B, out_dim) for :meth:`loss` / :meth:`log_probs`, new hidden."""
-        x = self.drop(self.embedding(tokens))
+        x = self._drop(self._embed(tokens), self.dropout_input)
         new_hidden: Hidden = []
+        last = len(self.rnns) - 1
         for i, rnn in enumerate(self.rnns):
-            x, state = rnn(x, hidden[i])
+            x, state = self._run_layer(rnn, x, hidden[i])
             new_hidden.append(state)
-            x = self.drop(x)
+            if i == last:
+                self._last_raw_output = x if self.training and self.tar_beta else None
+            x = self._drop(x, self.dropout if i == last else self.dropout_hidden)
         return x, new_hidden
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding(tokens)
+        if not (self.training and self.dropout_embedding):
+            return emb
+        # Word-level dropout: every occurrence of a dropped word is zeroed. Masking the gathered rows
+        # (not the whole V×D table, as AWD-LSTM's code does) gives the same result without the copy.
+        keep = 1 - self.dropout_embedding
+        word_mask = emb.new_empty(self.vocab_size).bernoulli_(keep) / keep
+        return emb * word_mask[tokens].unsqueeze(-1)
+
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        if not (self.training and p):
+            return x
+        if not self.locked_dropout:
+            return F.dropout(x, p, training=True)
+        mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)  # one mask for all steps
+        return x * mask
+
+    def _run_layer(self, rnn: nn.RNNBase, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        if not (self.training and self.weight_drop):
+            return rnn(x, state)
+        # DropConnect on the recurrent weights, passed to the module's own fused kernel for this call
+        # (functional_call swaps the tensor in and out), so the parameter itself is never replaced.
+        dropped = F.dropout(rnn.weight_hh_l0, self.weight_drop, training=True)
+        return torch.func.functional_call(rnn, {"weight_hh_l0": dropped}, (x, state))
+
+    def regularization(self, features: torch.Tensor) -> torch.Tensor:
+        """AR (``ar_alpha`` × mean squared output) + TAR (``tar_beta`` × mean squared step-to-step change
+        of the last layer's raw output); zero unless enabled and training."""
+        penalty = features.new_zeros(())
+        if self.training and self.ar_alpha:
+            penalty = penalty + self.ar_alpha * features.pow(2).mean()
+        if self.training and self.tar_beta and self._last_raw_output is not None:
+            raw = self._last_raw_output
+            penalty = penalty + self.tar_beta * (raw[1:] - raw[:-1]).pow(2).mean()
+        return penalty
+
+    def flops_per_token(self, tail_share: list[float] | None = None) -> dict[str, float]:
+        """Forward multiply-add FLOPs per token from the layer shapes (embedding lookups count 0).
+
+        For the adaptive softmax, ``tail_share[i]`` is the share of target tokens in tail cluster i
+        (those pay for that cluster's projection and output); without it all tails are counted.
+        """
+        gates = 4 if self.cell == "lstm" else 3
+        rnn = sum(2 * gates * r.hidden_size * (r.input_size + r.hidden_size) for r in self.rnns)
+        if self.adaptive is None:
+            out = 2 * self.decoder.in_features * self.vocab_size
+        else:
+            head = self.adaptive.head
+            out = 2 * head.in_features * head.out_features
+            for i, tail in enumerate(self.adaptive.tail):
+                share = 1.0 if tail_share is None else tail_share[i]
+                out += share * sum(2 * m.in_features * m.out_features for m in tail)
+        return {"rnn": float(rnn), "output": float(out), "forward": float(rnn + out)}
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (nats per token) of ``targets`` given ``features``."""

@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lmlab.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
-from lmlab.data import LanguageModelData, bptt_batches, num_bptt_batches
+from lmlab.data import LanguageModelData, bptt_batches, num_bptt_batches, variable_bptt_batches
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.interrupt import StopSignals, TrainingInterrupted
 from lmlab.loggers import Logger
 from lmlab.models import Hidden, RNNLanguageModel, detach_hidden
+from lmlab.optim import NTASGD
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,6 +69,8 @@ class Trainer:
         save_every_steps: int | None = None,
         resume: str | None = "auto",
         on_nan: str = "stop",
+        variable_bptt: bool = False,
+        compile: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {list(PRECISIONS)}")
@@ -77,6 +80,7 @@ class Trainer:
         self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
         self.log_interval, self.progress, self.precision = log_interval, progress, precision
         self.save_every_steps, self.resume, self.on_nan = save_every_steps, resume, on_nan
+        self.variable_bptt, self.compile = variable_bptt, compile
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(
@@ -95,6 +99,8 @@ class Trainer:
         self._logger = logger
         self._meta, self._last, self._best = checkpoint_meta, ckpt_dir / "last.pt", ckpt_dir / "best.pt"
         state = self._restore(model, optimizer, scheduler, logger)
+        # Compiled forward for speed; the plain module stays the one whose state is saved.
+        self._forward = torch.compile(model) if self.compile else model
         train_columns, valid_columns = data.columns("train").to(device), data.columns("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
         with StopSignals() as signals:
@@ -103,8 +109,9 @@ class Trainer:
                 tokens = self._train_epoch(model, train_columns, data, optimizer, device, state, logger, signals)
                 seconds = time.perf_counter() - started
                 tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
-                val_loss = self.evaluate(model, valid_columns, data.bptt, device)
-                self._end_epoch(state, model, optimizer, scheduler, logger, val_loss, tokens, seconds)
+                self._end_epoch(
+                    state, model, optimizer, scheduler, logger, (valid_columns, data.bptt, device), tokens, seconds
+                )
         speed = tokens_seen / train_seconds if train_seconds else 0.0
         return FitResult(state.best_val_loss, len(state.history), speed, self._best)
 
@@ -123,14 +130,21 @@ class Trainer:
             disable=None if self.progress is None else not self.progress,
             dynamic_ncols=True,
         )
-        batches = bptt_batches(columns, data.bptt, self.limit_train_batches)
+        if self.variable_bptt:  # lengths drawn from a per-epoch seed, so a resumed epoch sees the same ones
+            batches = variable_bptt_batches(columns, data.bptt, seed=state.epoch, limit=self.limit_train_batches)
+        else:
+            batches = bptt_batches(columns, data.bptt, self.limit_train_batches)
+        base_lr = _lr(optimizer)
         for step, (inputs, targets) in enumerate(batches, start=1):
             if step <= state.step:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
             hidden = detach_hidden(hidden)
+            if self.variable_bptt:  # AWD-LSTM: shorter windows get a proportionally smaller step
+                _set_lr(optimizer, base_lr * len(inputs) / data.bptt)
             with self._autocast(device):
-                features, hidden = model(inputs, hidden)
+                features, hidden = self._forward(inputs, hidden)
                 loss = model.loss(features, targets)
+                objective = loss + model.regularization(features)
             finite = bool(torch.isfinite(loss)) if check_each_step else True
             if not finite and self.on_nan == "skip_batch":
                 state.skipped_batches += 1
@@ -139,7 +153,7 @@ class Trainer:
             else:
                 if not finite:
                     self._raise_non_finite(state.epoch, step)
-                self._backward_and_step(model, loss, optimizer)
+                self._backward_and_step(model, objective, optimizer)
                 loss_sum += loss.detach()
             state.step, state.global_step = step, state.global_step + 1
             tokens += inputs.numel()
@@ -157,6 +171,7 @@ class Trainer:
                     bar.close()
                     raise TrainingInterrupted(signals.received, str(self._last))
         bar.close()
+        _set_lr(optimizer, base_lr)
         state.loss_sum = loss_sum.item()
         return tokens
 
@@ -169,7 +184,15 @@ class Trainer:
         self._scaler.step(optimizer)
         self._scaler.update()
 
-    def _end_epoch(self, state, model, optimizer, scheduler, logger, val_loss, tokens, seconds) -> None:
+    def _end_epoch(self, state, model, optimizer, scheduler, logger, validation, tokens, seconds) -> None:
+        averaging = isinstance(optimizer, NTASGD)
+        with optimizer.averaged_weights() if averaging else contextlib.nullcontext():
+            val_loss = self.evaluate(model, *validation)
+            if val_loss < state.best_val_loss:  # best.pt holds the weights that were evaluated
+                state.best_val_loss = val_loss
+                atomic_save(self._checkpoint(model, None, None, state, full=False), self._best)
+        if averaging and optimizer.observe(val_loss):
+            print(f"NT-ASGD: validation stopped improving; averaging weights from epoch {state.epoch + 1}")
         done = max(state.step - state.skipped_batches, 1)
         metrics = {
             "epoch": state.epoch,
@@ -185,9 +208,6 @@ class Trainer:
         if scheduler is not None:
             is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             scheduler.step(val_loss) if is_plateau else scheduler.step()
-        if val_loss < state.best_val_loss:
-            state.best_val_loss = val_loss
-            atomic_save(self._checkpoint(model, None, None, state, full=False), self._best)
         state.history.append(metrics)
         state.epoch, state.step, state.hidden, state.loss_sum, state.skipped_batches = state.epoch + 1, 0, None, 0.0, 0
         self._save_last(model, optimizer, scheduler, state)
@@ -302,6 +322,11 @@ class Trainer:
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def perplexity(loss: float) -> float:

@@ -1,0 +1,87 @@
+"""NT-ASGD (Merity et al. 2017): SGD that switches to averaged SGD once validation stops improving.
+
+Averaging starts when the validation loss is worse than the best of all but the last ``nonmono``
+checks; from then on every step updates a running mean of the weights, and evaluation (and best.pt)
+use that mean. The averages live in the optimizer state, so checkpoints and resume carry them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class NTASGD(torch.optim.SGD):
+    """``torch.optim.SGD`` plus non-monotonically triggered iterate averaging."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0, nonmono: int = 5) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+        self.nonmono = nonmono
+        self.val_history: list[float] = []
+        self.averaging = False
+        self.n_averaged = 0
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        if self.averaging:
+            self.n_averaged += 1
+            params = [p for group in self.param_groups for p in group["params"]]
+            averages = [self.state[p].setdefault("average", p.detach().clone()) for p in params]
+            if self.n_averaged > 1:  # the first averaged step starts the mean at the current weights
+                torch._foreach_lerp_(averages, params, 1.0 / self.n_averaged)
+        return loss
+
+    def observe(self, val_loss: float) -> bool:
+        """Record a validation loss; returns True when this call switched averaging on."""
+        trigger = (
+            not self.averaging
+            and len(self.val_history) > self.nonmono
+            and val_loss > min(self.val_history[: -self.nonmono])
+        )
+        self.val_history.append(val_loss)
+        if trigger:
+            self.averaging = True
+        return trigger
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Temporarily load the averaged weights into the model (no-op before averaging starts)."""
+        pairs = [
+            (p, self.state[p]["average"]) for g in self.param_groups for p in g["params"] if "average" in self.state[p]
+        ]
+        _swap(pairs)
+        try:
+            yield
+        finally:
+            _swap(pairs)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["nt_asgd"] = {
+            "val_history": list(self.val_history),
+            "averaging": self.averaging,
+            "n_averaged": self.n_averaged,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("nt_asgd")
+        super().load_state_dict(state_dict)
+        self.val_history, self.averaging, self.n_averaged = (
+            extra["val_history"],
+            extra["averaging"],
+            extra["n_averaged"],
+        )
+
+
+@torch.no_grad()
+def _swap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for param, average in pairs:
+        current = param.detach().clone()
+        param.copy_(average)
+        average.copy_(current)
