@@ -98,15 +98,14 @@ class Trainer:
         ckpt_dir = Path(out_dir) / "checkpoints"
         self._logger = logger
         self._meta, self._last, self._best = checkpoint_meta, ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+        self._setup(model, scheduler)
         state = self._restore(model, optimizer, scheduler, logger)
-        # Compiled forward for speed; the plain module stays the one whose state is saved.
-        self._forward = torch.compile(model) if self.compile else model
         train_columns, valid_columns = data.columns("train").to(device), data.columns("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
         with StopSignals() as signals:
             while state.epoch <= self.epochs:
                 started = time.perf_counter()
-                tokens = self._train_epoch(model, train_columns, data, optimizer, device, state, logger, signals)
+                tokens = self._train_epoch(model, train_columns, data.bptt, optimizer, device, state, logger, signals)
                 seconds = time.perf_counter() - started
                 tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
                 self._end_epoch(
@@ -115,9 +114,28 @@ class Trainer:
         speed = tokens_seen / train_seconds if train_seconds else 0.0
         return FitResult(state.best_val_loss, len(state.history), speed, self._best)
 
-    def _train_epoch(self, model, columns, data, optimizer, device, state, logger, signals) -> int:
+    def train_steps(
+        self,
+        model: RNNLanguageModel,
+        columns: torch.Tensor,
+        bptt: int,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+    ) -> int:
+        """Up to ``limit_train_batches`` training steps outside :meth:`fit` (benchmarks): the same step
+        code, no logging, no checkpoints. Returns the number of tokens trained on."""
+        self._setup(model, None)
+        return self._train_epoch(model, columns, bptt, optimizer, device, TrainState(), Logger(), StopSignals())
+
+    def _setup(self, model: RNNLanguageModel, scheduler: Any) -> None:
+        self._scheduler = scheduler
+        self._scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        # Compiled forward for speed; the plain module stays the one whose state is saved.
+        self._forward = torch.compile(model) if self.compile else model
+
+    def _train_epoch(self, model, columns, bptt, optimizer, device, state, logger, signals) -> int:
         model.train()
-        n_batches = num_bptt_batches(columns, data.bptt, self.limit_train_batches)
+        n_batches = num_bptt_batches(columns, bptt, self.limit_train_batches)
         hidden = state.hidden if state.hidden is not None else model.init_hidden(columns.size(1), device)
         loss_sum = torch.tensor(state.loss_sum, device=device)
         check_each_step = self.on_nan == "skip_batch" or device.type == "cpu"  # .item() is free on CPU
@@ -131,16 +149,16 @@ class Trainer:
             dynamic_ncols=True,
         )
         if self.variable_bptt:  # lengths drawn from a per-epoch seed, so a resumed epoch sees the same ones
-            batches = variable_bptt_batches(columns, data.bptt, seed=state.epoch, limit=self.limit_train_batches)
+            batches = variable_bptt_batches(columns, bptt, seed=state.epoch, limit=self.limit_train_batches)
         else:
-            batches = bptt_batches(columns, data.bptt, self.limit_train_batches)
+            batches = bptt_batches(columns, bptt, self.limit_train_batches)
         base_lr = _lr(optimizer)
         for step, (inputs, targets) in enumerate(batches, start=1):
             if step <= state.step:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
             hidden = detach_hidden(hidden)
             if self.variable_bptt:  # AWD-LSTM: shorter windows get a proportionally smaller step
-                _set_lr(optimizer, base_lr * len(inputs) / data.bptt)
+                _set_lr(optimizer, base_lr * len(inputs) / bptt)
             with self._autocast(device):
                 features, hidden = self._forward(inputs, hidden)
                 loss = model.loss(features, targets)
@@ -257,8 +275,6 @@ class Trainer:
         atomic_save(self._checkpoint(model, optimizer, scheduler, state, full=True), self._last)
 
     def _restore(self, model, optimizer, scheduler, logger) -> TrainState:
-        self._scheduler = scheduler
-        self._scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         source = self._resume_source()
         if source is None:
             return TrainState()

@@ -1,0 +1,177 @@
+"""``python -m lmlab.bench [any lmlab.run overrides] [bench.steps=N]``: how fast, against what limit.
+
+Measures this machine's matmul peak (fp32, and bf16 where supported), then times ``bench.steps``
+training steps and evaluation steps of the configured model after ``bench.warmup`` steps, through the
+same :class:`~lmlab.train.Trainer` code a run uses. Model FLOPs per token are counted from the layer
+shapes (forward; training = 3× forward), so "achieved GFLOP/s" is useful work, not hardware counters.
+Prints a summary and writes ``bench.json`` to the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lmlab.cli import CONF_DIR, build, exit_on_lmlab_error
+from lmlab.config import validate_config
+from lmlab.device import peak_gpu_mb, peak_rss_mb
+from lmlab.run import seed_everything
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return (
+        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of square ``size`` matmuls over ~``seconds`` (after one warm-up product)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    c = a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        _sync(device)
+        start = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        _sync(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def tail_shares(model: Any, train_tokens: torch.Tensor) -> list[float] | None:
+    """Share of train targets in each adaptive-softmax tail cluster (they alone pay for that cluster)."""
+    if getattr(model, "adaptive", None) is None:
+        return None
+    cutoffs = model.adaptive.cutoffs  # [c1, c2, ..., vocab]
+    return [
+        ((train_tokens >= lo) & (train_tokens < hi)).float().mean().item()
+        for lo, hi in zip(cutoffs[:-1], cutoffs[1:], strict=True)
+    ]
+
+
+def benchmark(cfg: DictConfig) -> dict[str, Any]:
+    validate_config(cfg)
+    seed_everything(cfg.seed)
+    device = build(cfg.device)
+    data = build(cfg.dataset)
+    model = build(cfg.model, vocab_size=len(data.vocab)).to(device)
+    optimizer = build(cfg.optimizer)(model.parameters())
+    steps, warmup = cfg.bench.steps, cfg.bench.warmup
+    trainer = build(cfg.trainer, limit_train_batches=warmup, limit_eval_batches=warmup, progress=False)
+    train_columns = data.columns("train").to(device)
+    eval_columns = data.columns("valid").to(device)
+
+    peak = {"fp32": matmul_peak_gflops(device, torch.float32, cfg.bench.matmul_size)}
+    if bf16_supported(device):
+        peak["bf16"] = matmul_peak_gflops(device, torch.bfloat16, cfg.bench.matmul_size)
+
+    def timed_train(n: int) -> tuple[float, int]:
+        trainer.limit_train_batches = n
+        start = time.perf_counter()
+        tokens = trainer.train_steps(model, train_columns, data.bptt, optimizer, device)
+        _sync(device)
+        return time.perf_counter() - start, tokens
+
+    def timed_eval(n: int) -> tuple[float, int]:
+        trainer.limit_eval_batches = n
+        start = time.perf_counter()
+        trainer.evaluate(model, eval_columns, data.bptt, device)
+        _sync(device)
+        return time.perf_counter() - start, min(n * data.bptt, eval_columns.size(0) - 1) * eval_columns.size(1)
+
+    timed_train(warmup)
+    train_s, train_tokens = timed_train(steps)
+    timed_eval(warmup)
+    eval_s, eval_tokens = timed_eval(steps)
+
+    flops = model.flops_per_token(tail_shares(model, data.corpus.train))
+    train_tps, eval_tps = train_tokens / train_s, eval_tokens / eval_s
+    precision = cfg.trainer.precision
+    reference_peak = peak["bf16" if precision in ("bf16", "fp16") and "bf16" in peak else "fp32"]
+    train_gflops = 3 * flops["forward"] * train_tps / 1e9
+    eval_gflops = flops["forward"] * eval_tps / 1e9
+    return {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "precision": precision,
+        "matmul_peak_gflops": peak,
+        "model": {
+            "cell": cfg.model.cell,
+            "embed_dim": cfg.model.embed_dim,
+            "hidden_dim": cfg.model.hidden_dim,
+            "num_layers": cfg.model.num_layers,
+            "softmax": cfg.model.softmax,
+            "vocab_size": len(data.vocab),
+            "num_params": sum(p.numel() for p in model.parameters()),
+        },
+        "batch_size": data.batch_size,
+        "eval_batch_size": data.eval_batch_size,
+        "bptt": data.bptt,
+        "steps": steps,
+        "flops_per_token": {**flops, "train": 3 * flops["forward"]},
+        "train": {
+            "tokens_per_sec": train_tps,
+            "ms_per_step": 1000 * train_s / steps,
+            "gflops": train_gflops,
+            "fraction_of_peak": train_gflops / reference_peak,
+        },
+        "eval": {
+            "tokens_per_sec": eval_tps,
+            "ms_per_step": 1000 * eval_s / steps,
+            "gflops": eval_gflops,
+            "fraction_of_peak": eval_gflops / reference_peak,
+            "speedup_over_train": eval_tps / train_tps,
+        },
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(device),
+    }
+
+
+def summary(r: dict[str, Any]) -> str:
+    m, t, e, flops = r["model"], r["train"], r["eval"], r["flops_per_token"]
+    gpu = "-" if r["peak_gpu_mb"] is None else f"{r['peak_gpu_mb']:.0f}"
+    peaks = ", ".join(f"{k} {v:,.0f}" for k, v in r["matmul_peak_gflops"].items())
+    return "\n".join(
+        [
+            f"device {r['device']} ({r['torch_threads']} threads) | matmul peak GFLOP/s: {peaks}",
+            f"model {m['num_layers']}x{m['hidden_dim']} {m['cell']} emb {m['embed_dim']} vocab {m['vocab_size']:,} "
+            f"softmax {m['softmax']} | {m['num_params']:,} params | batch {r['batch_size']} bptt {r['bptt']} "
+            f"| {r['precision']}",
+            f"FLOPs/token: forward {flops['forward'] / 1e6:.2f} M, train {flops['train'] / 1e6:.2f} M",
+            f"train: {t['tokens_per_sec']:,.0f} tok/s | {t['ms_per_step']:.1f} ms/step | {t['gflops']:.1f} GFLOP/s "
+            f"= {100 * t['fraction_of_peak']:.0f}% of peak",
+            f"eval:  {e['tokens_per_sec']:,.0f} tok/s | {e['ms_per_step']:.1f} ms/step | {e['gflops']:.1f} GFLOP/s "
+            f"= {100 * e['fraction_of_peak']:.0f}% of peak | {e['speedup_over_train']:.1f}x train",
+            f"peak RSS {r['peak_rss_mb']:.0f} MB | peak GPU {gpu} MB",
+        ]
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+@exit_on_lmlab_error
+def main(cfg: DictConfig) -> dict[str, Any]:
+    result = benchmark(cfg)
+    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    print(f"written to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
