@@ -98,7 +98,7 @@ class Trainer:
         ckpt_dir = Path(out_dir) / "checkpoints"
         self._logger = logger
         self._meta, self._last, self._best = checkpoint_meta, ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-        self._setup(model, scheduler)
+        self._setup(model, scheduler, device)
         state = self._restore(model, optimizer, scheduler, logger)
         train_columns, valid_columns = data.columns("train").to(device), data.columns("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
@@ -124,12 +124,17 @@ class Trainer:
     ) -> int:
         """Up to ``limit_train_batches`` training steps outside :meth:`fit` (benchmarks): the same step
         code, no logging, no checkpoints. Returns the number of tokens trained on."""
-        self._setup(model, None)
+        self._setup(model, None, device)
         return self._train_epoch(model, columns, bptt, optimizer, device, TrainState(), Logger(), StopSignals())
 
-    def _setup(self, model: RNNLanguageModel, scheduler: Any) -> None:
+    def _setup(self, model: RNNLanguageModel, scheduler: Any, device: torch.device) -> None:
+        if self.precision == "fp16" and device.type != "cuda":
+            raise ConfigError(
+                f"trainer.precision=fp16 needs a CUDA device (this run is on {device.type}); "
+                "use trainer.precision=bf16 on CPUs with bf16 support, or fp32"
+            )
         self._scheduler = scheduler
-        self._scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        self._scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         # Compiled forward for speed; the plain module stays the one whose state is saved.
         self._forward = torch.compile(model) if self.compile else model
 

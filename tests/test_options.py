@@ -1,0 +1,200 @@
+"""Speed/quality options: precision, compile, adaptive softmax, AWD-LSTM regularisation, variable BPTT,
+NT-ASGD, the fused output loss, and the benchmark entry point."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.data import variable_bptt_batches
+from lmlab.fused_loss import linear_cross_entropy
+from lmlab.models import RNNLanguageModel
+from lmlab.optim import NTASGD
+from lmlab.run import train_and_report
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_cross_entropy_matches_the_plain_one(bias):
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = (0.3 * torch.randn(5000, 16)).requires_grad_()  # 5000 × 300 logits: several chunks
+    b = torch.randn(5000, requires_grad=True) if bias else None
+    y = torch.randint(0, 5000, (300,))
+    plain = F.cross_entropy(F.linear(h, w, b), y)
+    (2.5 * plain).backward()
+    expected = [t.grad.clone() for t in (h, w, b) if t is not None]
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    fused = linear_cross_entropy(h, w, b, y)
+    (2.5 * fused).backward()
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip([t.grad for t in (h, w, b) if t is not None], expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        assert linear_cross_entropy(h, w, b, y).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.precision=bf16"],
+        ["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=[6,12]"],
+        [
+            "model=gru",
+            "model.locked_dropout=true",
+            "model.dropout=0.2",
+            "model.weight_drop=0.3",
+            "model.dropout_embedding=0.1",
+            "model.ar_alpha=2",
+            "model.tar_beta=1",
+            "trainer.variable_bptt=true",
+        ],
+        ["optimizer=adamw", "optimizer.lr=0.01"],
+    ],
+)
+def test_options_train_to_a_sane_perplexity(overrides, corpus_dir, tmp_path, compose_cfg):
+    results = train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", *overrides]), tmp_path / "run")
+    assert results["best_val_ppl"] < 8  # uniform over the 19-word vocabulary is 19
+
+
+def test_fp16_off_cuda_is_refused_early(corpus_dir, tmp_path, compose_cfg):
+    from lmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.precision=fp16 needs a CUDA device"):
+        train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.precision=fp16"]), tmp_path)
+
+
+def test_compiled_forward_gives_the_same_losses(corpus_dir, tmp_path, compose_cfg):
+    base = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1", "trainer.limit_train_batches=20"]
+    eager = train_and_report(compose_cfg(base), tmp_path / "eager")
+    compiled = train_and_report(compose_cfg([*base, "trainer.compile=true"]), tmp_path / "compiled")
+    assert compiled["best_val_loss"] == pytest.approx(eager["best_val_loss"], rel=1e-4)
+
+
+def test_weight_drop_and_locked_dropout_act_only_in_training():
+    torch.manual_seed(0)
+    model = RNNLanguageModel(50, embed_dim=8, hidden_dim=8, weight_drop=0.5, locked_dropout=True, dropout=0.5)
+    tokens = torch.randint(0, 50, (6, 3))
+    model.eval()
+    reference, _ = model(tokens, model.init_hidden(3))
+    model.weight_drop = 0.0
+    plain, _ = model(tokens, model.init_hidden(3))
+    assert torch.equal(reference, plain)  # evaluation: no DropConnect, no dropout
+    model.weight_drop = 0.5
+    model.train()
+    features, _ = model(tokens, model.init_hidden(3))
+    assert not torch.allclose(features, reference)
+    features.sum().backward()
+    assert model.rnns[0].weight_hh_l0.grad is not None  # gradients reach the raw recurrent weights
+    assert isinstance(model.rnns[0].weight_hh_l0, torch.nn.Parameter)
+
+    x = torch.ones(5, 2, 4)
+    dropped = model._drop(x, 0.5)
+    assert torch.equal(dropped, dropped[:1].expand_as(dropped))  # one mask for every time step
+
+
+def test_embedding_dropout_drops_whole_words():
+    torch.manual_seed(1)
+    model = RNNLanguageModel(10, embed_dim=4, hidden_dim=4, dropout_embedding=0.5, dropout=0.0)
+    tokens = torch.tensor([[3, 3, 3, 5, 5, 5]]).t()
+    emb = model._embed(tokens)
+    zero_rows = emb.abs().sum(-1).eq(0).squeeze(1).tolist()
+    assert zero_rows[:3] in ([True] * 3, [False] * 3) and zero_rows[3:] in ([True] * 3, [False] * 3)
+
+
+def test_ar_tar_penalties():
+    model = RNNLanguageModel(20, embed_dim=4, hidden_dim=4, ar_alpha=2.0, tar_beta=1.0, dropout=0.0)
+    tokens = torch.randint(0, 20, (5, 2))
+    model.train()
+    features, _ = model(tokens, model.init_hidden(2))
+    raw = model._last_raw_output
+    expected = 2.0 * features.pow(2).mean() + 1.0 * (raw[1:] - raw[:-1]).pow(2).mean()
+    assert torch.allclose(model.regularization(features), expected)
+    model.eval()
+    assert model.regularization(features).item() == 0
+
+
+def test_variable_bptt_is_seeded_and_covers_the_stream():
+    columns = torch.arange(4000).view(-1, 4)
+    first = [len(x) for x, _ in variable_bptt_batches(columns, 35, seed=1)]
+    assert first == [len(x) for x, _ in variable_bptt_batches(columns, 35, seed=1)]
+    assert first != [len(x) for x, _ in variable_bptt_batches(columns, 35, seed=2)]
+    assert len(set(first)) > 5 and min(first) >= 1
+    inputs = torch.cat([x for x, _ in variable_bptt_batches(columns, 35, seed=1)])
+    targets = torch.cat([y for _, y in variable_bptt_batches(columns, 35, seed=1)])
+    assert torch.equal(inputs, columns[:-1]) and torch.equal(targets, columns[1:])
+
+
+def test_nt_asgd_triggers_averages_and_round_trips():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = NTASGD([w], lr=1.0, nonmono=2)
+    assert [opt.observe(v) for v in (5.0, 4.0, 3.0, 3.5)] == [False, False, False, False]
+    assert opt.observe(4.5) is True and opt.averaging  # worse than the best before the last 2
+    iterates = []
+    for _ in range(3):
+        w.grad = torch.ones(2)
+        opt.step()
+        iterates.append(w.detach().clone())
+    assert torch.allclose(opt.state[w]["average"], torch.stack(iterates).mean(0))
+    with opt.averaged_weights():
+        assert torch.allclose(w, torch.stack(iterates).mean(0))
+    assert torch.equal(w.detach(), iterates[-1])
+    clone = NTASGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    clone.load_state_dict(opt.state_dict())
+    assert clone.averaging and clone.n_averaged == 3 and clone.val_history == opt.val_history
+
+
+def test_nt_asgd_run_evaluates_with_averaged_weights(corpus_dir, tmp_path, compose_cfg):
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"dataset.path={corpus_dir}",
+            "optimizer=nt_asgd",
+            "optimizer.lr=5",
+            "optimizer.nonmono=1",
+            "trainer.epochs=6",
+            "optimizer.weight_decay=0",
+        ]
+    )
+    results = train_and_report(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert results["best_val_ppl"] < 5
+    assert "nt_asgd" in state["optimizer_state"]
+
+
+def test_bench_runs_and_writes_well_formed_figures(corpus_dir, tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmlab.bench",
+            *TINY,
+            f"dataset.path={corpus_dir}",
+            "bench.steps=3",
+            "bench.warmup=1",
+            "bench.matmul_size=256",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "bench.json").read_text())
+    assert result["matmul_peak_gflops"]["fp32"] > 0
+    assert result["flops_per_token"]["train"] == 3 * result["flops_per_token"]["forward"]
+    for phase in ("train", "eval"):
+        assert result[phase]["tokens_per_sec"] > 0 and result[phase]["ms_per_step"] > 0
+        assert 0 < result[phase]["fraction_of_peak"] < 5
+    assert result["peak_rss_mb"] > 0 and result["peak_gpu_mb"] is None
+    assert "train:" in proc.stdout and "% of peak" in proc.stdout
