@@ -54,6 +54,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.limit_eval_batches": OPTIONAL_POSITIVE_INT,
     "trainer.log_interval": POSITIVE_INT,
     "trainer.save_every_steps": OPTIONAL_POSITIVE_INT,
+    "trainer.max_time_s": OPTIONAL_POSITIVE_NUMBER,
     "generate.num_words": NON_NEGATIVE_INT,
     "generate.temperature": POSITIVE_NUMBER,
     "generate.top_k": OPTIONAL_POSITIVE_INT,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.fused_loss import linear_cross_entropy
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 Hidden = list[LayerState]
@@ -169,7 +170,7 @@ class RNNLanguageModel(nn.Module):
         flat = features.reshape(-1, features.size(-1))
         if self.adaptive is not None:
             return self.adaptive(flat, targets.reshape(-1)).loss
-        return F.cross_entropy(self.decoder(flat), targets.reshape(-1))
+        return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the vocabulary, shape (..., vocab_size)."""

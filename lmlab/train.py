@@ -71,6 +71,7 @@ class Trainer:
         on_nan: str = "stop",
         variable_bptt: bool = False,
         compile: bool = False,
+        max_time_s: float | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {list(PRECISIONS)}")
@@ -80,7 +81,8 @@ class Trainer:
         self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
         self.log_interval, self.progress, self.precision = log_interval, progress, precision
         self.save_every_steps, self.resume, self.on_nan = save_every_steps, resume, on_nan
-        self.variable_bptt, self.compile = variable_bptt, compile
+        self.variable_bptt, self.compile, self.max_time_s = variable_bptt, compile, max_time_s
+        self._deadline = math.inf
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(
@@ -102,8 +104,10 @@ class Trainer:
         state = self._restore(model, optimizer, scheduler, logger)
         train_columns, valid_columns = data.columns("train").to(device), data.columns("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
+        # A time budget ends training after the step that crosses it; that epoch is validated as usual.
+        self._deadline = time.perf_counter() + self.max_time_s if self.max_time_s else math.inf
         with StopSignals() as signals:
-            while state.epoch <= self.epochs:
+            while state.epoch <= self.epochs and time.perf_counter() < self._deadline:
                 started = time.perf_counter()
                 tokens = self._train_epoch(model, train_columns, data.bptt, optimizer, device, state, logger, signals)
                 seconds = time.perf_counter() - started
@@ -161,6 +165,8 @@ class Trainer:
         for step, (inputs, targets) in enumerate(batches, start=1):
             if step <= state.step:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
+            if time.perf_counter() > self._deadline:
+                break
             hidden = detach_hidden(hidden)
             if self.variable_bptt:  # AWD-LSTM: shorter windows get a proportionally smaller step
                 _set_lr(optimizer, base_lr * len(inputs) / bptt)

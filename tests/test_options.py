@@ -198,3 +198,10 @@ def test_bench_runs_and_writes_well_formed_figures(corpus_dir, tmp_path):
         assert 0 < result[phase]["fraction_of_peak"] < 5
     assert result["peak_rss_mb"] > 0 and result["peak_gpu_mb"] is None
     assert "train:" in proc.stdout and "% of peak" in proc.stdout
+
+
+def test_time_budget_stops_training_then_reports(corpus_dir, tmp_path, compose_cfg):
+    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=10000", "trainer.max_time_s=2"])
+    results = train_and_report(cfg, tmp_path / "run")
+    assert 1 <= results["epochs_run"] < 10000 and results["wall_s"] < 30
+    assert (tmp_path / "run" / "results.json").is_file() and results["test_ppl"] < 19
