@@ -20,9 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmlab.cli import CONF_DIR, build, exit_on_lmlab_error
-from lmlab.config import validate_config
 from lmlab.device import peak_gpu_mb, peak_rss_mb
-from lmlab.run import seed_everything
+from lmlab.run import build_training_objects
 
 
 def _sync(device: torch.device) -> None:
@@ -65,12 +64,7 @@ def tail_shares(model: Any, train_tokens: torch.Tensor) -> list[float] | None:
 
 
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
-    validate_config(cfg)
-    seed_everything(cfg.seed)
-    device = build(cfg.device)
-    data = build(cfg.dataset)
-    model = build(cfg.model, vocab_size=len(data.vocab)).to(device)
-    optimizer = build(cfg.optimizer)(model.parameters())
+    device, data, model, optimizer = build_training_objects(cfg)
     steps, warmup = cfg.bench.steps, cfg.bench.warmup
     trainer = build(cfg.trainer, limit_train_batches=warmup, limit_eval_batches=warmup, progress=False)
     train_columns = data.columns("train").to(device)

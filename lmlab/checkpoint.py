@@ -7,9 +7,11 @@ config, so generation and evaluation need nothing but the file.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,93 @@ FORMAT = "lmlab-checkpoint"
 VERSION = 1
 # Checkpoints name the model class to build; only classes from this module are ever instantiated.
 MODEL_TARGET_PREFIX = "lmlab.models."
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in ``last.pt`` so a run resumes exactly."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    step: int = 0  # batches done in that epoch
+    global_step: int = 0
+    best_val_loss: float = math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per finished epoch
+    hidden: Any = None  # the RNN state after `step` (None at an epoch start)
+    loss_sum: float = 0.0  # train loss summed over this epoch's finished steps
+    skipped_batches: int = 0
+
+
+def training_checkpoint(
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    state: TrainState,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    logger_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a checkpoint holds: ``meta`` (model config, vocabulary, run config), the weights and the
+    progress; with an ``optimizer`` also everything needed to resume (``last.pt``)."""
+    ckpt = {
+        "format": FORMAT,
+        "version": VERSION,
+        **meta,
+        "model_state": model.state_dict(),
+        "epoch": state.epoch,
+        "best_val_loss": state.best_val_loss,
+        "history": state.history,
+    }
+    if optimizer is not None:
+        ckpt.update(
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=None if scheduler is None else scheduler.state_dict(),
+            scaler_state=None if scaler is None else scaler.state_dict(),
+            step=state.step,
+            global_step=state.global_step,
+            hidden=state.hidden,
+            loss_sum=state.loss_sum,
+            skipped_batches=state.skipped_batches,
+            rng=rng_state(),
+            logger_state=logger_state or {},
+        )
+    return ckpt
+
+
+def restore_training(
+    path: str | os.PathLike, meta: dict[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any
+) -> tuple[TrainState, dict[str, Any]]:
+    """Load a ``last.pt`` into model/optimizer/scheduler/scaler and the RNGs; returns the progress
+    and the logger's saved state. Refuses checkpoints of another vocabulary or model config."""
+    ckpt = load_checkpoint(path)
+    if ckpt["vocab"] != meta["vocab"] or ckpt["model_config"] != meta["model_config"]:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with another vocabulary or model "
+            "config; use trainer.resume=null or a fresh hydra.run.dir"
+        )
+    if "optimizer_state" not in ckpt:
+        raise CheckpointError(f"cannot resume from {path}: it holds weights only (a best.pt); use last.pt")
+    model.load_state_dict(ckpt["model_state"])
+    optimizer.load_state_dict(ckpt["optimizer_state"])
+    if scheduler is not None and ckpt["scheduler_state"] is not None:
+        scheduler.load_state_dict(ckpt["scheduler_state"])
+    if scaler is not None and ckpt["scaler_state"] is not None:
+        scaler.load_state_dict(ckpt["scaler_state"])
+    set_rng_state(ckpt["rng"])
+    device = next(model.parameters()).device
+    hidden = ckpt["hidden"]
+    if hidden is not None:
+        hidden = [tuple(h.to(device) for h in s) if isinstance(s, (tuple, list)) else s.to(device) for s in hidden]
+    state = TrainState(
+        ckpt["epoch"],
+        ckpt["step"],
+        ckpt["global_step"],
+        ckpt["best_val_loss"],
+        ckpt["history"],
+        hidden,
+        ckpt["loss_sum"],
+        ckpt["skipped_batches"],
+    )
+    return state, ckpt["logger_state"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

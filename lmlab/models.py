@@ -78,9 +78,12 @@ class RNNLanguageModel(nn.Module):
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs, div_value=4.0)
         else:
             self.adaptive = None
-            self.decoder = nn.Linear(out_dim, vocab_size)
+            # A tied decoder is built on the meta device: its own V×D weight would only be thrown away,
+            # and at vocabulary 33k that transient alone is ~90 MB of peak memory.
+            self.decoder = nn.Linear(out_dim, vocab_size, device="meta" if tie_weights else None)
             if tie_weights:
                 self.decoder.weight = self.embedding.weight
+                self.decoder.bias = nn.Parameter(torch.zeros(vocab_size))
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -49,6 +49,16 @@ def build_logger(cfg: DictConfig, out_dir: Path, group: str | None = None, name:
     return MultiLogger(loggers)
 
 
+def build_training_objects(cfg: DictConfig) -> tuple[torch.device, Any, torch.nn.Module, torch.optim.Optimizer]:
+    """Validate and seed, then build device, data, model and optimizer (shared by run and bench)."""
+    validate_config(cfg)
+    seed_everything(cfg.seed)
+    device = build(cfg.device)
+    data = build(cfg.dataset)
+    model = build(cfg.model, vocab_size=len(data.vocab)).to(device)
+    return device, data, model, build(cfg.optimizer)(model.parameters())
+
+
 def train_and_report(
     cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None
 ) -> dict[str, Any]:
@@ -57,12 +67,7 @@ def train_and_report(
     ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides).
     """
     started = time.perf_counter()
-    validate_config(cfg)
-    seed_everything(cfg.seed)
-    device = build(cfg.device)
-    data = build(cfg.dataset)
-    model = build(cfg.model, vocab_size=len(data.vocab)).to(device)
-    optimizer = build(cfg.optimizer)(model.parameters())
+    device, data, model, optimizer = build_training_objects(cfg)
     scheduler = build(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
     trainer = build(cfg.trainer)
     logger = build_logger(cfg, out_dir, group, name)

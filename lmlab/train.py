@@ -10,19 +10,19 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
+from lmlab.checkpoint import TrainState, atomic_save, restore_training, training_checkpoint
 from lmlab.data import LanguageModelData, bptt_batches, num_bptt_batches, variable_bptt_batches
-from lmlab.errors import CheckpointError, ConfigError
+from lmlab.errors import ConfigError
 from lmlab.interrupt import StopSignals, TrainingInterrupted
 from lmlab.loggers import Logger
-from lmlab.models import Hidden, RNNLanguageModel, detach_hidden
+from lmlab.models import RNNLanguageModel, detach_hidden
 from lmlab.optim import NTASGD
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,20 +30,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss and ``on_nan=stop``."""
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in ``last.pt`` so a run resumes exactly."""
-
-    epoch: int = 1  # the epoch in progress (1-based)
-    step: int = 0  # batches done in that epoch
-    global_step: int = 0
-    best_val_loss: float = math.inf
-    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per finished epoch
-    hidden: Hidden | None = None
-    loss_sum: float = 0.0  # train loss summed over this epoch's finished steps
-    skipped_batches: int = 0
 
 
 @dataclass
@@ -258,29 +244,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, model, optimizer, scheduler, state: TrainState, full: bool) -> dict[str, Any]:
-        ckpt = {
-            "format": FORMAT,
-            "version": VERSION,
-            **self._meta,
-            "model_state": model.state_dict(),
-            "epoch": state.epoch,
-            "best_val_loss": state.best_val_loss,
-            "history": state.history,
-        }
-        if full:
-            ckpt.update(
-                optimizer_state=optimizer.state_dict(),
-                step=state.step,
-                global_step=state.global_step,
-                scheduler_state=scheduler.state_dict() if scheduler is not None else None,
-                scaler_state=self._scaler.state_dict(),
-                hidden=state.hidden,
-                loss_sum=state.loss_sum,
-                skipped_batches=state.skipped_batches,
-                rng=rng_state(),
-                logger_state=self._logger.state(),
-            )
-        return ckpt
+        if not full:
+            return training_checkpoint(self._meta, model, state)
+        return training_checkpoint(self._meta, model, state, optimizer, scheduler, self._scaler, self._logger.state())
 
     def _save_last(self, model, optimizer, scheduler, state: TrainState) -> None:
         atomic_save(self._checkpoint(model, optimizer, scheduler, state, full=True), self._last)
@@ -289,36 +255,10 @@ class Trainer:
         source = self._resume_source()
         if source is None:
             return TrainState()
-        ckpt = load_checkpoint(source)
-        if ckpt["vocab"] != self._meta["vocab"] or ckpt["model_config"] != self._meta["model_config"]:
-            raise CheckpointError(
-                f"cannot resume from {source}: it was trained with another vocabulary or "
-                "model config; use trainer.resume=null or a fresh hydra.run.dir"
-            )
-        if "optimizer_state" not in ckpt:
-            raise CheckpointError(f"cannot resume from {source}: it holds weights only (a best.pt); use last.pt")
-        model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        if scheduler is not None and ckpt["scheduler_state"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler_state"])
-        self._scaler.load_state_dict(ckpt["scaler_state"])
-        set_rng_state(ckpt["rng"])
-        device = next(model.parameters()).device
-        hidden = ckpt["hidden"]
-        if hidden is not None:
-            hidden = [tuple(h.to(device) for h in s) if isinstance(s, (tuple, list)) else s.to(device) for s in hidden]
-        logger.restore(ckpt["history"], ckpt.get("logger_state"))
-        print(f"Resuming from {source}: epoch {ckpt['epoch']}, step {ckpt['step']}")
-        return TrainState(
-            ckpt["epoch"],
-            ckpt["step"],
-            ckpt["global_step"],
-            ckpt["best_val_loss"],
-            ckpt["history"],
-            hidden,
-            ckpt["loss_sum"],
-            ckpt["skipped_batches"],
-        )
+        state, logger_state = restore_training(source, self._meta, model, optimizer, scheduler, self._scaler)
+        logger.restore(state.history, logger_state)
+        print(f"Resuming from {source}: epoch {state.epoch}, step {state.step}")
+        return state
 
     def _resume_source(self) -> Path | None:
         if self.resume in (None, "never", False):

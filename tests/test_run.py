@@ -52,28 +52,14 @@ def test_generate_and_evaluate_clis_use_only_the_checkpoint(corpus_dir, tmp_path
     results = train_and_report(cfg, out)
     ckpt = out / "checkpoints" / "best.pt"
 
-    gen = cli(
-        "lmlab.generate",
-        f"checkpoint={ckpt}",
-        "num_words=12",
-        "temperature=0.8",
-        "prompt=the cat",
-        "seed=3",
-        "device=cpu",
-        cwd=tmp_path,
-    )  # from another folder, with no dataset around
+    def generate():  # from another folder, with no dataset around
+        args = [f"checkpoint={ckpt}", "num_words=12", "temperature=0.8", "prompt=the cat", "seed=3", "device=cpu"]
+        return cli("lmlab.generate", *args, cwd=tmp_path)
+
+    gen = generate()
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("the cat") and len(gen.stdout.split()) >= 3
-    again = cli(
-        "lmlab.generate",
-        f"checkpoint={ckpt}",
-        "num_words=12",
-        "temperature=0.8",
-        "prompt=the cat",
-        "seed=3",
-        "device=cpu",
-        cwd=tmp_path,
-    )
+    again = generate()
     assert again.stdout == gen.stdout  # seeded sampling is reproducible
 
     ev = cli(

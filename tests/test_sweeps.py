@@ -132,28 +132,20 @@ def test_optuna_sweep_minimises_validation_perplexity(tmp_path, corpus_dir):
     assert all(1 <= lr <= 40 and 0 <= p <= 0.6 and h in (200, 400, 650) for lr, p, h in tried)
 
 
-def test_grid_preset_sets_the_8_point_grid():
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab.run", "+sweep=grid_dims", "--cfg", "hydra", "--package", "hydra.sweeper"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def hydra_package(package: str, *overrides: str) -> dict:
+    """The composed Hydra config node at ``package`` for these overrides (`--cfg hydra --package`)."""
+    args = [sys.executable, "-m", "lmlab.run", *overrides, "--cfg", "hydra", "--package", package]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    params = yaml.safe_load(proc.stdout)["params"]
+    return yaml.safe_load(proc.stdout)
+
+
+def test_grid_preset_sets_the_8_point_grid():
+    params = hydra_package("hydra.sweeper", "+sweep=grid_dims")["params"]
     assert params == {"dataset.batch_size": "20,40", "model.hidden_dim": "200,650", "model.embed_dim": "200,650"}
 
 
 def test_slurm_preset_documents_the_keys():
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab.run", "hydra/launcher=slurm", "--cfg", "hydra", "--package", "hydra.launcher"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    launcher = yaml.safe_load(proc.stdout)
+    launcher = hydra_package("hydra.launcher", "hydra/launcher=slurm")
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["max_num_timeout"] == 3 and launcher["gpus_per_node"] == 1 and launcher["timeout_min"] == 240
