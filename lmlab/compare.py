@@ -89,6 +89,7 @@ def plot(runs: list[Run], path: Path) -> None:
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5))
     keys = differing(runs)
@@ -96,6 +97,7 @@ def plot(runs: list[Run], path: Path) -> None:
         label = " ".join(f"{k}={r.overrides.get(k, '-')}" for k in keys) or r.folder.name
         ax.plot(range(1, len(r.curve) + 1), r.curve, marker="o", label=label)
     ax.set(xlabel="epoch", ylabel="validation perplexity", yscale="log", title="lmlab runs")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
