@@ -163,7 +163,6 @@ class Trainer:
             finite = bool(torch.isfinite(loss)) if check_each_step else True
             if not finite and self.on_nan == "skip_batch":
                 state.skipped_batches += 1
-                optimizer.zero_grad(set_to_none=True)
                 hidden = model.init_hidden(columns.size(1), device)
             else:
                 if not finite:
@@ -181,6 +180,7 @@ class Trainer:
                 logger.log_step(state.global_step, {"train/loss": running, "lr": _lr(optimizer)})
             if signals.received or (self.save_every_steps and state.global_step % self.save_every_steps == 0):
                 state.hidden, state.loss_sum = detach_hidden(hidden), loss_sum.item()
+                _set_lr(optimizer, base_lr)  # save the schedule's lr, not this window's scaled one
                 self._save_last(model, optimizer, self._scheduler, state)
                 if signals.received:
                     bar.close()

@@ -235,3 +235,24 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_quits_at_once(tmp_path):
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
+
+
+def test_resume_with_variable_bptt_and_awd_options_is_exact(corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    overrides = [
+        *TINY,
+        f"dataset.path={corpus_dir}",
+        "trainer.variable_bptt=true",
+        "model.locked_dropout=true",
+        "model.dropout=0.3",
+        "model.weight_drop=0.2",
+        "trainer.epochs=2",
+    ]
+    straight = train_and_report(compose_cfg(overrides), tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        _stop_at_step(patch, 30)  # mid-epoch 1, inside a length-scaled window
+        with pytest.raises(Exception, match="stopped by SIGTERM"):
+            train_and_report(compose_cfg(overrides), tmp_path / "resumed")
+    saved = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert saved["optimizer_state"]["param_groups"][0]["lr"] == 5  # the schedule's lr, not a scaled one
+    resumed = train_and_report(compose_cfg(overrides), tmp_path / "resumed")
+    assert _without_timing(resumed) == _without_timing(straight)
