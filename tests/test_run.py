@@ -1,6 +1,7 @@
 """End to end through Hydra: compose + run, the CLIs, and early config errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,17 @@ def test_cli_reports_config_errors_in_one_line(corpus_dir):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: dataset.bptt=100000 is longer than the data")
     assert "Traceback" not in out.stderr
+
+
+def test_tab_completion_lists_group_options():
+    env = {**os.environ, "COMP_LINE": "lmlab-run model=g"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmlab.run", "-sc", "query=bash"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["model=gru"]
