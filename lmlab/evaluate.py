@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"split={cfg.split!r} is unknown; choose one of {SPLITS}")
     device = build(cfg.device)
     model, vocab, _ = model_from_checkpoint(cfg.checkpoint, device)
-    data = build(cfg.dataset, cache=True)
+    data = build(cfg.dataset)
     tokens = tokenize(read_text(data.files[cfg.split]), vocab)
     columns = batchify(tokens, data.eval_batch_size).to(device)
     loss = build(cfg.trainer).evaluate(model, columns, data.bptt, device)

@@ -181,7 +181,7 @@ class Trainer:
             if signals.received or (self.save_every_steps and state.global_step % self.save_every_steps == 0):
                 state.hidden, state.loss_sum = detach_hidden(hidden), loss_sum.item()
                 _set_lr(optimizer, base_lr)  # save the schedule's lr, not this window's scaled one
-                self._save_last(model, optimizer, self._scheduler, state)
+                self._save_last(model, optimizer, state)
                 if signals.received:
                     bar.close()
                     raise TrainingInterrupted(signals.received, str(self._last))
@@ -207,7 +207,7 @@ class Trainer:
             val_loss = self.evaluate(model, *validation)
             if val_loss < state.best_val_loss:  # best.pt holds the weights that were evaluated
                 state.best_val_loss = val_loss
-                atomic_save(self._checkpoint(model, None, None, state, full=False), self._best)
+                atomic_save(training_checkpoint(self._meta, model, state), self._best)
         if averaging and optimizer.observe(val_loss):
             print(f"NT-ASGD: validation stopped improving; averaging weights from epoch {state.epoch + 1}")
         done = max(state.step - state.skipped_batches, 1)
@@ -227,7 +227,7 @@ class Trainer:
             scheduler.step(val_loss) if is_plateau else scheduler.step()
         state.history.append(metrics)
         state.epoch, state.step, state.hidden, state.loss_sum, state.skipped_batches = state.epoch + 1, 0, None, 0.0, 0
-        self._save_last(model, optimizer, scheduler, state)
+        self._save_last(model, optimizer, state)
         logger.log_epoch(metrics)
 
     # -------------------------------------------------------------------------------- evaluation
@@ -245,13 +245,11 @@ class Trainer:
         return total.item() / count
 
     # ------------------------------------------------------------------------------- checkpoints
-    def _checkpoint(self, model, optimizer, scheduler, state: TrainState, full: bool) -> dict[str, Any]:
-        if not full:
-            return training_checkpoint(self._meta, model, state)
-        return training_checkpoint(self._meta, model, state, optimizer, scheduler, self._scaler, self._logger.state())
-
-    def _save_last(self, model, optimizer, scheduler, state: TrainState) -> None:
-        atomic_save(self._checkpoint(model, optimizer, scheduler, state, full=True), self._last)
+    def _save_last(self, model, optimizer, state: TrainState) -> None:
+        ckpt = training_checkpoint(
+            self._meta, model, state, optimizer, self._scheduler, self._scaler, self._logger.state()
+        )
+        atomic_save(ckpt, self._last)
 
     def _restore(self, model, optimizer, scheduler, logger) -> TrainState:
         source = self._resume_source()
