@@ -149,9 +149,12 @@ def _cache_path(files: dict[str, Path]) -> Path:
 
 
 def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Cut a token stream into ``batch_size`` contiguous columns: shape (steps, batch_size)."""
+    """Cut a token stream into ``batch_size`` contiguous columns: shape (steps, batch_size).
+
+    A view of ``data``, not a copy (17 MB less for WikiText-2's train split); BPTT windows of it are
+    small strided slices that the embedding lookup gathers from."""
     steps = data.size(0) // batch_size
-    return data[: steps * batch_size].view(batch_size, steps).t().contiguous()
+    return data[: steps * batch_size].view(batch_size, steps).t()
 
 
 def bptt_batches(

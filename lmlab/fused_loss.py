@@ -6,6 +6,10 @@ logits are made, turned into loss and gradients, and dropped: the gradients w.r.
 weight and bias are computed in the forward pass (the loss is the last op, so its upstream gradient is
 a scalar that backward only multiplies in). Same three matrix products as the plain version, so no
 extra FLOPs; peak memory is one chunk of logits.
+
+Per chunk the logits pass through memory once more after their GEMM: an in-place softmax (PyTorch's
+row kernel: max, exp and sum while the row is in cache). The one-hot part of ``softmax - onehot`` and
+the ``1/n`` of the mean are applied to the small products, not to the (rows × vocab) block.
 """
 
 from __future__ import annotations
@@ -15,39 +19,28 @@ import torch
 # Logits per chunk: 24 MiB in fp32 — big enough for efficient GEMMs, and under glibc's 32 MiB mmap
 # ceiling, so the buffer is recycled from the heap instead of page-faulted in fresh at every chunk.
 CHUNK_ELEMENTS = 6 << 20
-VOCAB_BLOCK = 2048
 
 
-def _logits_t(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits laid out (vocab, rows). On CPU in fp32 they are made in vocabulary blocks: with
-    K = hidden size the single tall GEMM runs at ~100 GFLOP/s here, the blocked one at ~150."""
-    blocked = h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
-    if not blocked or torch.is_autocast_enabled("cpu"):
-        logits = (weight @ h.t()).float()
-    else:
-        h_t = h.t().contiguous()
-        logits = torch.empty(weight.size(0), h.size(0), device=h.device)
-        for start in range(0, weight.size(0), VOCAB_BLOCK):
-            torch.mm(weight[start : start + VOCAB_BLOCK], h_t, out=logits[start : start + VOCAB_BLOCK])
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits (rows, vocab)."""
+    logits = (h @ weight.t()).float()
     if bias is not None:
-        logits += bias.unsqueeze(1)
+        logits += bias
     return logits
 
 
-def _chunks(features, weight, bias, targets):
-    """Yield (row slice, features, targets, summed NLL, exp(logits - max), column sums of it) per chunk
-    of rows; logits are (vocab, rows) and the exponentials are made in place, in one pass."""
-    rows = max(1, CHUNK_ELEMENTS // weight.size(0))
-    for start in range(0, features.size(0), rows):
-        rows_slice = slice(start, start + rows)
-        h, y = features[rows_slice], targets[rows_slice]
-        logits = _logits_t(h, weight, bias)
-        target_logit = logits.gather(0, y.unsqueeze(0)).squeeze(0)
-        top = logits.amax(dim=0, keepdim=True)
-        exp = logits.sub_(top).exp_()
-        sum_exp = exp.sum(dim=0, keepdim=True)
-        nll = (top + sum_exp.log()).squeeze(0) - target_logit
-        yield rows_slice, h, y, nll.sum(), exp, sum_exp
+def _row_chunks(n_rows: int, vocab_size: int) -> list[slice]:
+    """Equal row chunks of at most CHUNK_ELEMENTS logits (700 rows → 350 + 350, not 457 + 243)."""
+    n_chunks = -(-n_rows * vocab_size // CHUNK_ELEMENTS)
+    rows = -(-n_rows // max(n_chunks, 1))
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
+
+
+def _summed_nll(h, weight, bias, y) -> torch.Tensor:
+    """Sum of -log softmax(logits)[y] over a chunk, exact (in-place log-softmax)."""
+    log_probs = _logits(h, weight, bias)
+    torch.ops.aten._log_softmax.out(log_probs, 1, False, out=log_probs)
+    return -log_probs.gather(1, y.unsqueeze(1)).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -57,25 +50,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         n = features.size(0)
         grad_features = torch.empty_like(features)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_weight = torch.empty_like(weight, dtype=torch.float32)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=features.device)
-        for rows, h, y, nll_sum, exp, sum_exp in _chunks(features, weight, bias, targets):
-            total += nll_sum
-            # d(mean CE)/d(logits) = (softmax - onehot) / n, in place and in one pass over the chunk.
-            probs = exp.mul_(1.0 / (sum_exp * n))
-            probs.scatter_add_(0, y.unsqueeze(0), probs.new_full((1, len(y)), -1.0 / n))
-            grad_features[rows] = (probs.t().to(weight.dtype) @ weight).to(features.dtype)
-            grad_weight.addmm_(probs, h.float())
+        for i, rows in enumerate(_row_chunks(n, weight.size(0))):
+            h, y = features[rows], targets[rows]
+            probs = _logits(h, weight, bias)
+            target_logit = probs.gather(1, y.unsqueeze(1)).squeeze(1)
+            top_logit = probs.amax(dim=1)
+            torch.ops.aten._softmax.out(probs, 1, False, out=probs)
+            total += _summed_nll_from_softmax(probs, top_logit, target_logit)
+            # d(mean CE)/d(logits) = (softmax - onehot) / n: the softmax part through the GEMMs, the
+            # one-hot part as row gathers/scatters of the small operands.
+            grad_h = probs @ weight.to(probs.dtype) if probs.dtype != weight.dtype else probs @ weight
+            grad_features[rows] = ((grad_h - weight[y]) / n).to(features.dtype)
+            h32 = h.float()
+            grad_weight.addmm_(probs.t(), h32, beta=0 if i == 0 else 1, alpha=1 / n)
+            grad_weight.index_add_(0, y, h32, alpha=-1 / n)
             if grad_bias is not None:
-                grad_bias += probs.sum(1)
-        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+                grad_bias.add_(probs.sum(0), alpha=1 / n)
+                grad_bias.index_add_(0, y, torch.full_like(target_logit, -1 / n))
+        # Kept on ctx, not save_for_backward (they are neither inputs nor outputs), so that backward can
+        # hand over the only reference: autograd then adds a tied embedding's gradient into grad_weight
+        # in place instead of allocating their sum (another V×D buffer).
+        ctx.grads = grad_features, grad_weight, grad_bias
         ctx.weight_dtype = weight.dtype
         return total / n
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_features, grad_weight, grad_bias = ctx.saved_tensors
+        grad_features, grad_weight, grad_bias = ctx.grads
+        del ctx.grads
         scale = grad_output.float()
         return (
             grad_features * scale.to(grad_features.dtype),
@@ -85,11 +90,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
+def _summed_nll_from_softmax(probs: torch.Tensor, top_logit: torch.Tensor, target_logit: torch.Tensor) -> torch.Tensor:
+    """Summed -log p(target), exact even where p(target) underflows to 0: the most likely word's
+    p_top = 1 / sum(exp(logits - top_logit)) is never below 1/vocab, so the log-sum-exp is
+    top_logit - log p_top. No host sync; costs two row-max passes."""
+    return (top_logit - probs.amax(dim=1).log() - target_logit).sum()
+
+
 def linear_cross_entropy(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(features, weight, bias), targets)`` (mean) in chunks; 2-D features."""
     if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(features, weight, bias, targets)
-    total = sum(chunk[3] for chunk in _chunks(features, weight, bias, targets))
+    chunks = _row_chunks(features.size(0), weight.size(0))
+    total = sum(_summed_nll(features[rows], weight, bias, targets[rows]) for rows in chunks)
     return total / features.size(0)

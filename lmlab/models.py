@@ -68,7 +68,9 @@ class RNNLanguageModel(nn.Module):
         self.dropout_embedding, self.weight_drop = dropout_embedding, weight_drop
         self.ar_alpha, self.tar_beta = ar_alpha, tar_beta
         self._last_raw_output: torch.Tensor | None = None
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        # Tied: the decoder's gradient is dense anyway and the embedding's sparse one is added into it in
+        # place, instead of a second dense V×D gradient (~90 MB at vocabulary 33k) that is mostly zeros.
+        self.embedding = nn.Embedding(vocab_size, embed_dim, sparse=tie_weights and softmax == "full")
         out_dim = embed_dim if tie_weights else hidden_dim
         sizes = [embed_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.rnns = nn.ModuleList(RNN_CELLS[cell](sizes[i], sizes[i + 1]) for i in range(num_layers))
@@ -126,10 +128,10 @@ class RNNLanguageModel(nn.Module):
     def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
         if not (self.training and p):
             return x
-        if not self.locked_dropout:
-            return F.dropout(x, p, training=True)
-        mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)  # one mask for all steps
-        return x * mask
+        if not self.locked_dropout and x.device.type != "cpu":
+            return F.dropout(x, p, training=True)  # one fused kernel on GPUs
+        shape = (1, *x.shape[1:]) if self.locked_dropout else x.shape  # locked: one mask for all steps
+        return x * _keep_mask(shape, p, x)
 
     def _run_layer(self, rnn: nn.RNNBase, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         if not (self.training and self.weight_drop):
@@ -180,6 +182,12 @@ class RNNLanguageModel(nn.Module):
         flat = features.reshape(-1, features.size(-1))
         logp = self.adaptive.log_prob(flat) if self.adaptive is not None else F.log_softmax(self.decoder(flat), -1)
         return logp.view(*features.shape[:-1], self.vocab_size)
+
+
+def _keep_mask(shape: tuple[int, ...] | torch.Size, p: float, like: torch.Tensor) -> torch.Tensor:
+    """Dropout mask (0 or 1/(1-p)). On CPU, uniform draws compared with p take half the time of the
+    per-element ``bernoulli_`` that ``F.dropout`` uses (~4 ms of a 2×200 LSTM's ~80 ms step)."""
+    return torch.rand(shape, device=like.device).ge_(p).div_(1 - p).to(like.dtype)
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:

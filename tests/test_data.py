@@ -38,6 +38,7 @@ def test_batchify_and_bptt_targets_are_shifted_inputs_across_windows():
     columns = batchify(data, 4)  # 10 steps per column, the 3 leftover tokens dropped
     assert columns.shape == (10, 4)
     assert columns[:, 1].tolist() == list(range(10, 20))  # each column is a contiguous stretch
+    assert columns.data_ptr() == data.data_ptr()  # a view: the train split is not held twice
     windows = list(bptt_batches(columns, 4))
     assert [len(x) for x, _ in windows] == [4, 4, 1]  # 9 (input, target) pairs per column
     assert num_bptt_batches(columns, 4) == 3 and num_bptt_batches(columns, 4, limit=2) == 2

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmlab.errors import ConfigError
-from lmlab.models import RNNLanguageModel
+from lmlab.models import RNNLanguageModel, _keep_mask
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -21,6 +21,35 @@ def test_shapes_and_tying(cell, tie, embed, hidden):
     if cell == "lstm":
         h, c = state[-1]
         assert h.shape == c.shape == (1, 3, embed if tie else hidden)
+
+
+def test_tied_gradient_is_dense_and_equals_the_plain_embeddings():
+    """A tied model's embedding makes sparse gradients that autograd adds into the decoder's dense one:
+    the result must be the same dense gradient as with a plain embedding (so every optimizer works)."""
+    torch.manual_seed(0)
+    model = RNNLanguageModel(60, embed_dim=8, hidden_dim=8, dropout=0.0)
+    assert model.embedding.sparse
+    tokens = torch.randint(0, 60, (6, 3))
+    grads = []
+    for sparse in (True, False):
+        model.embedding.sparse = sparse
+        model.zero_grad(set_to_none=True)
+        features, _ = model(tokens, model.init_hidden(3))
+        model.loss(features, tokens).backward()
+        grads.append(model.embedding.weight.grad)
+    assert grads[0].layout == torch.strided
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_dropout_masks_keep_the_right_share_and_scale():
+    torch.manual_seed(0)
+    like = torch.empty(0)
+    mask = _keep_mask((200, 50, 40), 0.3, like)
+    assert mask.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+    assert (mask > 0).float().mean().item() == pytest.approx(0.7, abs=0.005)
+    model = RNNLanguageModel(30, embed_dim=6, hidden_dim=6, dropout=0.5, locked_dropout=True).train()
+    dropped = model._drop(torch.ones(9, 4, 6), 0.5)
+    assert torch.equal(dropped, dropped[:1].expand(9, 4, 6))  # locked: one mask for all time steps
 
 
 def test_adaptive_softmax_matches_its_log_probs():

@@ -97,6 +97,7 @@ def test_cli_run_help_and_cfg_job():
         ("trainer.epochs=0", "trainer.epochs=0 is invalid"),
         ("dataset.bptt=100000", "dataset.bptt=100000 is longer than the data"),
         ("dataset.path=null", "dataset.path is not set"),
+        ("device.cpu_heap=fast", "device.cpu_heap='fast' is unknown; choose one of"),
     ],
 )
 def test_bad_config_stops_before_work(override, message, corpus_dir, tmp_path, compose_cfg):
