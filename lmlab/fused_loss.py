@@ -19,6 +19,8 @@ import torch
 # Logits per chunk: 24 MiB in fp32 — big enough for efficient GEMMs, and under glibc's 32 MiB mmap
 # ceiling, so the buffer is recycled from the heap instead of page-faulted in fresh at every chunk.
 CHUNK_ELEMENTS = 6 << 20
+# Below this a float32 probability has lost precision (subnormal from 1.2e-38): -log p is not trusted.
+TINY_PROBABILITY = 1e-30
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -56,10 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i, rows in enumerate(_row_chunks(n, weight.size(0))):
             h, y = features[rows], targets[rows]
             probs = _logits(h, weight, bias)
-            target_logit = probs.gather(1, y.unsqueeze(1)).squeeze(1)
-            top_logit = probs.amax(dim=1)
-            torch.ops.aten._softmax.out(probs, 1, False, out=probs)
-            total += _summed_nll_from_softmax(probs, top_logit, target_logit)
+            total += _softmax_and_summed_nll(probs, h, weight, bias, y, sync_free=probs.device.type != "cpu")
             # d(mean CE)/d(logits) = (softmax - onehot) / n: the softmax part through the GEMMs, the
             # one-hot part as row gathers/scatters of the small operands.
             grad_h = probs @ weight.to(probs.dtype) if probs.dtype != weight.dtype else probs @ weight
@@ -69,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight.index_add_(0, y, h32, alpha=-1 / n)
             if grad_bias is not None:
                 grad_bias.add_(probs.sum(0), alpha=1 / n)
-                grad_bias.index_add_(0, y, torch.full_like(target_logit, -1 / n))
+                grad_bias.index_add_(0, y, torch.full_like(y, -1 / n, dtype=grad_bias.dtype))
         # Kept on ctx, not save_for_backward (they are neither inputs nor outputs), so that backward can
         # hand over the only reference: autograd then adds a tied embedding's gradient into grad_weight
         # in place instead of allocating their sum (another V×D buffer).
@@ -81,20 +80,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_features, grad_weight, grad_bias = ctx.grads
         del ctx.grads
-        scale = grad_output.float()
-        return (
-            grad_features * scale.to(grad_features.dtype),
-            grad_weight.mul_(scale).to(ctx.weight_dtype),
-            None if grad_bias is None else grad_bias.mul_(scale).to(ctx.weight_dtype),
-            None,
-        )
+        # loss.backward() sends 1: then skip three passes over the gradients (reading it is free on CPU).
+        if not (grad_output.device.type == "cpu" and grad_output.item() == 1.0):
+            scale = grad_output.float()
+            grad_features.mul_(scale.to(grad_features.dtype))
+            grad_weight.mul_(scale)
+            if grad_bias is not None:
+                grad_bias.mul_(scale)
+        grad_bias = None if grad_bias is None else grad_bias.to(ctx.weight_dtype)
+        return grad_features, grad_weight.to(ctx.weight_dtype), grad_bias, None
 
 
-def _summed_nll_from_softmax(probs: torch.Tensor, top_logit: torch.Tensor, target_logit: torch.Tensor) -> torch.Tensor:
-    """Summed -log p(target), exact even where p(target) underflows to 0: the most likely word's
-    p_top = 1 / sum(exp(logits - top_logit)) is never below 1/vocab, so the log-sum-exp is
-    top_logit - log p_top. No host sync; costs two row-max passes."""
-    return (top_logit - probs.amax(dim=1).log() - target_logit).sum()
+def _softmax_and_summed_nll(logits, h, weight, bias, y, sync_free: bool) -> torch.Tensor:
+    """Turn ``logits`` into probabilities in place; return the chunk's summed -log p(target), exact
+    even where p(target) underflows to 0 in fp32 (a confidently wrong model)."""
+    if not sync_free:
+        # -log p is exact wherever p is a normal float; asking whether any row underflowed is free on
+        # the CPU, and such rows are recomputed with an exact log-softmax.
+        torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+        target_prob = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+        tiny = target_prob < TINY_PROBABILITY
+        if not bool(tiny.any()):
+            return -target_prob.log().sum()
+        return -target_prob[~tiny].log().sum() + _summed_nll(h[tiny], weight, bias, y[tiny])
+    # On a GPU that question would stall the queue. Instead, with j the most likely word,
+    # p_j = 1 / sum(exp(logits - logit_j)) >= 1/vocab, so log-sum-exp = logit_j - log p_j (two row maxes).
+    target_logit = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    top_logit = logits.amax(dim=1)
+    torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+    return (top_logit - logits.amax(dim=1).log() - target_logit).sum()
 
 
 def linear_cross_entropy(

@@ -30,6 +30,9 @@ class RNNLanguageModel(nn.Module):
     per sequence, shared over time), ``dropout_embedding`` (drops whole words), ``weight_drop``
     (DropConnect on hidden-to-hidden weights), and the activation penalties ``ar_alpha``/``tar_beta``
     returned by :meth:`regularization`.
+
+    ``sparse_embedding`` gives an untied model sparse embedding gradients (faster; needs SGD or
+    NT-ASGD). Tied models always use them, summed into the decoder's dense gradient.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class RNNLanguageModel(nn.Module):
         weight_drop: float = 0.0,
         ar_alpha: float = 0.0,
         tar_beta: float = 0.0,
+        sparse_embedding: bool = False,
     ) -> None:
         super().__init__()
         _check_args(vocab_size, cell, embed_dim, hidden_dim, num_layers, dropout, tie_weights, softmax)
@@ -68,9 +72,12 @@ class RNNLanguageModel(nn.Module):
         self.dropout_embedding, self.weight_drop = dropout_embedding, weight_drop
         self.ar_alpha, self.tar_beta = ar_alpha, tar_beta
         self._last_raw_output: torch.Tensor | None = None
-        # Tied: the decoder's gradient is dense anyway and the embedding's sparse one is added into it in
-        # place, instead of a second dense V×D gradient (~90 MB at vocabulary 33k) that is mostly zeros.
-        self.embedding = nn.Embedding(vocab_size, embed_dim, sparse=tie_weights and softmax == "full")
+        # Sparse embedding gradients: only the rows of this batch's words instead of a dense V×D
+        # tensor of zeros. Tied, the decoder's dense gradient absorbs them in place (~90 MB less peak
+        # memory at vocabulary 33k, any optimizer); untied they stay sparse, which needs an optimizer
+        # that takes sparse gradients (SGD, NT-ASGD), so there it is the ``sparse_embedding`` option.
+        tied = tie_weights and softmax == "full"
+        self.embedding = nn.Embedding(vocab_size, embed_dim, sparse=tied or sparse_embedding)
         out_dim = embed_dim if tie_weights else hidden_dim
         sizes = [embed_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.rnns = nn.ModuleList(RNN_CELLS[cell](sizes[i], sizes[i + 1]) for i in range(num_layers))
@@ -87,6 +94,10 @@ class RNNLanguageModel(nn.Module):
                 self.decoder.weight = self.embedding.weight
                 self.decoder.bias = nn.Parameter(torch.zeros(vocab_size))
         self._init_weights()
+
+    @property
+    def decoder_is_tied(self) -> bool:
+        return self.decoder is not None and self.decoder.weight is self.embedding.weight
 
     def _init_weights(self) -> None:
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)

@@ -85,3 +85,29 @@ def _swap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         current = param.detach().clone()
         param.copy_(average)
         average.copy_(current)
+
+
+# Optimizers that accept sparse gradients (``model.sparse_embedding``); NTASGD is an SGD.
+SPARSE_OPTIMIZERS = (torch.optim.SGD, torch.optim.SparseAdam, torch.optim.Adagrad)
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: Any, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm over all gradients) that also takes sparse ones.
+
+    A sparse embedding gradient holds one row per token, repeats included; it is coalesced (repeats
+    summed) before its norm is taken, and stays coalesced for the optimizer."""
+    grads = []
+    for p in parameters:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+        if p.grad is not None:
+            grads.append(p.grad)
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale)
+    return total

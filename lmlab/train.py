@@ -23,7 +23,7 @@ from lmlab.errors import ConfigError
 from lmlab.interrupt import StopSignals, TrainingInterrupted
 from lmlab.loggers import Logger
 from lmlab.models import RNNLanguageModel, detach_hidden
-from lmlab.optim import NTASGD
+from lmlab.optim import NTASGD, SPARSE_OPTIMIZERS, clip_grad_norm
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,7 +86,7 @@ class Trainer:
         ckpt_dir = Path(out_dir) / "checkpoints"
         self._logger = logger
         self._meta, self._last, self._best = checkpoint_meta, ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-        self._setup(model, scheduler, device)
+        self._setup(model, optimizer, scheduler, device)
         state = self._restore(model, optimizer, scheduler, logger)
         train_columns, valid_columns = data.columns("train").to(device), data.columns("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
@@ -114,10 +114,15 @@ class Trainer:
     ) -> int:
         """Up to ``limit_train_batches`` training steps outside :meth:`fit` (benchmarks): the same step
         code, no logging, no checkpoints. Returns the number of tokens trained on."""
-        self._setup(model, None, device)
+        self._setup(model, optimizer, None, device)
         return self._train_epoch(model, columns, bptt, optimizer, device, TrainState(), Logger(), StopSignals())
 
-    def _setup(self, model: RNNLanguageModel, scheduler: Any, device: torch.device) -> None:
+    def _setup(self, model: RNNLanguageModel, optimizer: Any, scheduler: Any, device: torch.device) -> None:
+        if model.embedding.sparse and not model.decoder_is_tied and not isinstance(optimizer, SPARSE_OPTIMIZERS):
+            raise ConfigError(
+                f"model.sparse_embedding=true makes sparse gradients, which {type(optimizer).__name__} cannot "
+                "take; use optimizer=sgd or optimizer=nt_asgd, or set model.sparse_embedding=false"
+            )
         if self.precision == "fp16" and device.type != "cuda":
             raise ConfigError(
                 f"trainer.precision=fp16 needs a CUDA device (this run is on {device.type}); "
@@ -194,7 +199,7 @@ class Trainer:
         self._scaler.scale(loss).backward()
         if self.clip_grad_norm:
             self._scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm, foreach=True)
+            clip_grad_norm(model.parameters(), self.clip_grad_norm)
         self._scaler.step(optimizer)
         self._scaler.update()
         # Free the gradients now rather than before the next backward: the next forward (whose fused

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data import variable_bptt_batches
-from lmlab.fused_loss import linear_cross_entropy
+from lmlab.errors import ConfigError
+from lmlab.fused_loss import _softmax_and_summed_nll, linear_cross_entropy
 from lmlab.models import RNNLanguageModel
-from lmlab.optim import NTASGD
+from lmlab.optim import NTASGD, clip_grad_norm
 from lmlab.run import train_and_report
 from tests.conftest import TINY
 
@@ -43,15 +44,48 @@ def test_fused_linear_cross_entropy_matches_the_plain_one(bias):
 
 
 def test_fused_loss_is_exact_where_the_target_probability_underflows():
-    """A confidently wrong model: p(target) ~ e^-200 is 0 in fp32, yet the loss must stay exact."""
-    h = torch.tensor([[1.0], [1.0]], requires_grad=True)
+    """A confidently wrong model: p(target) ~ e^-200 is 0 in fp32, yet the loss must stay exact, on the
+    CPU's path (recompute such rows) and on the GPUs' sync-free one (log-sum-exp from the row max)."""
+    h = torch.tensor([[1.0], [1.0], [0.5]], requires_grad=True)
     w = torch.tensor([[200.0], [0.0], [-5.0]], requires_grad=True)
-    y = torch.tensor([1, 0])
-    plain = F.cross_entropy(F.linear(h, w), y)
-    fused = linear_cross_entropy(h, w, None, y)
-    assert torch.isfinite(fused) and fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    b = torch.tensor([0.0, 1.0, 2.0])
+    y = torch.tensor([1, 0, 2])
+    plain = F.cross_entropy(F.linear(h, w, b), y, reduction="sum")
+    for sync_free in (False, True):
+        logits = F.linear(h, w, b).detach()
+        nll = _softmax_and_summed_nll(logits, h.detach(), w.detach(), b, y, sync_free=sync_free)
+        assert nll.item() == pytest.approx(plain.item(), rel=1e-6)
+        assert torch.allclose(logits, torch.softmax(F.linear(h, w, b), 1))  # probabilities, in place
+    fused = linear_cross_entropy(h, w, b, y)
+    assert fused.item() == pytest.approx(plain.item() / 3, rel=1e-6)
     fused.backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_sparse_embedding_steps_exactly_like_the_dense_one():
+    """Untied, clipped SGD step: sparse embedding gradients (coalesced for the norm) give the dense step."""
+    tokens = torch.randint(0, 40, (9, 3), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = 7  # repeated words: their gradient rows must be summed before the norm
+    after, norms = [], []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = RNNLanguageModel(40, embed_dim=8, hidden_dim=8, dropout=0.0, tie_weights=False, sparse_embedding=sparse)
+        optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+        features, _ = model(tokens[:-1], model.init_hidden(3))
+        model.loss(features, tokens[1:]).backward()
+        assert model.embedding.weight.grad.is_sparse == sparse
+        norms.append(clip_grad_norm(model.parameters(), 0.1))
+        optimizer.step()
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert norms[0] > 0.1 and torch.allclose(norms[0], norms[1], rtol=1e-6)  # clipping was active
+    assert torch.allclose(after[0], after[1], atol=1e-6)
+
+
+def test_sparse_embedding_with_adam_is_refused_early(corpus_dir, tmp_path, compose_cfg):
+    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "model.tie_weights=false", "model.sparse_embedding=true"])
+    cfg.optimizer = compose_cfg(["optimizer=adam"]).optimizer
+    with pytest.raises(ConfigError, match="Adam cannot take; use optimizer=sgd or optimizer=nt_asgd"):
+        train_and_report(cfg, tmp_path / "run")
 
 
 HEAP_PROBE = """
