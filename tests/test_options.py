@@ -110,8 +110,10 @@ def test_cpu_heap_modes_reuse_or_release_freed_buffers():
         out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
         return int(out.stdout)
 
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    pages_per_buffer = 8 if thp.exists() and "[always]" in thp.read_text() else 4096  # 2 MiB or 4 KiB pages
     assert faults("reuse") < 1000
-    assert faults("release") > 10 * 4000
+    assert faults("release") >= 10 * pages_per_buffer * 0.9
 
 
 @pytest.mark.parametrize(
