@@ -34,7 +34,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def _row_chunks(n_rows: int, vocab_size: int) -> list[slice]:
     """Equal row chunks of at most CHUNK_ELEMENTS logits (700 rows → 350 + 350, not 457 + 243)."""
     n_chunks = -(-n_rows * vocab_size // CHUNK_ELEMENTS)
-    rows = -(-n_rows // max(n_chunks, 1))
+    rows = max(1, -(-n_rows // max(n_chunks, 1)))
     return [slice(start, start + rows) for start in range(0, n_rows, rows)]
 
 
