@@ -44,6 +44,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout_embedding": PROBABILITY,
     "model.weight_drop": PROBABILITY,
     "model.locked_dropout": BOOL,
+    "model.sparse_embedding": BOOL,
     "model.ar_alpha": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "model.tar_beta": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "optimizer.lr": POSITIVE_NUMBER,

@@ -61,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += _softmax_and_summed_nll(probs, h, weight, bias, y, sync_free=probs.device.type != "cpu")
             # d(mean CE)/d(logits) = (softmax - onehot) / n: the softmax part through the GEMMs, the
             # one-hot part as row gathers/scatters of the small operands.
-            grad_h = probs @ weight.to(probs.dtype) if probs.dtype != weight.dtype else probs @ weight
+            grad_h = probs @ weight.to(probs.dtype)
             grad_features[rows] = ((grad_h - weight[y]) / n).to(features.dtype)
             h32 = h.float()
             grad_weight.addmm_(probs.t(), h32, beta=0 if i == 0 else 1, alpha=1 / n)

@@ -196,8 +196,8 @@ class RNNLanguageModel(nn.Module):
 
 
 def _keep_mask(shape: tuple[int, ...] | torch.Size, p: float, like: torch.Tensor) -> torch.Tensor:
-    """Dropout mask (0 or 1/(1-p)). On CPU, uniform draws compared with p take half the time of the
-    per-element ``bernoulli_`` that ``F.dropout`` uses (~4 ms of a 2×200 LSTM's ~80 ms step)."""
+    """Dropout mask (0 or 1/(1-p)). On CPU, uniform draws compared with p take under half the time of
+    the per-element ``bernoulli_`` that ``F.dropout`` uses (0.47 vs 1.27 ms per 2×200 LSTM mask)."""
     return torch.rand(shape, device=like.device).ge_(p).div_(1 - p).to(like.dtype)
 
 

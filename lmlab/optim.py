@@ -87,8 +87,8 @@ def _swap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         average.copy_(current)
 
 
-# Optimizers that accept sparse gradients (``model.sparse_embedding``); NTASGD is an SGD.
-SPARSE_OPTIMIZERS = (torch.optim.SGD, torch.optim.SparseAdam, torch.optim.Adagrad)
+# Optimizers that take sparse and dense gradients together (``model.sparse_embedding``); NTASGD is an SGD.
+SPARSE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adagrad)
 
 
 @torch.no_grad()

@@ -98,6 +98,7 @@ def test_cli_run_help_and_cfg_job():
         ("dataset.bptt=100000", "dataset.bptt=100000 is longer than the data"),
         ("dataset.path=null", "dataset.path is not set"),
         ("device.cpu_heap=fast", "device.cpu_heap='fast' is unknown; choose one of"),
+        ("model.sparse_embedding=maybe", "model.sparse_embedding='maybe' is invalid: it must be true or false"),
     ],
 )
 def test_bad_config_stops_before_work(override, message, corpus_dir, tmp_path, compose_cfg):
