@@ -103,7 +103,7 @@ class RNNLanguageModel(nn.Module):
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         if self.decoder is not None:
             nn.init.zeros_(self.decoder.bias)
-            if self.decoder.weight is not self.embedding.weight:
+            if not self.decoder_is_tied:
                 nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
     def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
