@@ -19,22 +19,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lmlab.cli import CONF_DIR, build, exit_on_lmlab_error
-from lmlab.device import peak_gpu_mb, peak_rss_mb
-from lmlab.run import build_training_objects
+from lmlab.cli import CONF_DIR
+from lmlab.config import model_arguments
+from lmlab.device import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision
+from lmlab.factory import build_training_objects
+from lmlab.jobs import task_wrapper
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return (
-        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
@@ -52,50 +46,40 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seco
     return best
 
 
-def tail_shares(model: Any, train_tokens: torch.Tensor) -> list[float] | None:
-    """Share of train targets in each adaptive-softmax tail cluster (they alone pay for that cluster)."""
-    if getattr(model, "adaptive", None) is None:
-        return None
-    cutoffs = model.adaptive.cutoffs  # [c1, c2, ..., vocab]
-    return [
-        ((train_tokens >= lo) & (train_tokens < hi)).float().mean().item()
-        for lo, hi in zip(cutoffs[:-1], cutoffs[1:], strict=True)
-    ]
-
-
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
-    device, data, model, optimizer = build_training_objects(cfg)
     steps, warmup = cfg.bench.steps, cfg.bench.warmup
-    trainer = build(cfg.trainer, limit_train_batches=warmup, limit_eval_batches=warmup, progress=False)
-    train_columns = data.columns("train").to(device)
-    eval_columns = data.columns("valid").to(device)
+    objects = build_training_objects(cfg, limit_train_batches=warmup, limit_eval_batches=warmup, progress=False)
+    device, data, model, optimizer, trainer = (
+        objects.device, objects.data, objects.model, objects.optimizer, objects.trainer
+    )  # fmt: skip
+    train_stream, eval_stream = data.stream("train").to(device), data.stream("valid").to(device)
 
     peak = {"fp32": matmul_peak_gflops(device, torch.float32, cfg.bench.matmul_size)}
-    if bf16_supported(device):
+    if bf16_support(device):
         peak["bf16"] = matmul_peak_gflops(device, torch.bfloat16, cfg.bench.matmul_size)
 
     def timed_train(n: int) -> tuple[float, int]:
         trainer.limit_train_batches = n
         start = time.perf_counter()
-        tokens = trainer.train_steps(model, train_columns, data.bptt, optimizer, device)
+        tokens = trainer.train_steps(model, train_stream, optimizer, device)
         _sync(device)
         return time.perf_counter() - start, tokens
 
     def timed_eval(n: int) -> tuple[float, int]:
         trainer.limit_eval_batches = n
         start = time.perf_counter()
-        trainer.evaluate(model, eval_columns, data.bptt, device)
+        trainer.evaluate(model, eval_stream, device)
         _sync(device)
-        return time.perf_counter() - start, min(n * data.bptt, eval_columns.size(0) - 1) * eval_columns.size(1)
+        return time.perf_counter() - start, sum(w.targets.numel() for w in eval_stream.windows(limit=n))
 
     timed_train(warmup)
     train_s, train_tokens = timed_train(steps)
     timed_eval(warmup)
     eval_s, eval_tokens = timed_eval(steps)
 
-    flops = model.flops_per_token(tail_shares(model, data.corpus.train))
+    flops = model.flops_per_token(data.corpus.train)
     train_tps, eval_tps = train_tokens / train_s, eval_tokens / eval_s
-    precision = cfg.trainer.precision
+    precision = resolve_precision(cfg.trainer.precision, device)
     reference_peak = peak["bf16" if precision in ("bf16", "fp16") and "bf16" in peak else "fp32"]
     train_gflops = 3 * flops["forward"] * train_tps / 1e9
     eval_gflops = flops["forward"] * eval_tps / 1e9
@@ -105,11 +89,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         "precision": precision,
         "matmul_peak_gflops": peak,
         "model": {
-            "cell": cfg.model.cell,
-            "embed_dim": cfg.model.embed_dim,
-            "hidden_dim": cfg.model.hidden_dim,
-            "num_layers": cfg.model.num_layers,
-            "softmax": cfg.model.softmax,
+            "name": cfg.model.name,
+            "arguments": model_arguments(cfg.model),
             "vocab_size": len(data.vocab),
             "num_params": sum(p.numel() for p in model.parameters()),
         },
@@ -143,9 +124,8 @@ def summary(r: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"device {r['device']} ({r['torch_threads']} threads) | matmul peak GFLOP/s: {peaks}",
-            f"model {m['num_layers']}x{m['hidden_dim']} {m['cell']} emb {m['embed_dim']} vocab {m['vocab_size']:,} "
-            f"softmax {m['softmax']} | {m['num_params']:,} params | batch {r['batch_size']} bptt {r['bptt']} "
-            f"| {r['precision']}",
+            f"model {m['name']} {_brief(m['arguments'])} | vocab {m['vocab_size']:,} | {m['num_params']:,} params "
+            f"| batch {r['batch_size']} bptt {r['bptt']} | {r['precision']}",
             f"FLOPs/token: forward {flops['forward'] / 1e6:.2f} M, train {flops['train'] / 1e6:.2f} M",
             f"train: {t['tokens_per_sec']:,.0f} tok/s | {t['ms_per_step']:.1f} ms/step | {t['gflops']:.1f} GFLOP/s "
             f"= {100 * t['fraction_of_peak']:.0f}% of peak",
@@ -156,8 +136,14 @@ def summary(r: dict[str, Any]) -> str:
     )
 
 
+def _brief(arguments: dict[str, Any]) -> str:
+    """The model's size-defining arguments, e.g. ``cell=lstm embed_dim=650 hidden_dim=650 num_layers=2``."""
+    keys = ("cell", "embed_dim", "hidden_dim", "d_model", "num_heads", "num_layers", "softmax", "context")
+    return " ".join(f"{k}={arguments[k]}" for k in keys if k in arguments)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
-@exit_on_lmlab_error
+@task_wrapper
 def main(cfg: DictConfig) -> dict[str, Any]:
     result = benchmark(cfg)
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"

@@ -1,8 +1,10 @@
-"""Checkpoints: atomic writes and safe (``weights_only``) reads.
+"""Checkpoint contents and safe reads (writes go through :func:`lmlab.files.atomic_save`).
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
-``torch.load(path, weights_only=True)`` and never runs code. It carries the vocabulary and the model's
-config, so generation and evaluation need nothing but the file.
+``torch.load(path, weights_only=True)`` and never runs code. It carries the vocabulary and the model as
+``{"name": <registered name>, "arguments": {plain values}}``, so generation and evaluation need nothing
+but the file. The model is rebuilt only through the registry (:func:`lmlab.models.build_model`), with
+every argument type-checked first; the run config stored beside it is a record, never instantiated.
 """
 
 from __future__ import annotations
@@ -10,19 +12,18 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.errors import CheckpointError
+from lmlab.data import Vocabulary
+from lmlab.errors import CheckpointError, LmlabError
+from lmlab.models import LanguageModel, build_model, check_model_arguments, map_tensors
 
 FORMAT = "lmlab-checkpoint"
-VERSION = 1
-# Checkpoints name the model class to build; only classes from this module are ever instantiated.
-MODEL_TARGET_PREFIX = "lmlab.models."
+VERSION = 2
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TrainState:
     global_step: int = 0
     best_val_loss: float = math.inf
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per finished epoch
-    hidden: Any = None  # the RNN state after `step` (None at an epoch start)
+    hidden: Any = None  # the model's state after `step` (RNN hidden state, KV cache; None at an epoch start)
     loss_sum: float = 0.0  # train loss summed over this epoch's finished steps
     skipped_batches: int = 0
 
@@ -48,8 +49,8 @@ def training_checkpoint(
     scaler: Any = None,
     logger_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint holds: ``meta`` (model config, vocabulary, run config), the weights and the
-    progress; with an ``optimizer`` also everything needed to resume (``last.pt``)."""
+    """What a checkpoint holds: ``meta`` (``model`` name and arguments, ``vocab``, the run ``config``),
+    the weights and the progress; with an ``optimizer`` also everything needed to resume (``last.pt``)."""
     ckpt = {
         "format": FORMAT,
         "version": VERSION,
@@ -81,7 +82,7 @@ def restore_training(
     """Load a ``last.pt`` into model/optimizer/scheduler/scaler and the RNGs; returns the progress
     and the logger's saved state. Refuses checkpoints of another vocabulary or model config."""
     ckpt = load_checkpoint(path)
-    if ckpt["vocab"] != meta["vocab"] or ckpt["model_config"] != meta["model_config"]:
+    if ckpt["vocab"] != meta["vocab"] or ckpt["model"] != meta["model"]:
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with another vocabulary or model "
             "config; use trainer.resume=null or a fresh hydra.run.dir"
@@ -96,9 +97,7 @@ def restore_training(
         scaler.load_state_dict(ckpt["scaler_state"])
     set_rng_state(ckpt["rng"])
     device = next(model.parameters()).device
-    hidden = ckpt["hidden"]
-    if hidden is not None:
-        hidden = [tuple(h.to(device) for h in s) if isinstance(s, (tuple, list)) else s.to(device) for s in hidden]
+    hidden = map_tensors(ckpt["hidden"], lambda t: t.to(device))
     state = TrainState(
         ckpt["epoch"],
         ckpt["step"],
@@ -110,30 +109,6 @@ def restore_training(
         ckpt["skipped_batches"],
     )
     return state, ckpt["logger_state"]
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -154,12 +129,44 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not an lmlab checkpoint (no '{FORMAT}' marker)")
+    if state.get("version") == 1:
+        _upgrade_version_1(state)
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; this lmlab reads {VERSION}")
-    target = state.get("model_config", {}).get("_target_", "")
-    if not str(target).startswith(MODEL_TARGET_PREFIX):
-        raise CheckpointError(f"{path} names model class {target!r}; only {MODEL_TARGET_PREFIX}* classes are built")
+    model = state.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("arguments"), dict) and len(model) == 2):
+        raise CheckpointError(f"{path} has no valid model entry (a name and plain arguments); it was not made by lmlab")
+    try:
+        check_model_arguments(model.get("name"), model["arguments"])
+    except LmlabError as err:
+        raise CheckpointError(f"refused to build the model stored in {path}: {str(err).split('. Fix it')[0]}") from None
     return state
+
+
+def _upgrade_version_1(state: dict[str, Any]) -> None:
+    """Version 1 stored the model as a Hydra node; its one model class maps onto the registry's ``rnn``
+    (anything else stays version 1 and is refused)."""
+    config = state.get("model_config")
+    if isinstance(config, dict) and config.get("_target_") == "lmlab.models.RNNLanguageModel":
+        arguments = {k: v for k, v in config.items() if k != "_target_"}
+        state.update(version=VERSION, model={"name": "rnn", "arguments": arguments})
+        del state["model_config"]
+
+
+def model_from_checkpoint(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[LanguageModel, Vocabulary, dict[str, Any]]:
+    """Rebuild the model (in eval mode, on ``device``) and vocabulary saved in a checkpoint."""
+    state = load_checkpoint(path)
+    vocab = Vocabulary(state["vocab"])
+    model = build_model(state["model"]["name"], len(vocab), **state["model"]["arguments"])
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path} does not fit its own model config/vocabulary: {str(err).splitlines()[-1].strip()}"
+        ) from err
+    return model.to(device).eval(), vocab, state
 
 
 def rng_state() -> dict[str, Any]:

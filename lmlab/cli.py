@@ -1,21 +1,11 @@
-"""What every ``python -m lmlab.*`` entry point shares: the config folder and error reporting."""
+"""What every ``python -m lmlab.*`` entry point shares: the config folder and job-folder naming."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from lmlab.errors import LmlabError
-
-T = TypeVar("T")
 
 
 def _find_conf_dir() -> str:
@@ -49,30 +39,3 @@ def short_dirname(override_dirname: str) -> str:
 
 if not OmegaConf.has_resolver("lmlab_dirname"):
     OmegaConf.register_new_resolver("lmlab_dirname", short_dirname)
-
-
-def exit_on_lmlab_error(task: Callable[..., T]) -> Callable[..., T]:
-    """Print lmlab's input errors as one clear line and exit 2, instead of a traceback."""
-
-    @functools.wraps(task)
-    def wrapper(*args, **kwargs) -> T:
-        try:
-            return task(*args, **kwargs)
-        except LmlabError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` with plain Python containers, surfacing lmlab's own errors as they are."""
-    try:
-        return instantiate(node, _convert_="all", **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, LmlabError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise

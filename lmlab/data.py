@@ -1,4 +1,4 @@
-"""Word-level corpora: vocabulary, tokenised splits (cached), batching and BPTT windows.
+"""Word-level corpora: vocabulary, tokenised splits (cached), and the splits as window streams.
 
 A corpus is counted the way the language-modelling literature counts it: every line is split on
 whitespace and closed with one ``<eos>``; the vocabulary comes from the train split alone, sorted by
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -18,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from lmlab.checkpoint import atomic_save
+from lmlab.batching import TokenStream
 from lmlab.download import WIKITEXT2_FILES, ensure_wikitext2
 from lmlab.errors import ConfigError, DataError
+from lmlab.files import atomic_save
+from lmlab.schema import PositiveInt
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -148,59 +149,23 @@ def _cache_path(files: dict[str, Path]) -> Path:
     return Path(files["train"]).parent / f".lmlab-cache-{key.hexdigest()[:16]}.pt"
 
 
-def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Cut a token stream into ``batch_size`` contiguous columns: shape (steps, batch_size).
-
-    A view of ``data``, not a copy (17 MB less for WikiText-2's train split); BPTT windows of it are
-    small strided slices that the embedding lookup gathers from."""
-    steps = data.size(0) // batch_size
-    return data[: steps * batch_size].view(batch_size, steps).t()
-
-
-def bptt_batches(
-    columns: torch.Tensor, bptt: int, limit: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (inputs, targets) windows of at most ``bptt`` steps; targets are inputs shifted by one."""
-    for n, start in enumerate(range(0, columns.size(0) - 1, bptt)):
-        if limit is not None and n >= limit:
-            return
-        length = min(bptt, columns.size(0) - 1 - start)
-        yield columns[start : start + length], columns[start + 1 : start + 1 + length]
-
-
-def variable_bptt_batches(
-    columns: torch.Tensor, bptt: int, seed: int, limit: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """AWD-LSTM's variable-length BPTT: each window is ~N(bptt, 5) long (~N(bptt/2, 5) with p=0.05),
-    at least 5 steps, so window boundaries move between epochs. ``seed`` fixes the lengths."""
-    rng = random.Random(seed)
-    start, n = 0, 0
-    while start < columns.size(0) - 1 and (limit is None or n < limit):
-        mean = bptt if rng.random() < 0.95 else bptt / 2
-        length = min(max(5, int(rng.gauss(mean, 5))), columns.size(0) - 1 - start)
-        yield columns[start : start + length], columns[start + 1 : start + 1 + length]
-        start, n = start + length, n + 1
-
-
-def num_bptt_batches(columns: torch.Tensor, bptt: int, limit: int | None = None) -> int:
-    n = -(-(columns.size(0) - 1) // bptt)
-    return n if limit is None else min(n, limit)
-
-
 class LanguageModelData:
-    """A corpus plus how it is batched: what the trainer iterates over.
+    """A corpus plus how it is batched: hands the trainer each split as a :class:`TokenStream`.
 
-    Reads ``train.txt``/``valid.txt``/``test.txt`` (or other names) from ``path``.
+    Reads ``train.txt``/``valid.txt``/``test.txt`` (or other names) from ``path``. Training windows
+    are ``bptt`` steps of ``batch_size`` columns (``variable_bptt``: lengths drawn around ``bptt``),
+    evaluation windows ``bptt`` steps of ``eval_batch_size`` columns.
     """
 
     def __init__(
         self,
         path: str | os.PathLike | None,
-        batch_size: int = 20,
-        eval_batch_size: int = 10,
-        bptt: int = 35,
+        batch_size: PositiveInt = 20,
+        eval_batch_size: PositiveInt = 10,
+        bptt: PositiveInt = 35,
         file_names: dict[str, str] | None = None,
         cache: bool = True,
+        variable_bptt: bool = False,
     ) -> None:
         if path is None or str(path) == "":
             raise ConfigError(
@@ -218,6 +183,7 @@ class LanguageModelData:
         if missing:
             raise DataError(f"missing data files: {', '.join(missing)}")
         self.batch_size, self.eval_batch_size, self.bptt = batch_size, eval_batch_size, bptt
+        self.variable_bptt = variable_bptt
         self.corpus = Corpus.from_files(self.files, cache=cache)
         self.vocab = self.corpus.vocab
         self._check_sizes()
@@ -241,9 +207,15 @@ class LanguageModelData:
                     f"set dataset.bptt below {steps} or lower dataset.batch_size"
                 )
 
-    def columns(self, split: str) -> torch.Tensor:
-        batch_size = self.batch_size if split == "train" else self.eval_batch_size
-        return batchify(getattr(self.corpus, split), batch_size)
+    def stream(self, split: str) -> TokenStream:
+        """``train``: training windows; ``valid``/``test``: evaluation windows (fixed length)."""
+        if split == "train":
+            return TokenStream(self.corpus.train, self.batch_size, self.bptt, self.variable_bptt)
+        return TokenStream(getattr(self.corpus, split), self.eval_batch_size, self.bptt)
+
+    def eval_stream(self, tokens: torch.Tensor) -> TokenStream:
+        """Any token stream (e.g. text encoded with a checkpoint's vocabulary) as evaluation windows."""
+        return TokenStream(tokens, self.eval_batch_size, self.bptt)
 
 
 class WikiText2(LanguageModelData):
@@ -253,10 +225,11 @@ class WikiText2(LanguageModelData):
         self,
         root: str | os.PathLike | None = None,
         mirrors: list[str] | tuple[str, ...] = (),
-        batch_size: int = 20,
-        eval_batch_size: int = 10,
-        bptt: int = 35,
+        batch_size: PositiveInt = 20,
+        eval_batch_size: PositiveInt = 10,
+        bptt: PositiveInt = 35,
         cache: bool = True,
+        variable_bptt: bool = False,
     ) -> None:
         folder = ensure_wikitext2(root, list(mirrors))
-        super().__init__(folder, batch_size, eval_batch_size, bptt, file_names=WIKITEXT2_FILES, cache=cache)
+        super().__init__(folder, batch_size, eval_batch_size, bptt, WIKITEXT2_FILES, cache, variable_bptt)

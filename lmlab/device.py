@@ -1,28 +1,29 @@
-"""Pick the torch device (and CPU thread count) from the ``device`` config group."""
+"""Pick the torch device (and CPU thread count) from the ``device`` config group, and the precision the
+device can run."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
+from pathlib import Path
+from typing import Literal
 
 import torch
 
 from lmlab.errors import ConfigError
+from lmlab.schema import PositiveInt
 
-DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 
-
-def select_device(name: str = "auto", num_threads: int | None = None, cpu_heap: str | None = "reuse") -> torch.device:
+def select_device(
+    name: Literal["auto", "cpu", "cuda", "mps"] = "auto",
+    num_threads: PositiveInt | None = None,
+    cpu_heap: Literal["reuse", "release"] | None = "reuse",
+) -> torch.device:
     """``auto`` takes CUDA, then Apple MPS, then the CPU; an explicit name must be available.
 
     ``cpu_heap`` (CPU only): see :func:`tune_cpu_heap`."""
-    if name not in DEVICE_NAMES:
-        raise ConfigError(f"device.name={name!r} is unknown; choose one of {DEVICE_NAMES}")
-    if cpu_heap not in CPU_HEAP_MODES:
-        raise ConfigError(f"device.cpu_heap={cpu_heap!r} is unknown; choose one of {list(CPU_HEAP_MODES)}")
     if num_threads is not None:
-        if not isinstance(num_threads, int) or num_threads <= 0:
-            raise ConfigError(f"device.num_threads={num_threads!r} must be a positive integer or null")
         torch.set_num_threads(num_threads)
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if (name == "cuda" and not cuda) or (name == "mps" and not mps):
@@ -73,3 +74,46 @@ def peak_rss_mb() -> float:
 def peak_gpu_mb(device: torch.device) -> float | None:
     """Peak memory torch allocated on a CUDA device, in MiB; None elsewhere."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def bf16_support(device: torch.device) -> str | None:
+    """``"fast"`` where bf16 matmuls run natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX),
+    ``"emulated"`` where oneDNN runs bf16 through fp32 units (AVX-512 without BF16: correct, not
+    faster), None where it cannot run at all (AVX2-only CPUs: oneDNN's bf16 LSTM kernel is missing)."""
+    if device.type == "cuda":
+        return "fast" if torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu" or not (
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return None
+    return "fast" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "emulated"
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return frozenset()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: ``auto`` is bf16 where the device has fast bf16 on the CPU (measured
+    faster there, experiments/bench.md) and fp32 elsewhere (on GPUs at batch 20 bf16 autocast measured
+    slower than fp32); an explicit choice the device cannot run is refused before any work."""
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and bf16_support(device) == "fast" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.precision=fp16 needs a CUDA device (this run is on {device.type}); "
+            "use trainer.precision=auto (bf16 where the CPU has it) or fp32"
+        )
+    if precision == "bf16" and bf16_support(device) is None:
+        raise ConfigError(
+            f"trainer.precision=bf16 needs bf16 support, which this {device.type} lacks (CPUs need AVX-512); "
+            "use trainer.precision=auto or trainer.precision=fp32"
+        )
+    return precision

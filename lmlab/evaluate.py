@@ -12,23 +12,27 @@ import math
 import hydra
 from omegaconf import DictConfig
 
-from lmlab.cli import CONF_DIR, build, exit_on_lmlab_error
-from lmlab.data import SPLITS, batchify, read_text, tokenize
+from lmlab.checkpoint import model_from_checkpoint
+from lmlab.cli import CONF_DIR
+from lmlab.config import validate_config
+from lmlab.data import SPLITS, read_text, tokenize
 from lmlab.errors import ConfigError
-from lmlab.generate import model_from_checkpoint
+from lmlab.factory import build, import_plugins, require_checkpoint
+from lmlab.jobs import task_wrapper
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate_cli")
-@exit_on_lmlab_error
+@task_wrapper
 def main(cfg: DictConfig) -> dict[str, float]:
+    import_plugins(cfg.get("plugins"))
+    validate_config(cfg)
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r} is unknown; choose one of {SPLITS}")
     device = build(cfg.device)
-    model, vocab, _ = model_from_checkpoint(cfg.checkpoint, device)
+    model, vocab, _ = model_from_checkpoint(require_checkpoint(cfg), device)
     data = build(cfg.dataset)
     tokens = tokenize(read_text(data.files[cfg.split]), vocab)
-    columns = batchify(tokens, data.eval_batch_size).to(device)
-    loss = build(cfg.trainer).evaluate(model, columns, data.bptt, device)
+    loss = build(cfg.trainer).evaluate(model, data.eval_stream(tokens).to(device), device)
     result = {"split": cfg.split, "loss": loss, "ppl": math.exp(loss), "tokens": len(tokens)}
     print(f"{cfg.split}-loss: {loss:.2f} | {cfg.split}-pp: {math.exp(loss):.2f}")
     print(json.dumps(result))

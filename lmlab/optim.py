@@ -1,4 +1,6 @@
-"""NT-ASGD (Merity et al. 2017): SGD that switches to averaged SGD once validation stops improving.
+"""Optimizers and schedules: NT-ASGD, sparse-aware gradient clipping, and :class:`Schedule`.
+
+NT-ASGD (Merity et al. 2017): SGD that switches to averaged SGD once validation stops improving.
 
 Averaging starts when the validation loss is worse than the best of all but the last ``nonmono``
 checks; from then on every step updates a running mean of the weights, and evaluation (and best.pt)
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -111,3 +113,27 @@ def clip_grad_norm(parameters: Any, max_norm: float) -> torch.Tensor:
     for g in grads:
         g.mul_(scale)
     return total
+
+
+def takes_sparse_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, SPARSE_OPTIMIZERS)
+
+
+class Schedule:
+    """An LR scheduler plus when it steps, so the loop never asks what kind of scheduler it has.
+
+    ``interval``: ``step`` (after every optimizer step), ``epoch`` (after every epoch) or ``val``
+    (after every epoch with the validation loss, as ``ReduceLROnPlateau`` wants)."""
+
+    def __init__(self, scheduler: Any, interval: Literal["step", "epoch", "val"] = "epoch") -> None:
+        self.scheduler, self.interval = scheduler, interval
+
+    def after_step(self) -> None:
+        if self.interval == "step":
+            self.scheduler.step()
+
+    def after_epoch(self, val_loss: float) -> None:
+        if self.interval == "val":
+            self.scheduler.step(val_loss)
+        elif self.interval == "epoch":
+            self.scheduler.step()

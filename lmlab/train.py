@@ -1,8 +1,10 @@
-"""The training loop: epochs of truncated BPTT, validation, LR schedule, checkpoints, resume.
+"""The training loop: epochs of windowed training, validation, and the LR schedule — nothing else.
 
-The trainer takes plain objects (model, data, optimizer, scheduler, device, logger) and knows nothing
-about Hydra. Checkpoints: ``checkpoints/last.pt`` (everything needed to resume, written every
-``save_every_steps`` steps and at each epoch end) and ``checkpoints/best.pt`` (best validation loss).
+The trainer takes plain objects (a :class:`~lmlab.models.LanguageModel`, a data object that hands out
+:class:`~lmlab.batching.TokenStream` splits, optimizer, schedule, device, logger) and knows nothing
+about Hydra. Checkpoints, the time budget, stop signals, the non-finite policy, weight averaging and
+progress are :mod:`lmlab.hooks`; the trainer builds the standard ones from its options and runs any
+extra ``hooks`` after them.
 """
 
 from __future__ import annotations
@@ -12,24 +14,33 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from lmlab.checkpoint import TrainState, atomic_save, restore_training, training_checkpoint
-from lmlab.data import LanguageModelData, bptt_batches, num_bptt_batches, variable_bptt_batches
-from lmlab.errors import ConfigError
-from lmlab.interrupt import StopSignals, TrainingInterrupted
+from lmlab.batching import TokenStream
+from lmlab.device import resolve_precision
+from lmlab.hooks import (
+    Checkpointing,
+    FitContext,
+    Hook,
+    NonFiniteLoss,
+    NonFinitePolicy,
+    Progress,
+    StopOnSignal,
+    TimeBudget,
+    WeightAveraging,
+    evaluation_weights,
+)
+from lmlab.interrupt import TrainingInterrupted
 from lmlab.loggers import Logger
-from lmlab.models import RNNLanguageModel, detach_hidden
-from lmlab.optim import NTASGD, SPARSE_OPTIMIZERS, clip_grad_norm
+from lmlab.models import LanguageModel
+from lmlab.optim import Schedule, clip_grad_norm
+from lmlab.schema import PositiveFloat, PositiveInt
+
+__all__ = ["FitResult", "NonFiniteLoss", "Trainer", "perplexity"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss and ``on_nan=stop``."""
 
 
 @dataclass
@@ -41,264 +52,190 @@ class FitResult:
 
 
 class Trainer:
-    """Runs ``epochs`` of training with gradient clipping, plateau LR schedule and checkpoints."""
+    """Runs ``epochs`` of training with gradient clipping, validating after each epoch."""
 
     def __init__(
         self,
-        epochs: int = 20,
-        clip_grad_norm: float | None = 0.25,
-        limit_train_batches: int | None = None,
-        limit_eval_batches: int | None = None,
-        log_interval: int = 200,
+        epochs: PositiveInt = 20,
+        clip_grad_norm: PositiveFloat | None = 0.25,
+        limit_train_batches: PositiveInt | None = None,
+        limit_eval_batches: PositiveInt | None = None,
+        log_interval: PositiveInt = 200,
         progress: bool | None = None,
-        precision: str = "fp32",
-        save_every_steps: int | None = None,
+        precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32",
+        save_every_steps: PositiveInt | None = None,
         resume: str | None = "auto",
-        on_nan: str = "stop",
-        variable_bptt: bool = False,
+        on_nan: Literal["stop", "skip_batch"] = "stop",
         compile: bool = False,
-        max_time_s: float | None = None,
+        max_time_s: PositiveFloat | None = None,
+        hooks: list[Hook] | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {list(PRECISIONS)}")
-        if on_nan not in ("stop", "skip_batch"):
-            raise ConfigError(f"trainer.on_nan={on_nan!r} is unknown; choose 'stop' or 'skip_batch'")
         self.epochs, self.clip_grad_norm = epochs, clip_grad_norm
         self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
         self.log_interval, self.progress, self.precision = log_interval, progress, precision
         self.save_every_steps, self.resume, self.on_nan = save_every_steps, resume, on_nan
-        self.variable_bptt, self.compile, self.max_time_s = variable_bptt, compile, max_time_s
-        self._deadline = math.inf
+        self.compile, self.max_time_s, self.extra_hooks = compile, max_time_s, list(hooks or [])
+        self._dtype: torch.dtype | None = None
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(
         self,
-        model: RNNLanguageModel,
-        data: LanguageModelData,
+        model: LanguageModel,
+        data: Any,
         optimizer: torch.optim.Optimizer,
-        scheduler: Any,
+        schedule: Schedule | None,
         device: torch.device,
         out_dir: Path,
         logger: Logger,
         checkpoint_meta: dict[str, Any],
     ) -> FitResult:
         """Train, validating after each epoch; returns the best validation loss and where it is saved."""
-        ckpt_dir = Path(out_dir) / "checkpoints"
-        self._logger = logger
-        self._meta, self._last, self._best = checkpoint_meta, ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-        self._setup(model, optimizer, scheduler, device)
-        state = self._restore(model, optimizer, scheduler, logger)
-        train_columns, valid_columns = data.columns("train").to(device), data.columns("valid").to(device)
+        checkpoints = Checkpointing(Path(out_dir) / "checkpoints", checkpoint_meta, self.save_every_steps, self.resume)
+        hooks: list[Hook] = [
+            StopOnSignal(),
+            *([TimeBudget(self.max_time_s)] if self.max_time_s else []),
+            NonFinitePolicy(self.on_nan, self.log_interval, checkpoints.last),
+            WeightAveraging(),
+            checkpoints,
+            Progress(self.log_interval, self.progress),
+            *self.extra_hooks,
+        ]
+        ctx = self._context(model, optimizer, schedule, device, logger)
+        train, valid = data.stream("train").to(device), data.stream("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
-        # A time budget ends training after the step that crosses it; that epoch is validated as usual.
-        self._deadline = time.perf_counter() + self.max_time_s if self.max_time_s else math.inf
-        with StopSignals() as signals:
-            while state.epoch <= self.epochs and time.perf_counter() < self._deadline:
+        self._call(hooks, "on_fit_start", ctx)
+        try:
+            while ctx.state.epoch <= self.epochs and not ctx.stop_training:
                 started = time.perf_counter()
-                tokens = self._train_epoch(model, train_columns, data.bptt, optimizer, device, state, logger, signals)
+                tokens = self.train_epoch(ctx, train, hooks)
                 seconds = time.perf_counter() - started
                 tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
-                self._end_epoch(
-                    state, model, optimizer, scheduler, logger, (valid_columns, data.bptt, device), tokens, seconds
-                )
+                self._end_epoch(ctx, hooks, valid, tokens, seconds)
+        finally:
+            self._call(hooks, "on_fit_end", ctx)
         speed = tokens_seen / train_seconds if train_seconds else 0.0
-        return FitResult(state.best_val_loss, len(state.history), speed, self._best)
+        return FitResult(ctx.state.best_val_loss, len(ctx.state.history), speed, checkpoints.best)
 
     def train_steps(
-        self,
-        model: RNNLanguageModel,
-        columns: torch.Tensor,
-        bptt: int,
-        optimizer: torch.optim.Optimizer,
-        device: torch.device,
+        self, model: LanguageModel, stream: TokenStream, optimizer: torch.optim.Optimizer, device: torch.device
     ) -> int:
         """Up to ``limit_train_batches`` training steps outside :meth:`fit` (benchmarks): the same step
-        code, no logging, no checkpoints. Returns the number of tokens trained on."""
-        self._setup(model, optimizer, None, device)
-        return self._train_epoch(model, columns, bptt, optimizer, device, TrainState(), Logger(), StopSignals())
+        code and non-finite policy, no checkpoints or logging. Returns the number of tokens trained on."""
+        ctx = self._context(model, optimizer, None, device, Logger())
+        return self.train_epoch(ctx, stream, [NonFinitePolicy(self.on_nan, self.log_interval)])
 
-    def _setup(self, model: RNNLanguageModel, optimizer: Any, scheduler: Any, device: torch.device) -> None:
-        if model.embedding.sparse and not model.decoder_is_tied and not isinstance(optimizer, SPARSE_OPTIMIZERS):
-            raise ConfigError(
-                f"model.sparse_embedding=true makes sparse gradients, which {type(optimizer).__name__} cannot "
-                "take; use optimizer=sgd or optimizer=nt_asgd, or set model.sparse_embedding=false"
-            )
-        if self.precision == "fp16" and device.type != "cuda":
-            raise ConfigError(
-                f"trainer.precision=fp16 needs a CUDA device (this run is on {device.type}); "
-                "use trainer.precision=bf16 on CPUs with bf16 support, or fp32"
-            )
-        self._scheduler = scheduler
-        self._scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+    def _context(self, model, optimizer, schedule, device, logger) -> FitContext:
+        self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
         # Compiled forward for speed; the plain module stays the one whose state is saved.
         self._forward = torch.compile(model) if self.compile else model
+        scaler = torch.amp.GradScaler(device.type, enabled=self._dtype == torch.float16)
+        return FitContext(model, optimizer, schedule, device, logger, scaler)
 
-    def _train_epoch(self, model, columns, bptt, optimizer, device, state, logger, signals) -> int:
+    # ------------------------------------------------------------------------------------- epochs
+    def train_epoch(self, ctx: FitContext, stream: TokenStream, hooks: list[Hook]) -> int:
+        """One pass over ``stream`` (resuming after ``ctx.state.step``); returns the tokens trained on."""
+        model, state = ctx.model, ctx.state
         model.train()
-        n_batches = num_bptt_batches(columns, bptt, self.limit_train_batches)
-        hidden = state.hidden if state.hidden is not None else model.init_hidden(columns.size(1), device)
-        loss_sum = torch.tensor(state.loss_sum, device=device)
-        check_each_step = self.on_nan == "skip_batch" or device.type == "cpu"  # .item() is free on CPU
+        carry = state.hidden if state.hidden is not None else model.init_state(stream.batch_size, ctx.device)
+        ctx.loss_sum = torch.tensor(state.loss_sum, device=ctx.device)
+        ctx.num_windows = stream.num_windows(self.limit_train_batches)
+        self._call(hooks, "on_epoch_start", ctx)
         tokens = 0
-        bar = tqdm(
-            total=n_batches,
-            initial=state.step,
-            desc=f"epoch {state.epoch}",
-            leave=False,
-            disable=None if self.progress is None else not self.progress,
-            dynamic_ncols=True,
-        )
-        if self.variable_bptt:  # lengths drawn from a per-epoch seed, so a resumed epoch sees the same ones
-            batches = variable_bptt_batches(columns, bptt, seed=state.epoch, limit=self.limit_train_batches)
-        else:
-            batches = bptt_batches(columns, bptt, self.limit_train_batches)
-        base_lr = _lr(optimizer)
-        for step, (inputs, targets) in enumerate(batches, start=1):
+        for step, window in enumerate(stream.windows(state.epoch, self.limit_train_batches), start=1):
             if step <= state.step:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
-            if time.perf_counter() > self._deadline:
-                break
-            hidden = detach_hidden(hidden)
-            if self.variable_bptt:  # AWD-LSTM: shorter windows get a proportionally smaller step
-                _set_lr(optimizer, base_lr * len(inputs) / bptt)
-            with self._autocast(device):
-                features, hidden = self._forward(inputs, hidden)
-                loss = model.loss(features, targets)
+            carry = model.detach_state(carry)
+            with self._autocast(ctx.device):
+                features, carry = self._forward(window.inputs, carry)
+                loss = model.loss(features, window.targets)
                 objective = loss + model.regularization(features)
-            finite = bool(torch.isfinite(loss)) if check_each_step else True
-            if not finite and self.on_nan == "skip_batch":
-                state.skipped_batches += 1
-                hidden = model.init_hidden(columns.size(1), device)
-            else:
-                if not finite:
-                    self._raise_non_finite(state.epoch, step)
-                self._backward_and_step(model, objective, optimizer)
-                loss_sum += loss.detach()
+            if all(hook.before_backward(self, ctx, loss) for hook in hooks):
+                self._backward_and_step(ctx, objective, window.lr_scale)
+                ctx.loss_sum += loss.detach()
+            else:  # a skipped batch: its state is not trusted either
+                carry = model.init_state(stream.batch_size, ctx.device)
             state.step, state.global_step = step, state.global_step + 1
-            tokens += inputs.numel()
-            bar.update(1)
-            if step % self.log_interval == 0 or step == n_batches:
-                running = (loss_sum / max(step - state.skipped_batches, 1)).item()
-                if not math.isfinite(running):
-                    self._raise_non_finite(state.epoch, step, window=self.log_interval)
-                bar.set_postfix(loss=f"{running:.3f}")
-                logger.log_step(state.global_step, {"train/loss": running, "lr": _lr(optimizer)})
-            if signals.received or (self.save_every_steps and state.global_step % self.save_every_steps == 0):
-                state.hidden, state.loss_sum = detach_hidden(hidden), loss_sum.item()
-                _set_lr(optimizer, base_lr)  # save the schedule's lr, not this window's scaled one
-                self._save_last(model, optimizer, state)
-                if signals.received:
-                    bar.close()
-                    raise TrainingInterrupted(signals.received, str(self._last))
-        bar.close()
-        _set_lr(optimizer, base_lr)
-        state.loss_sum = loss_sum.item()
+            tokens += window.inputs.numel()
+            ctx.carry = carry
+            self._call(hooks, "on_step_end", ctx)
+            if ctx.interrupt:
+                raise TrainingInterrupted(ctx.interrupt, str(ctx.last_saved))
+            if ctx.stop_training:
+                break
+        state.loss_sum = ctx.loss_sum.item()
         return tokens
 
-    def _backward_and_step(self, model, loss, optimizer) -> None:
-        self._scaler.scale(loss).backward()
+    def _backward_and_step(self, ctx: FitContext, loss: torch.Tensor, lr_scale: float) -> None:
+        optimizer, scaler = ctx.optimizer, ctx.scaler
+        scaler.scale(loss).backward()
         if self.clip_grad_norm:
-            self._scaler.unscale_(optimizer)
-            clip_grad_norm(model.parameters(), self.clip_grad_norm)
-        self._scaler.step(optimizer)
-        self._scaler.update()
+            scaler.unscale_(optimizer)
+            clip_grad_norm(ctx.model.parameters(), self.clip_grad_norm)
+        # A short variable-BPTT window takes a proportionally smaller step; the schedule's lr is restored
+        # right after, so hooks and checkpoints only ever see the schedule's value.
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        if lr_scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] *= lr_scale
+        scaler.step(optimizer)
+        scaler.update()
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
         # Free the gradients now rather than before the next backward: the next forward (whose fused
         # loss makes its gradients early) then never holds two sets at once (~100 MB at vocab 33k).
         optimizer.zero_grad(set_to_none=True)
+        if ctx.schedule is not None:
+            ctx.schedule.after_step()
 
-    def _end_epoch(self, state, model, optimizer, scheduler, logger, validation, tokens, seconds) -> None:
-        averaging = isinstance(optimizer, NTASGD)
-        with optimizer.averaged_weights() if averaging else contextlib.nullcontext():
-            val_loss = self.evaluate(model, *validation)
-            if val_loss < state.best_val_loss:  # best.pt holds the weights that were evaluated
-                state.best_val_loss = val_loss
-                atomic_save(training_checkpoint(self._meta, model, state), self._best)
-        if averaging and optimizer.observe(val_loss):
-            print(f"NT-ASGD: validation stopped improving; averaging weights from epoch {state.epoch + 1}")
-        done = max(state.step - state.skipped_batches, 1)
+    def _end_epoch(self, ctx: FitContext, hooks: list[Hook], valid: TokenStream, tokens: int, seconds: float) -> None:
+        state = ctx.state
+        with evaluation_weights(hooks, ctx):
+            val_loss = self.evaluate(ctx.model, valid, ctx.device)
+            ctx.improved = val_loss < state.best_val_loss
+            state.best_val_loss = min(state.best_val_loss, val_loss)
+            self._call(hooks, "on_validation_end", ctx, val_loss)
         metrics = {
             "epoch": state.epoch,
-            "train_loss": state.loss_sum / done,
+            "train_loss": state.loss_sum / max(state.step - state.skipped_batches, 1),
             "val_loss": val_loss,
             "val_ppl": perplexity(val_loss),
-            "lr": _lr(optimizer),
+            "lr": ctx.lr,
             "tokens_per_sec": tokens / seconds if seconds else 0.0,
             "elapsed_s": seconds,
         }
         if state.skipped_batches:
             metrics["skipped_batches"] = state.skipped_batches
-        if scheduler is not None:
-            is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            scheduler.step(val_loss) if is_plateau else scheduler.step()
+        if ctx.schedule is not None:
+            ctx.schedule.after_epoch(val_loss)
         state.history.append(metrics)
         state.epoch, state.step, state.hidden, state.loss_sum, state.skipped_batches = state.epoch + 1, 0, None, 0.0, 0
-        self._save_last(model, optimizer, state)
-        logger.log_epoch(metrics)
+        self._call(hooks, "on_epoch_end", ctx, metrics)
 
     # -------------------------------------------------------------------------------- evaluation
     @torch.inference_mode()
-    def evaluate(self, model: RNNLanguageModel, columns: torch.Tensor, bptt: int, device: torch.device) -> float:
-        """Mean loss per token over ``columns`` (at most ``limit_eval_batches`` windows)."""
+    def evaluate(self, model: LanguageModel, stream: TokenStream, device: torch.device) -> float:
+        """Mean loss per token over ``stream`` (at most ``limit_eval_batches`` windows)."""
+        if self._dtype is None:
+            self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
         model.eval()
-        hidden = model.init_hidden(columns.size(1), device)
+        state = model.init_state(stream.batch_size, device)
         total, count = torch.zeros((), device=device), 0
-        for inputs, targets in bptt_batches(columns, bptt, self.limit_eval_batches):
+        for window in stream.windows(limit=self.limit_eval_batches):
             with self._autocast(device):
-                features, hidden = model(inputs, hidden)
-                total += model.loss(features, targets).float() * targets.numel()
-            count += targets.numel()
+                features, state = model(window.inputs, state)
+                total += model.loss(features, window.targets).float() * window.targets.numel()
+            count += window.targets.numel()
         return total.item() / count
-
-    # ------------------------------------------------------------------------------- checkpoints
-    def _save_last(self, model, optimizer, state: TrainState) -> None:
-        ckpt = training_checkpoint(
-            self._meta, model, state, optimizer, self._scheduler, self._scaler, self._logger.state()
-        )
-        atomic_save(ckpt, self._last)
-
-    def _restore(self, model, optimizer, scheduler, logger) -> TrainState:
-        source = self._resume_source()
-        if source is None:
-            return TrainState()
-        state, logger_state = restore_training(source, self._meta, model, optimizer, scheduler, self._scaler)
-        logger.restore(state.history, logger_state)
-        print(f"Resuming from {source}: epoch {state.epoch}, step {state.step}")
-        return state
-
-    def _resume_source(self) -> Path | None:
-        if self.resume in (None, "never", False):
-            return None
-        if self.resume == "auto":
-            return self._last if self._last.is_file() else None
-        path = Path(self.resume)
-        if not path.is_file():
-            raise ConfigError(f"trainer.resume={self.resume} does not exist; give a last.pt path, 'auto' or null")
-        return path
 
     # ------------------------------------------------------------------------------------ helpers
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
+        if self._dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+        return torch.autocast(device_type=device.type, dtype=self._dtype)
 
-    def _raise_non_finite(self, epoch: int, step: int, window: int = 1) -> None:
-        where = f"step {step}" if window == 1 else f"the {window} steps up to step {step}"
-        raise NonFiniteLoss(
-            f"non-finite training loss in epoch {epoch}, {where}. The last good checkpoint "
-            f"is {self._last if self._last.exists() else 'not written yet'}. Try a lower "
-            "optimizer.lr, a smaller trainer.clip_grad_norm, trainer.precision=fp32, "
-            "or trainer.on_nan=skip_batch"
-        )
-
-
-def _lr(optimizer: torch.optim.Optimizer) -> float:
-    return float(optimizer.param_groups[0]["lr"])
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    def _call(self, hooks: list[Hook], event: str, *args: Any) -> None:
+        for hook in hooks:
+            getattr(hook, event)(self, *args)
 
 
 def perplexity(loss: float) -> float:

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.data import EOS, UNK, Corpus, LanguageModelData, batchify, bptt_batches, num_bptt_batches
+from lmlab.batching import TokenStream, batchify
+from lmlab.data import EOS, UNK, Corpus, LanguageModelData
 from lmlab.errors import ConfigError, DataError
 
 SHARED_WT2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
@@ -39,11 +40,13 @@ def test_batchify_and_bptt_targets_are_shifted_inputs_across_windows():
     assert columns.shape == (10, 4)
     assert columns[:, 1].tolist() == list(range(10, 20))  # each column is a contiguous stretch
     assert columns.data_ptr() == data.data_ptr()  # a view: the train split is not held twice
-    windows = list(bptt_batches(columns, 4))
-    assert [len(x) for x, _ in windows] == [4, 4, 1]  # 9 (input, target) pairs per column
-    assert num_bptt_batches(columns, 4) == 3 and num_bptt_batches(columns, 4, limit=2) == 2
-    inputs = torch.cat([x for x, _ in windows])
-    targets = torch.cat([y for _, y in windows])
+    stream = TokenStream(data, batch_size=4, bptt=4)
+    windows = list(stream.windows())
+    assert [len(w.inputs) for w in windows] == [4, 4, 1]  # 9 (input, target) pairs per column
+    assert stream.num_windows() == 3 and stream.num_windows(limit=2) == 2 and stream.num_tokens == 36
+    assert len(list(stream.windows(limit=2))) == 2
+    inputs = torch.cat([w.inputs for w in windows])
+    targets = torch.cat([w.targets for w in windows])
     assert torch.equal(targets[:-1], inputs[1:])  # target = next input, also across window boundaries
     assert torch.equal(targets, columns[1:])
 

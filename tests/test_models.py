@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from lmlab.errors import ConfigError
-from lmlab.models import RNNLanguageModel, _keep_mask
+from lmlab.models import RNNLanguageModel, build_model
+from lmlab.models.rnn import _keep_mask
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -10,7 +11,7 @@ from lmlab.models import RNNLanguageModel, _keep_mask
 def test_shapes_and_tying(cell, tie, embed, hidden):
     model = RNNLanguageModel(50, cell=cell, embed_dim=embed, hidden_dim=hidden, num_layers=2, tie_weights=tie)
     tokens = torch.randint(0, 50, (7, 3))
-    features, state = model(tokens, model.init_hidden(3))
+    features, state = model(tokens, model.init_state(3))
     assert features.shape == (7, 3, embed if tie else hidden)
     assert len(state) == 2
     assert model.log_probs(features).shape == (7, 3, 50)
@@ -34,7 +35,7 @@ def test_tied_gradient_is_dense_and_equals_the_plain_embeddings():
     for sparse in (True, False):
         model.embedding.sparse = sparse
         model.zero_grad(set_to_none=True)
-        features, _ = model(tokens, model.init_hidden(3))
+        features, _ = model(tokens, model.init_state(3))
         model.loss(features, tokens).backward()
         grads.append(model.embedding.weight.grad)
     assert grads[0].layout == torch.strided
@@ -57,7 +58,7 @@ def test_adaptive_softmax_matches_its_log_probs():
         100, embed_dim=16, hidden_dim=16, tie_weights=False, softmax="adaptive", adaptive_cutoffs=[10, 40]
     )
     tokens = torch.randint(0, 100, (5, 2))
-    features, _ = model(tokens, model.init_hidden(2))
+    features, _ = model(tokens, model.init_state(2))
     logp = model.log_probs(features)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(5, 2), atol=1e-4)
     nll = -logp.gather(-1, tokens.unsqueeze(-1)).mean()
@@ -68,11 +69,15 @@ def test_adaptive_softmax_matches_its_log_probs():
     "kwargs, message",
     [
         ({"cell": "rnn"}, "model.cell='rnn' is unknown"),
-        ({"hidden_dim": -5}, "model.hidden_dim=-5 must be a positive integer"),
-        ({"dropout": 1.0}, r"model.dropout=1.0 must be a number in \[0, 1\)"),
+        ({"hidden_dim": -5}, "model.hidden_dim=-5 is invalid: it must be a positive integer"),
+        ({"dropout": 1.0}, r"model.dropout=1.0 is invalid: it must be a number in \[0, 1\)"),
         ({"softmax": "adaptive", "tie_weights": True}, "cannot tie weights"),
+        ({"softmax": "sampled"}, r"model.softmax='sampled' is invalid: it must be one of \['full', 'adaptive'\]"),
+        ({"sparse_embedding": True}, "does nothing for a tied model"),
+        ({"hiden_dim": 8}, "model.hiden_dim is not a setting of RNNLanguageModel"),
+        ({"embed_dim": {"_target_": "builtins.print"}}, "model.embed_dim=.* is invalid"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        RNNLanguageModel(50, **kwargs)
+        build_model("rnn", 50, **kwargs)

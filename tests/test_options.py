@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.data import variable_bptt_batches
+from lmlab.batching import TokenStream
 from lmlab.errors import ConfigError
-from lmlab.fused_loss import _softmax_and_summed_nll, linear_cross_entropy
 from lmlab.models import RNNLanguageModel
+from lmlab.models.output import _softmax_and_summed_nll, linear_cross_entropy
 from lmlab.optim import NTASGD, clip_grad_norm
 from lmlab.run import train_and_report
 from tests.conftest import TINY
@@ -71,7 +71,7 @@ def test_sparse_embedding_steps_exactly_like_the_dense_one():
         torch.manual_seed(0)
         model = RNNLanguageModel(40, embed_dim=8, hidden_dim=8, dropout=0.0, tie_weights=False, sparse_embedding=sparse)
         optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
-        features, _ = model(tokens[:-1], model.init_hidden(3))
+        features, _ = model(tokens[:-1], model.init_state(3))
         model.loss(features, tokens[1:]).backward()
         assert model.embedding.weight.grad.is_sparse == sparse
         norms.append(clip_grad_norm(model.parameters(), 0.1))
@@ -129,7 +129,7 @@ def test_cpu_heap_modes_reuse_or_release_freed_buffers():
             "model.dropout_embedding=0.1",
             "model.ar_alpha=2",
             "model.tar_beta=1",
-            "trainer.variable_bptt=true",
+            "dataset.variable_bptt=true",
         ],
         ["optimizer=adamw", "optimizer.lr=0.01"],
     ],
@@ -158,13 +158,13 @@ def test_weight_drop_and_locked_dropout_act_only_in_training():
     model = RNNLanguageModel(50, embed_dim=8, hidden_dim=8, weight_drop=0.5, locked_dropout=True, dropout=0.5)
     tokens = torch.randint(0, 50, (6, 3))
     model.eval()
-    reference, _ = model(tokens, model.init_hidden(3))
+    reference, _ = model(tokens, model.init_state(3))
     model.weight_drop = 0.0
-    plain, _ = model(tokens, model.init_hidden(3))
+    plain, _ = model(tokens, model.init_state(3))
     assert torch.equal(reference, plain)  # evaluation: no DropConnect, no dropout
     model.weight_drop = 0.5
     model.train()
-    features, _ = model(tokens, model.init_hidden(3))
+    features, _ = model(tokens, model.init_state(3))
     assert not torch.allclose(features, reference)
     features.sum().backward()
     assert model.rnns[0].weight_hh_l0.grad is not None  # gradients reach the raw recurrent weights
@@ -188,7 +188,7 @@ def test_ar_tar_penalties():
     model = RNNLanguageModel(20, embed_dim=4, hidden_dim=4, ar_alpha=2.0, tar_beta=1.0, dropout=0.0)
     tokens = torch.randint(0, 20, (5, 2))
     model.train()
-    features, _ = model(tokens, model.init_hidden(2))
+    features, _ = model(tokens, model.init_state(2))
     raw = model._last_raw_output
     expected = 2.0 * features.pow(2).mean() + 1.0 * (raw[1:] - raw[:-1]).pow(2).mean()
     assert torch.allclose(model.regularization(features), expected)
@@ -197,14 +197,15 @@ def test_ar_tar_penalties():
 
 
 def test_variable_bptt_is_seeded_and_covers_the_stream():
-    columns = torch.arange(4000).view(-1, 4)
-    first = [len(x) for x, _ in variable_bptt_batches(columns, 35, seed=1)]
-    assert first == [len(x) for x, _ in variable_bptt_batches(columns, 35, seed=1)]
-    assert first != [len(x) for x, _ in variable_bptt_batches(columns, 35, seed=2)]
+    stream = TokenStream(torch.arange(4000), batch_size=4, bptt=35, variable_bptt=True)
+    first = [len(w.inputs) for w in stream.windows(epoch=1)]
+    assert first == [len(w.inputs) for w in stream.windows(epoch=1)]
+    assert first != [len(w.inputs) for w in stream.windows(epoch=2)]
     assert len(set(first)) > 5 and min(first) >= 1
-    inputs = torch.cat([x for x, _ in variable_bptt_batches(columns, 35, seed=1)])
-    targets = torch.cat([y for _, y in variable_bptt_batches(columns, 35, seed=1)])
-    assert torch.equal(inputs, columns[:-1]) and torch.equal(targets, columns[1:])
+    assert [w.lr_scale for w in stream.windows(epoch=1)] == [n / 35 for n in first]
+    inputs = torch.cat([w.inputs for w in stream.windows(epoch=1)])
+    targets = torch.cat([w.targets for w in stream.windows(epoch=1)])
+    assert torch.equal(inputs, stream.columns[:-1]) and torch.equal(targets, stream.columns[1:])
 
 
 def test_nt_asgd_triggers_averages_and_round_trips():

@@ -7,19 +7,24 @@ sits between layers.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.fused_loss import linear_cross_entropy
+from lmlab.models.base import LanguageModel, register_model
+from lmlab.models.output import linear_cross_entropy
+from lmlab.schema import NonNegativeFloat, PositiveInt, Probability
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 Hidden = list[LayerState]
-RNN_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+RNN_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}  # cell name -> torch module (a fused kernel each)
 
 
-class RNNLanguageModel(nn.Module):
+@register_model("rnn")
+class RNNLanguageModel(LanguageModel):
     """Embedding → stacked LSTM/GRU → (tied) softmax over the vocabulary.
 
     ``softmax="adaptive"`` replaces the full output layer by ``nn.AdaptiveLogSoftmaxWithLoss``
@@ -39,32 +44,32 @@ class RNNLanguageModel(nn.Module):
         self,
         vocab_size: int,
         cell: str = "lstm",
-        embed_dim: int = 650,
-        hidden_dim: int = 650,
-        num_layers: int = 2,
-        dropout: float = 0.5,
+        embed_dim: PositiveInt = 650,
+        hidden_dim: PositiveInt = 650,
+        num_layers: PositiveInt = 2,
+        dropout: Probability = 0.5,
         tie_weights: bool = True,
-        softmax: str = "full",
-        adaptive_cutoffs: list[int] | tuple[int, ...] = (2000, 10000),
-        dropout_input: float | None = None,
-        dropout_hidden: float | None = None,
-        dropout_embedding: float = 0.0,
+        softmax: Literal["full", "adaptive"] = "full",
+        adaptive_cutoffs: list[PositiveInt] | tuple[PositiveInt, ...] = (2000, 10000),
+        dropout_input: Probability | None = None,
+        dropout_hidden: Probability | None = None,
+        dropout_embedding: Probability = 0.0,
         locked_dropout: bool = False,
-        weight_drop: float = 0.0,
-        ar_alpha: float = 0.0,
-        tar_beta: float = 0.0,
+        weight_drop: Probability = 0.0,
+        ar_alpha: NonNegativeFloat = 0.0,
+        tar_beta: NonNegativeFloat = 0.0,
         sparse_embedding: bool = False,
     ) -> None:
         super().__init__()
-        _check_args(vocab_size, cell, embed_dim, hidden_dim, num_layers, dropout, tie_weights, softmax)
-        for key, p in (
-            ("dropout_input", dropout_input),
-            ("dropout_hidden", dropout_hidden),
-            ("dropout_embedding", dropout_embedding),
-            ("weight_drop", weight_drop),
-        ):
-            if p is not None and not (isinstance(p, (int, float)) and 0 <= p < 1):
-                raise ConfigError(f"model.{key}={p!r} must be a number in [0, 1)")
+        if cell not in RNN_CELLS:
+            raise ConfigError(f"model.cell={cell!r} is unknown; choose one of {sorted(RNN_CELLS)}")
+        if softmax == "adaptive" and tie_weights:
+            raise ConfigError("model.softmax=adaptive cannot tie weights; set model.tie_weights=false")
+        if sparse_embedding and tie_weights and softmax == "full":
+            raise ConfigError(
+                "model.sparse_embedding=true does nothing for a tied model (its embedding gradient is already "
+                "sparse and folded into the decoder's); set model.sparse_embedding=false or model.tie_weights=false"
+            )
         self.cell, self.vocab_size = cell, vocab_size
         self.dropout, self.locked_dropout = dropout, locked_dropout
         self.dropout_input = dropout if dropout_input is None else dropout_input
@@ -106,7 +111,11 @@ class RNNLanguageModel(nn.Module):
             if not self.decoder_is_tied:
                 nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
-    def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
+    @property
+    def sparse_gradients(self) -> bool:
+        return self.embedding.sparse and not self.decoder_is_tied
+
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
         hidden: Hidden = []
         for rnn in self.rnns:
             zeros = torch.zeros(1, batch_size, rnn.hidden_size, device=device)
@@ -163,12 +172,13 @@ class RNNLanguageModel(nn.Module):
             penalty = penalty + self.tar_beta * (raw[1:] - raw[:-1]).pow(2).mean()
         return penalty
 
-    def flops_per_token(self, tail_share: list[float] | None = None) -> dict[str, float]:
+    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
         """Forward multiply-add FLOPs per token from the layer shapes (embedding lookups count 0).
 
-        For the adaptive softmax, ``tail_share[i]`` is the share of target tokens in tail cluster i
-        (those pay for that cluster's projection and output); without it all tails are counted.
+        For the adaptive softmax only the targets in a tail cluster pay for that cluster's projection
+        and output: ``train_tokens`` gives each cluster's share (without it all tails are counted).
         """
+        tail_share = None if train_tokens is None or self.adaptive is None else self._tail_shares(train_tokens)
         gates = 4 if self.cell == "lstm" else 3
         rnn = sum(2 * gates * r.hidden_size * (r.input_size + r.hidden_size) for r in self.rnns)
         if self.adaptive is None:
@@ -181,15 +191,20 @@ class RNNLanguageModel(nn.Module):
                 out += share * sum(2 * m.in_features * m.out_features for m in tail)
         return {"rnn": float(rnn), "output": float(out), "forward": float(rnn + out)}
 
+    def _tail_shares(self, tokens: torch.Tensor) -> list[float]:
+        cutoffs = self.adaptive.cutoffs  # [c1, c2, ..., vocab]
+        return [
+            ((tokens >= lo) & (tokens < hi)).float().mean().item()
+            for lo, hi in zip(cutoffs[:-1], cutoffs[1:], strict=True)
+        ]
+
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (nats per token) of ``targets`` given ``features``."""
         flat = features.reshape(-1, features.size(-1))
         if self.adaptive is not None:
             return self.adaptive(flat, targets.reshape(-1)).loss
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities over the vocabulary, shape (..., vocab_size)."""
         flat = features.reshape(-1, features.size(-1))
         logp = self.adaptive.log_prob(flat) if self.adaptive is not None else F.log_softmax(self.decoder(flat), -1)
         return logp.view(*features.shape[:-1], self.vocab_size)
@@ -199,36 +214,3 @@ def _keep_mask(shape: tuple[int, ...] | torch.Size, p: float, like: torch.Tensor
     """Dropout mask (0 or 1/(1-p)). On CPU, uniform draws compared with p take under half the time of
     the per-element ``bernoulli_`` that ``F.dropout`` uses (0.47 vs 1.27 ms per 2×200 LSTM mask)."""
     return torch.rand(shape, device=like.device).ge_(p).div_(1 - p).to(like.dtype)
-
-
-def detach_hidden(hidden: Hidden) -> Hidden:
-    """Cut the graph between BPTT windows while keeping the state values."""
-    return [tuple(h.detach() for h in s) if isinstance(s, tuple) else s.detach() for s in hidden]
-
-
-def _check_args(
-    vocab_size: int,
-    cell: str,
-    embed_dim: int,
-    hidden_dim: int,
-    num_layers: int,
-    dropout: float,
-    tie_weights: bool,
-    softmax: str,
-) -> None:
-    if cell not in RNN_CELLS:
-        raise ConfigError(f"model.cell={cell!r} is unknown; choose one of {sorted(RNN_CELLS)}")
-    for key, value in (
-        ("vocab_size", vocab_size),
-        ("embed_dim", embed_dim),
-        ("hidden_dim", hidden_dim),
-        ("num_layers", num_layers),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"model.{key}={value!r} must be a positive integer")
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"model.dropout={dropout!r} must be a number in [0, 1)")
-    if softmax not in ("full", "adaptive"):
-        raise ConfigError(f"model.softmax={softmax!r} is unknown; choose 'full' or 'adaptive'")
-    if softmax == "adaptive" and tie_weights:
-        raise ConfigError("model.softmax=adaptive cannot tie weights; set model.tie_weights=false")

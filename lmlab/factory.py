@@ -1,0 +1,123 @@
+"""Config → objects: the only place that calls ``hydra.utils.instantiate``.
+
+Entry points compose a config and hand it here; everything below this module takes plain arguments.
+Models are built through the registry (:func:`lmlab.models.build_model`), not instantiate.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.config import model_arguments, validate_config
+from lmlab.device import resolve_precision
+from lmlab.errors import ConfigError, LmlabError
+from lmlab.loggers import ConsoleLogger, Logger, MultiLogger
+from lmlab.models import LanguageModel, build_model
+from lmlab.optim import Schedule, takes_sparse_gradients
+from lmlab.train import Trainer
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with plain Python containers, surfacing lmlab's own errors as they are."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, LmlabError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def import_plugins(modules: list[str] | None) -> None:
+    """Import the modules named by ``plugins=[...]`` (the user's own models register themselves there).
+    Only the command line names them; a checkpoint never does."""
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"plugins: cannot import {name!r} ({err}); check the name and PYTHONPATH") from None
+
+
+def require_checkpoint(cfg: DictConfig) -> str:
+    """The ``checkpoint=`` path of generate/evaluate, or one line saying it is missing."""
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise ConfigError(
+            "checkpoint is not set: give the file to load, e.g. checkpoint=outputs/DAY/TIME/checkpoints/best.pt"
+        )
+    return str(cfg.checkpoint)
+
+
+def seed_everything(seed: int | None) -> None:
+    if seed is not None:  # seed 0 is a valid seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+@dataclass
+class TrainingObjects:
+    device: torch.device
+    data: Any
+    model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule | None
+    trainer: Trainer
+
+
+def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> TrainingObjects:
+    """Validate and seed, then build device, data, model, optimizer, schedule and trainer (run, bench)."""
+    import_plugins(cfg.get("plugins"))
+    validate_config(cfg)
+    seed_everything(cfg.seed)
+    device = build(cfg.device)
+    resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
+    data = build(cfg.dataset)
+    model = build_model(cfg.model.name, len(data.vocab), **model_arguments(cfg.model)).to(device)
+    optimizer = build(cfg.optimizer)(model.parameters())
+    if model.sparse_gradients and not takes_sparse_gradients(optimizer):
+        raise ConfigError(
+            f"model.sparse_embedding=true makes sparse gradients, which {type(optimizer).__name__} cannot "
+            "take; use optimizer=sgd or optimizer=nt_asgd, or set model.sparse_embedding=false"
+        )
+    schedule = build_schedule(cfg.get("scheduler"), optimizer)
+    return TrainingObjects(device, data, model, optimizer, schedule, build(cfg.trainer, **trainer_overrides))
+
+
+def build_schedule(node: DictConfig | None, optimizer: torch.optim.Optimizer) -> Schedule | None:
+    if not node:
+        return None
+    settings = OmegaConf.to_container(node, resolve=True)
+    interval = settings.pop("interval", "epoch")
+    return Schedule(build(settings)(optimizer), interval)
+
+
+def build_logger(cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None) -> Logger:
+    """Console + metrics.jsonl always; plus the ``logger`` group's backend, named after the job."""
+    loggers: list[Logger] = [ConsoleLogger(out_dir)]
+    if cfg.get("logger") and cfg.logger.get("_target_"):
+        naming = {"group": cfg.logger.get("group") or group, "name": cfg.logger.get("name") or name}
+        config = OmegaConf.to_container(cfg, resolve=True)
+        loggers.append(build(cfg.logger, _recursive_=False, out_dir=str(out_dir), run_config=config, **naming))
+    return MultiLogger(loggers)
+
+
+def checkpoint_meta(cfg: DictConfig, vocab_words: list[str]) -> dict[str, Any]:
+    """What every checkpoint carries besides weights: the model's registry name and plain arguments,
+    the vocabulary, and the run config (a record for people and tools; never instantiated)."""
+    return {
+        "model": {"name": cfg.model.name, "arguments": model_arguments(cfg.model)},
+        "vocab": vocab_words,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }

@@ -1,0 +1,248 @@
+"""What hangs on the training loop: checkpoints, time budget, stop signals, non-finite policy, weight
+averaging, progress and logging — each a :class:`Hook`, so :mod:`lmlab.train` keeps only the loop.
+
+The loop calls, in order: ``on_fit_start`` → per epoch ``on_epoch_start``, per step ``before_backward``
+and ``on_step_end``, then validation inside every hook's ``evaluation_weights`` followed by
+``on_validation_end`` → ``on_epoch_end`` → ``on_fit_end`` (always, also after an error). Hooks talk
+back through the :class:`FitContext` (``stop_training``, ``interrupt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lmlab.checkpoint import TrainState, restore_training, training_checkpoint
+from lmlab.errors import ConfigError, LmlabError
+from lmlab.files import atomic_save
+from lmlab.interrupt import StopSignals
+from lmlab.loggers import Logger
+from lmlab.models import LanguageModel, State
+
+
+class NonFiniteLoss(LmlabError, RuntimeError):
+    """Training produced a NaN/inf loss and ``on_nan=stop``."""
+
+
+@dataclass
+class FitContext:
+    """The objects of one fit and where it stands; shared by the loop and its hooks."""
+
+    model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    schedule: Any  # lmlab.optim.Schedule or None
+    device: torch.device
+    logger: Logger = field(default_factory=Logger)
+    scaler: Any = None
+    state: TrainState = field(default_factory=TrainState)
+    carry: State = None  # the model's state after the last step
+    loss_sum: torch.Tensor | None = None  # this epoch's summed training loss, kept on the device
+    num_windows: int = 0  # windows in this epoch
+    improved: bool = False  # the last validation beat the best so far
+    stop_training: bool = False  # set by a hook: finish this step, then validate and end
+    interrupt: int | None = None  # a stop signal: save, then stop now
+    last_saved: Path | None = None
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def running_loss(self) -> float:
+        """Mean training loss of this epoch's steps so far (skipped batches excluded)."""
+        done = self.state.step - self.state.skipped_batches
+        return (self.loss_sum / max(done, 1)).item()
+
+
+class Hook:
+    """A training-loop callback; every method is optional. ``trainer`` is the running Trainer."""
+
+    def on_fit_start(self, trainer: Any, ctx: FitContext) -> None: ...
+
+    def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None: ...
+
+    def before_backward(self, trainer: Any, ctx: FitContext, loss: torch.Tensor) -> bool:
+        """Return False to skip this batch (no backward, no step)."""
+        return True
+
+    def on_step_end(self, trainer: Any, ctx: FitContext) -> None: ...
+
+    def evaluation_weights(self, ctx: FitContext) -> contextlib.AbstractContextManager:
+        """Weights to validate with (and save as best.pt): the live ones unless a hook swaps them in."""
+        return contextlib.nullcontext()
+
+    def on_validation_end(self, trainer: Any, ctx: FitContext, val_loss: float) -> None: ...
+
+    def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None: ...
+
+    def on_fit_end(self, trainer: Any, ctx: FitContext) -> None: ...
+
+
+class StopOnSignal(Hook):
+    """SIGINT/SIGTERM finish the current step; the checkpoint hook then saves and the loop stops."""
+
+    def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
+        self.signals = StopSignals().__enter__()
+
+    def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
+        ctx.interrupt = self.signals.received
+
+    def on_fit_end(self, trainer: Any, ctx: FitContext) -> None:
+        self.signals.__exit__()
+
+
+class TimeBudget(Hook):
+    """End training after the step that crosses ``max_time_s``; that epoch is validated as usual."""
+
+    def __init__(self, max_time_s: float) -> None:
+        self.max_time_s = max_time_s
+
+    def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
+        self.deadline = time.perf_counter() + self.max_time_s
+
+    def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
+        ctx.stop_training = ctx.stop_training or time.perf_counter() > self.deadline
+
+
+class NonFinitePolicy(Hook):
+    """``stop``: raise :class:`NonFiniteLoss`; ``skip_batch``: drop such a batch and restart the state.
+
+    On the CPU (reading a value is free) and for ``skip_batch`` every loss is checked; on a GPU the
+    running loss is checked every ``check_every`` steps, so the step never waits for the device."""
+
+    def __init__(self, on_nan: str, check_every: int, last_checkpoint: Path | None = None) -> None:
+        if on_nan not in ("stop", "skip_batch"):
+            raise ConfigError(f"trainer.on_nan={on_nan!r} is unknown; choose 'stop' or 'skip_batch'")
+        self.on_nan, self.check_every, self.last_checkpoint = on_nan, check_every, last_checkpoint
+
+    def before_backward(self, trainer: Any, ctx: FitContext, loss: torch.Tensor) -> bool:
+        if not (self.on_nan == "skip_batch" or ctx.device.type == "cpu") or bool(torch.isfinite(loss)):
+            return True
+        if self.on_nan == "skip_batch":
+            ctx.state.skipped_batches += 1
+            return False
+        self._raise(ctx, ctx.state.step + 1)
+
+    def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
+        step = ctx.state.step
+        if ctx.device.type != "cpu" and (step % self.check_every == 0 or step == ctx.num_windows):
+            if not math.isfinite(ctx.running_loss()):
+                self._raise(ctx, step, window=self.check_every)
+
+    def _raise(self, ctx: FitContext, step: int, window: int = 1) -> None:
+        where = f"step {step}" if window == 1 else f"the {window} steps up to step {step}"
+        saved = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.exists() else None
+        raise NonFiniteLoss(
+            f"non-finite training loss in epoch {ctx.state.epoch}, {where}. The last good checkpoint "
+            f"is {saved or 'not written yet'}. Try a lower optimizer.lr, a smaller trainer.clip_grad_norm, "
+            "trainer.precision=fp32, or trainer.on_nan=skip_batch"
+        )
+
+
+class WeightAveraging(Hook):
+    """Validate with an optimizer's averaged weights (NT-ASGD) and tell it each validation loss. Any
+    optimizer with ``averaged_weights()`` / ``observe(val_loss)`` takes part; others are left alone."""
+
+    def evaluation_weights(self, ctx: FitContext) -> contextlib.AbstractContextManager:
+        averaged = getattr(ctx.optimizer, "averaged_weights", None)
+        return averaged() if averaged else contextlib.nullcontext()
+
+    def on_validation_end(self, trainer: Any, ctx: FitContext, val_loss: float) -> None:
+        observe = getattr(ctx.optimizer, "observe", None)
+        if observe and observe(val_loss):
+            print(f"NT-ASGD: validation stopped improving; averaging weights from epoch {ctx.state.epoch + 1}")
+
+
+class Checkpointing(Hook):
+    """``last.pt`` every ``save_every_steps`` steps, at each epoch end and on a stop signal; ``best.pt``
+    whenever validation improves (with the weights that were validated); resume on start."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any], save_every_steps: int | None, resume: Any) -> None:
+        self.last, self.best = Path(folder) / "last.pt", Path(folder) / "best.pt"
+        self.meta, self.save_every_steps, self.resume = meta, save_every_steps, resume
+
+    def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
+        source = self._resume_source()
+        if source is None:
+            return
+        schedule = ctx.schedule.scheduler if ctx.schedule else None
+        ctx.state, logger_state = restore_training(source, self.meta, ctx.model, ctx.optimizer, schedule, ctx.scaler)
+        ctx.logger.restore(ctx.state.history, logger_state)
+        print(f"Resuming from {source}: epoch {ctx.state.epoch}, step {ctx.state.step}")
+
+    def _resume_source(self) -> Path | None:
+        if self.resume in (None, "never", False):
+            return None
+        if self.resume == "auto":
+            return self.last if self.last.is_file() else None
+        path = Path(self.resume)
+        if not path.is_file():
+            raise ConfigError(f"trainer.resume={self.resume} does not exist; give a last.pt path, 'auto' or null")
+        return path
+
+    def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
+        every = self.save_every_steps
+        if ctx.interrupt or (every and ctx.state.global_step % every == 0):
+            ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
+            self._save_last(ctx)
+
+    def on_validation_end(self, trainer: Any, ctx: FitContext, val_loss: float) -> None:
+        if ctx.improved:
+            atomic_save(training_checkpoint(self.meta, ctx.model, ctx.state), self.best)
+
+    def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
+        self._save_last(ctx)
+
+    def _save_last(self, ctx: FitContext) -> None:
+        schedule = ctx.schedule.scheduler if ctx.schedule else None
+        ckpt = training_checkpoint(
+            self.meta, ctx.model, ctx.state, ctx.optimizer, schedule, ctx.scaler, ctx.logger.state()
+        )
+        atomic_save(ckpt, self.last)
+        ctx.last_saved = self.last
+
+
+class Progress(Hook):
+    """A progress bar (on a terminal, or as asked) and the running loss every ``log_interval`` steps;
+    the epoch's metrics to the logger."""
+
+    def __init__(self, log_interval: int, progress: bool | None) -> None:
+        self.log_interval, self.progress = log_interval, progress
+
+    def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None:
+        disable = None if self.progress is None else not self.progress
+        self.bar = tqdm(
+            total=ctx.num_windows, initial=ctx.state.step, desc=f"epoch {ctx.state.epoch}", leave=False,
+            disable=disable, dynamic_ncols=True,
+        )  # fmt: skip
+
+    def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
+        self.bar.update(1)
+        step = ctx.state.step
+        if step % self.log_interval == 0 or step == ctx.num_windows:
+            running = ctx.running_loss()
+            self.bar.set_postfix(loss=f"{running:.3f}")
+            ctx.logger.log_step(ctx.state.global_step, {"train/loss": running, "lr": ctx.lr})
+
+    def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
+        self.bar.close()
+        ctx.logger.log_epoch(metrics)
+
+    def on_fit_end(self, trainer: Any, ctx: FitContext) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def evaluation_weights(hooks: list[Hook], ctx: FitContext) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for hook in hooks:
+            stack.enter_context(hook.evaluation_weights(ctx))
+        yield

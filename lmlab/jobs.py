@@ -1,0 +1,115 @@
+"""Failure semantics of a Hydra task, single run or multirun job.
+
+- A single run that hits an lmlab error prints it as one line and exits 2.
+- A multirun job that fails writes ``results.json`` (``status: failed``) and ``error.txt`` in its folder
+  and raises :class:`JobFailed`, an exception Hydra records per job: the other jobs still run, Optuna
+  counts a failed trial. When the sweep is over, :func:`summarize_sweep` prints the sweep folder, a
+  table of its jobs (failed ones marked) and the best job, and the command exits 1 if any job failed.
+
+``SweepRecorder`` (a Hydra callback in ``conf/config.yaml``) remembers the sweep folder in the process
+that launched the sweep, which is where the summary is printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from lmlab.errors import LmlabError
+from lmlab.files import atomic_write_text
+from lmlab.results import find_runs, render, rows
+
+T = TypeVar("T")
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job failed; its folder says why. Hydra prints only this message, not a traceback."""
+
+
+def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """Wrap a Hydra task function with the failure semantics above."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> T:
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        try:
+            return task(cfg)
+        except LmlabError as err:
+            if not multirun:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            _record_failure(Path(hydra_cfg.runtime.output_dir), str(err), str(err))
+            raise JobFailed(_job_label(hydra_cfg) + f" failed: {err}") from None
+        except Exception as err:  # a bug or a crash: keep the traceback in the job's folder
+            if not multirun:
+                raise
+            message = f"{type(err).__name__}: {err}"
+            _record_failure(Path(hydra_cfg.runtime.output_dir), message, traceback.format_exc())
+            raise JobFailed(_job_label(hydra_cfg) + f" failed: {message} (traceback in its error.txt)") from None
+
+    return wrapper
+
+
+def _job_label(hydra_cfg: Any) -> str:
+    return f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname or 'no overrides'})"
+
+
+def _record_failure(out_dir: Path, message: str, detail: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "error.txt", detail.rstrip() + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps({"status": "failed", "error": message}, indent=2) + "\n")
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ sweep summary
+_sweep_dir: Path | None = None
+
+
+class SweepRecorder(Callback):
+    """Remembers the sweep folder of a multirun started in this process."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweep_dir
+        _sweep_dir = Path(config.hydra.sweep.dir)
+
+
+def run_with_summary(hydra_main: Callable[[], Any]) -> None:
+    """Call a ``@hydra.main`` function; after a multirun, print its summary and exit non-zero if any job
+    failed (Hydra itself may already have stopped with exit 1 after a failed batch)."""
+    code: Any = 0
+    try:
+        hydra_main()
+    except SystemExit as stop:
+        code = stop.code
+    if _sweep_dir is not None:
+        failed = summarize_sweep(_sweep_dir)
+        code = code or (1 if failed else 0)
+    if code:
+        sys.exit(code)
+
+
+def summarize_sweep(sweep_dir: Path) -> int:
+    """Print the sweep's folder, its jobs as a table and the best one; returns the number that failed."""
+    runs = find_runs([sweep_dir])
+    failed = [r for r in runs if r.failed]
+    print(f"\nmultirun folder: {sweep_dir} ({len(runs) - len(failed)} finished, {len(failed)} failed)", flush=True)
+    if runs:
+        print(render(rows(runs), "table"), end="", flush=True)
+    if len(failed) < len(runs):
+        best = runs[0]
+        print(f"best job: {best.folder} (val ppl {best.results['best_val_ppl']:.2f})", flush=True)
+    for run in failed:
+        print(f"failed job: {run.folder}: {run.results.get('error', '?')}", file=sys.stderr, flush=True)
+    return len(failed)

@@ -1,0 +1,30 @@
+"""Language models: the contract (:class:`LanguageModel`), the registry, and the built-in models.
+
+Importing this package registers ``rnn`` (LSTM/GRU) and ``transformer``.
+"""
+
+from lmlab.models.base import (
+    MODELS,
+    LanguageModel,
+    State,
+    build_model,
+    check_model_arguments,
+    map_tensors,
+    model_class,
+    register_model,
+)
+from lmlab.models.rnn import RNNLanguageModel
+from lmlab.models.transformer import TransformerLanguageModel
+
+__all__ = [
+    "MODELS",
+    "LanguageModel",
+    "RNNLanguageModel",
+    "State",
+    "TransformerLanguageModel",
+    "build_model",
+    "check_model_arguments",
+    "map_tensors",
+    "model_class",
+    "register_model",
+]

@@ -1,0 +1,151 @@
+"""The language-model contract and the model registry.
+
+Everything outside ``lmlab/models`` (trainer, evaluation, generation, checkpoints, bench) talks to a
+model only through :class:`LanguageModel`; a new architecture is one file with a registered subclass
+and one YAML in ``conf/model/`` naming it.
+
+How a model reads a corpus: the data hands out windows of ``T`` time steps over ``B`` independent
+columns of text, in order; the ``state`` a model returns for one window is passed to it with the next
+window of the same columns (after :meth:`LanguageModel.detach_state`, so gradients stop at the window
+edge). For an RNN the state is its hidden state; for a Transformer a cache of past keys/values::
+
+    tokens (T, B) ──▶ forward ──▶ features (T, B, D) ──▶ loss(features, targets)  mean nats/token
+    state ──────────▶   │                           └──▶ log_probs(features)     (T, B, vocab)
+                        └──▶ next state (same columns, next window)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.schema import check_arguments
+
+State = Any  # None, a tensor, or lists/tuples of them: must survive torch.load(weights_only=True)
+
+
+class LanguageModel(nn.Module):
+    """Base class of every lmlab model: next-token prediction over a fixed vocabulary.
+
+    Subclasses take ``vocab_size`` first, then keyword arguments with plain values (numbers, strings,
+    booleans, lists) annotated with their types (see :mod:`lmlab.schema`): those annotations validate the
+    config group and a checkpoint's stored arguments alike. They must implement :meth:`forward`,
+    :meth:`loss`, :meth:`log_probs` and :meth:`flops_per_token`; the rest has defaults.
+    """
+
+    vocab_size: int
+
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        """The state before the first window of ``batch_size`` columns (None: no state)."""
+        return None
+
+    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens (T, B) and the previous window's state → features (T, B, D) and the next state."""
+        raise NotImplementedError
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy in nats per token of ``targets`` (T, B) given ``features`` (T, B, D)."""
+        raise NotImplementedError
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the vocabulary, shape (..., vocab_size)."""
+        raise NotImplementedError
+
+    def regularization(self, features: torch.Tensor) -> torch.Tensor:
+        """A penalty added to the training loss (e.g. AR/TAR); zero by default."""
+        return features.new_zeros(())
+
+    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
+        """Forward FLOPs per token by part, with the total under ``"forward"`` (training counts 3×).
+        ``train_tokens`` lets a model whose cost depends on the word (adaptive softmax) weigh its parts."""
+        raise NotImplementedError
+
+    @property
+    def sparse_gradients(self) -> bool:
+        """True when some parameter gets sparse gradients, which only some optimizers take."""
+        return False
+
+    def detach_state(self, state: State) -> State:
+        """Cut the graph between windows while keeping the state's values."""
+        return map_tensors(state, torch.Tensor.detach)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: list[int],
+        num_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
+        """Read ``prompt`` (token ids, at least one), then sample ``num_tokens`` ids one at a time,
+        each fed back with the state (a Transformer's state is its KV cache, so nothing is recomputed)."""
+        self.eval()
+        device = next(self.parameters()).device
+        features, state = self(torch.tensor(prompt, device=device).view(-1, 1), self.init_state(1, device))
+        sampled: list[int] = []
+        for _ in range(num_tokens):
+            logits = self.log_probs(features[-1, 0]).float() / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            sampled.append(int(next_id))
+            features, state = self(next_id.view(1, 1), state)
+        return sampled
+
+
+def map_tensors(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
+    """Apply ``fn`` to every tensor of a (nested list/tuple) state."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, (list, tuple)):
+        return type(state)(map_tensors(s, fn) for s in state)
+    return state
+
+
+# ------------------------------------------------------------------------------------------ registry
+MODELS: dict[str, type[LanguageModel]] = {}
+M = TypeVar("M", bound=type[LanguageModel])
+
+
+def register_model(name: str) -> Callable[[M], M]:
+    """Class decorator: make a :class:`LanguageModel` buildable as ``model.name: <name>``."""
+
+    def register(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, LanguageModel)):
+            raise TypeError(f"register_model({name!r}) needs a LanguageModel subclass, got {cls!r}")
+        if MODELS.get(name, cls) is not cls:
+            raise ValueError(f"model name {name!r} is already registered to {MODELS[name].__qualname__}")
+        MODELS[name] = cls
+        return cls
+
+    return register
+
+
+def model_class(name: Any) -> type[LanguageModel]:
+    if not isinstance(name, str) or name not in MODELS:
+        raise ConfigError(
+            f"model.name={name!r} is not a registered model; registered: {sorted(MODELS)} "
+            "(a model of your own: import the module that registers it with plugins=[module])"
+        )
+    return MODELS[name]
+
+
+def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[LanguageModel]:
+    """Type-check ``arguments`` against the registered class's constructor; returns the class."""
+    cls = model_class(name)
+    if "vocab_size" in arguments:
+        raise ConfigError("model.vocab_size is set from the data's vocabulary; remove it from the model config")
+    check_arguments(cls, arguments, "model")
+    return cls
+
+
+def build_model(name: str, vocab_size: int, **arguments: Any) -> LanguageModel:
+    """The one way lmlab builds a model, from the config group or from a checkpoint: the registry's
+    class with type-checked plain arguments — never anything a file names by import path."""
+    return check_model_arguments(name, arguments)(vocab_size, **arguments)

@@ -1,0 +1,161 @@
+"""A decoder-only causal Transformer: pre-norm blocks, rotary positions, tied embeddings, a KV cache.
+
+How it reads BPTT windows: like an RNN it is fed the corpus window by window, column by column, and
+its state is a per-layer cache of the keys/values of the last ``context`` positions (detached between
+windows, so gradients stay inside a window). A window of T tokens therefore attends causally to
+itself and to up to ``context`` earlier tokens of the same column::
+
+    cache (≤ context positions)     this window (T)
+    k0 k1 ... kM-1                  q0 q1 ... qT-1      query i sees cache + window[0..i]
+
+Generation uses the same cache one token at a time, so nothing is recomputed; evaluation windows
+get the same look-back as training windows. Rotary position embeddings are applied relative to the
+oldest cached position, so positions never grow with the length of the corpus.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.models.base import LanguageModel, register_model
+from lmlab.models.output import linear_cross_entropy
+from lmlab.schema import PositiveInt, Probability
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, heads, positions, head_dim)
+
+
+@register_model("transformer")
+class TransformerLanguageModel(LanguageModel):
+    """Token embedding → ``num_layers`` pre-norm blocks (attention + GELU MLP) → LayerNorm → tied output.
+
+    ``ff_dim`` null means 4 × ``d_model``. ``dropout`` applies to the embeddings, the attention weights
+    and each residual branch.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: PositiveInt = 256,
+        num_heads: PositiveInt = 4,
+        num_layers: PositiveInt = 4,
+        ff_dim: PositiveInt | None = None,
+        dropout: Probability = 0.1,
+        context: PositiveInt = 128,
+        rope_base: PositiveInt = 10000,
+    ) -> None:
+        super().__init__()
+        if d_model % num_heads or (d_model // num_heads) % 2:
+            raise ConfigError(
+                f"model.d_model={d_model} must split into model.num_heads={num_heads} heads of even size "
+                "(rotary positions rotate pairs); pick d_model divisible by 2 * num_heads"
+            )
+        self.vocab_size, self.d_model, self.context, self.dropout = vocab_size, d_model, context, dropout
+        self.num_heads, self.rope_base = num_heads, rope_base
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(
+            Block(d_model, num_heads, ff_dim or 4 * d_model, dropout) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.output_bias = nn.Parameter(torch.zeros(vocab_size))  # the output weight is the embedding
+        self._init_weights(num_layers)
+
+    def _init_weights(self, num_layers: int) -> None:
+        # GPT-2's scheme: N(0, 0.02) everywhere, residual projections scaled down by depth.
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("proj.weight", "down.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, tokens: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """tokens (T, B) → features (T, B, d_model); the state is the KV cache (None: empty)."""
+        x = F.dropout(self.embedding(tokens.t()), self.dropout, self.training)  # (B, T, D)
+        past = state[0][0].size(2) if state else 0
+        cos, sin = self._rotary(past + tokens.size(0), x.device)
+        new_state: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, (k, v) = block(x, state[i] if state else None, cos, sin)
+            new_state.append((k[:, :, -self.context :], v[:, :, -self.context :]))
+        return self.norm(x).transpose(0, 1), new_state
+
+    def _rotary(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.d_model // self.num_heads // 2
+        inv_freq = self.rope_base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+        angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
+        return angles.cos(), angles.sin()  # (length, head_dim / 2)
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat = features.reshape(-1, self.d_model)
+        return linear_cross_entropy(flat, self.embedding.weight, self.output_bias, targets.reshape(-1))
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(F.linear(features, self.embedding.weight, self.output_bias).float(), -1)
+
+    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
+        """Matmul FLOPs per token; attention scores and weighted sums are counted over a full cache
+        (``context`` keys per query), the steady state of a run."""
+        d = self.d_model
+        ff = self.blocks[0].mlp.up.out_features
+        dense = len(self.blocks) * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * ff)
+        attention = len(self.blocks) * 2 * 2 * d * self.context
+        output = 2 * d * self.vocab_size
+        return {"blocks": float(dense), "attention": float(attention), "output": float(output),
+                "forward": float(dense + attention + output)}  # fmt: skip
+
+
+class Block(nn.Module):
+    """x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.mlp = MLP(d_model, ff_dim)
+
+    def forward(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        batch, steps, d_model = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # keys are cached before rotation: positions restart at the oldest one
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        past = k.size(2) - steps
+        q_rot, k_rot = _rotate(q, cos[past:], sin[past:]), _rotate(k, cos, sin)
+        # Query i (at position past + i) sees keys 0 .. past + i: a causal mask shifted by the cache.
+        mask = (
+            None
+            if past == 0 or steps == 1
+            else torch.ones(steps, past + steps, dtype=torch.bool, device=x.device).tril(past)
+        )
+        attended = F.scaled_dot_product_attention(
+            q_rot, k_rot, v, attn_mask=mask, is_causal=past == 0 and steps > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        attended = attended.transpose(1, 2).reshape(batch, steps, d_model)
+        x = x + F.dropout(self.proj(attended), self.dropout, self.training)
+        x = x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+        return x, (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, ff_dim: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(d_model, ff_dim), nn.Linear(ff_dim, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of (B, heads, positions, head_dim) by per-position angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.to(x.dtype)
