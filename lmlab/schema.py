@@ -110,15 +110,20 @@ def argument_hints(fn: Callable[..., Any]) -> dict[str, Any]:
 
 
 def check_arguments(
-    fn: Callable[..., Any], values: Mapping[str, Any], prefix: str, extra_hints: Mapping[str, Any] | None = None
+    fn: Callable[..., Any],
+    values: Mapping[str, Any],
+    prefix: str,
+    extra_hints: Mapping[str, Any] | None = None,
+    hydra_keys: bool = True,
 ) -> None:
     """Refuse keys that ``fn`` does not take and values that break its annotations (or ``extra_hints``,
-    for third-party callables without useful ones). Keys starting with ``_`` (Hydra's) are skipped."""
+    for third-party callables without useful ones). Hydra's own keys (``_target_``, ``_partial_``) are
+    skipped unless ``hydra_keys`` is False (plain arguments, as a model's are)."""
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     hints = {**argument_hints(fn), **(extra_hints or {})}
     for key, value in values.items():
-        if key.startswith("_"):
+        if hydra_keys and key.startswith("_"):
             continue
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in params and not takes_any:

@@ -149,3 +149,26 @@ def test_slurm_preset_documents_the_keys():
     launcher = hydra_package("hydra.launcher", "hydra/launcher=slurm")
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["max_num_timeout"] == 3 and launcher["gpus_per_node"] == 1 and launcher["timeout_min"] == 240
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "~device.num_threads"]])
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(launcher, tmp_path, corpus_dir, capsys):
+    sweep_dir = tmp_path / "sweep"
+    args = [*SWEEP, f"dataset.path={corpus_dir}", "trainer.epochs=1", "model.hidden_dim=16,-1,24", *launcher]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmlab.run", "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    results = {p.parent.name.split("_")[0]: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
+    assert results["0"]["status"] == results["2"]["status"] == "completed"  # the jobs after the failure ran
+    assert results["1"] == {"status": "failed", "error": results["1"]["error"]}
+    assert "model.hidden_dim=-1 is invalid" in results["1"]["error"]
+    assert "model.hidden_dim=-1 is invalid" in next(sweep_dir.glob("1_*/error.txt")).read_text()
+    assert f"multirun folder: {sweep_dir} (2 finished, 1 failed)" in proc.stdout
+    assert any(line.startswith("failed job:") and "hidden_dim=-1" in line for line in proc.stderr.splitlines())
+    assert "Traceback" not in proc.stderr
+    capsys.readouterr()
+    assert compare_main([str(sweep_dir)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and "FAILED" in table[-1] and "hidden_dim=-1" in table[-1]  # failed jobs last

@@ -141,7 +141,7 @@ def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[Language
     cls = model_class(name)
     if "vocab_size" in arguments:
         raise ConfigError("model.vocab_size is set from the data's vocabulary; remove it from the model config")
-    check_arguments(cls, arguments, "model")
+    check_arguments(cls, arguments, "model", hydra_keys=False)
     return cls
 
 
