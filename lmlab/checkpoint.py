@@ -95,6 +95,8 @@ def restore_training(
         scheduler.load_state_dict(ckpt["scheduler_state"])
     if scaler is not None and ckpt["scaler_state"] is not None:
         scaler.load_state_dict(ckpt["scaler_state"])
+    for line in apply_changed_settings(path, ckpt.get("config") or {}, meta.get("config") or {}, optimizer, scheduler):
+        print(f"resume: {line}")
     set_rng_state(ckpt["rng"])
     device = next(model.parameters()).device
     hidden = map_tensors(ckpt["hidden"], lambda t: t.to(device))
@@ -111,6 +113,45 @@ def restore_training(
     return state, ckpt["logger_state"]
 
 
+# Changing these mid-run would change what the saved state means (window shapes, the text itself).
+FIXED_ON_RESUME = ("dataset",)
+
+
+def apply_changed_settings(
+    path: str | os.PathLike, saved: dict[str, Any], current: dict[str, Any], optimizer: Any, scheduler: Any
+) -> list[str]:
+    """Settings that differ between the checkpoint's run config and this run's: optimizer and scheduler
+    values are applied over the restored state (the checkpoint's own lr would otherwise win silently),
+    trainer/logger/other values simply take effect, dataset changes are refused. Returns one line per
+    change, e.g. ``optimizer.lr: 20 -> 5 (applied)``."""
+    changes = [(key, old, new) for key, old, new in _differences(saved, current) if not key.startswith("hydra.")]
+    refused = [
+        f"{k}: {o!r} -> {n!r}" for k, o, n in changes if k.split(".")[0] in FIXED_ON_RESUME or k.endswith("_target_")
+    ]
+    if refused:
+        raise CheckpointError(
+            f"cannot resume from {path} with these changed settings: {'; '.join(refused)}. Restore them, or start "
+            "afresh with trainer.resume=null (or a new hydra.run.dir)"
+        )
+    lines = []
+    for key, old, new in changes:
+        group, _, name = key.partition(".")
+        if group == "optimizer" and any(name in g for g in optimizer.param_groups):
+            for param_group in optimizer.param_groups:
+                param_group[name] = new
+        elif group == "scheduler" and scheduler is not None and hasattr(scheduler, name):
+            setattr(scheduler, name, new)
+        lines.append(f"{key}: {old!r} -> {new!r}" + (" (applied)" if group in ("optimizer", "scheduler") else ""))
+    return lines
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    return [] if saved == current else [(prefix.rstrip("."), saved, current)]
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and sanity-check a checkpoint, refusing anything that is not a plain lmlab checkpoint."""
     path = Path(path)
@@ -119,14 +160,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain data "
-            f"(weights_only=True blocked them, nothing was executed). Detail: {str(err).splitlines()[0]}"
-        ) from err
+        if path.read_bytes()[:4] == b"PK\x03\x04":  # a whole torch file, with objects weights_only refuses
+            raise CheckpointError(
+                f"refused to load {path}: it holds Python objects other than tensors and plain data, which lmlab "
+                "never loads (weights_only=True blocked them, nothing was executed)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: it is {_looks_like(path)}") from err
     except Exception as err:  # torch raises many types for damaged files; all mean "unreadable"
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or not a torch file): {str(err).splitlines()[0]}"
-        ) from err
+        raise CheckpointError(f"{path} is not a readable checkpoint: it is {_looks_like(path)}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not an lmlab checkpoint (no '{FORMAT}' marker)")
     if state.get("version") == 1:
@@ -141,6 +182,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except LmlabError as err:
         raise CheckpointError(f"refused to build the model stored in {path}: {str(err).split('. Fix it')[0]}") from None
     return state
+
+
+def _looks_like(path: Path) -> str:
+    """What an unreadable file is, from its first bytes (for the error message)."""
+    head = path.read_bytes()[:4096]
+    if not head:
+        return "empty (0 bytes; a copy or download that never finished)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a torch file that is truncated or damaged"
+    if head[:1] == b"\x80":
+        return "a Python pickle, not a torch checkpoint (lmlab never unpickles code; nothing was executed)"
+    try:
+        head.decode("utf-8")
+        return "a text file, not a checkpoint"
+    except UnicodeDecodeError:
+        return "not a checkpoint (unrecognised binary data)"
 
 
 def _upgrade_version_1(state: dict[str, Any]) -> None:

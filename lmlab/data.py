@@ -20,7 +20,7 @@ import torch
 from lmlab.batching import TokenStream
 from lmlab.download import WIKITEXT2_FILES, ensure_wikitext2
 from lmlab.errors import ConfigError, DataError
-from lmlab.files import atomic_save
+from lmlab.files import atomic_save, remove_stale_temp_files
 from lmlab.schema import PositiveInt
 
 EOS = "<eos>"
@@ -133,20 +133,32 @@ class Corpus:
                 raise DataError(f"{files[split]} is empty: a split needs at least one word")
         if cache:
             try:
-                atomic_save({"words": vocab.words, **{s: getattr(corpus, s) for s in SPLITS}}, cache_path)
+                _write_cache(cache_path, {"words": vocab.words, **{s: getattr(corpus, s) for s in SPLITS}})
             except OSError:  # read-only data folders are fine, the next run just tokenises again
                 pass
         return corpus
 
 
 def _cache_path(files: dict[str, Path]) -> Path:
-    """A cache file beside the data, keyed by each file's path, size and mtime."""
-    key = hashlib.sha1(str(_CACHE_VERSION).encode())
+    """A cache file beside the data: ``.lmlab-cache-<source>-<version>.pt``, where <source> names the three
+    files' paths and <version> their sizes and mtimes (and the cache format)."""
+    source, version = hashlib.sha1(), hashlib.sha1(str(_CACHE_VERSION).encode())
     for split in SPLITS:
         path = Path(files[split]).resolve()
         stat = path.stat() if path.exists() else None
-        key.update(f"{path}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
-    return Path(files["train"]).parent / f".lmlab-cache-{key.hexdigest()[:16]}.pt"
+        source.update(str(path).encode())
+        version.update(f"{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+    return Path(files["train"]).parent / f".lmlab-cache-{source.hexdigest()[:10]}-{version.hexdigest()[:10]}.pt"
+
+
+def _write_cache(path: Path, state: dict) -> None:
+    """Write the cache atomically; then remove older caches of the same source and dead writers' temp files."""
+    atomic_save(state, path)
+    source_prefix = path.name.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{source_prefix}-*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    remove_stale_temp_files(path.parent)
 
 
 class LanguageModelData:

@@ -1,8 +1,21 @@
-"""The errors lmlab raises for bad input: each message names the bad value and the fix."""
+"""The errors lmlab raises for bad input and failed runs: each message names the value and the fix, and
+each kind has its own exit code, so scripts and schedulers can tell them apart.
+
+| exit | error |
+|---|---|
+| 2 | :class:`ConfigError`, :class:`DataError` (bad input: nothing was done) |
+| 3 | :class:`NonFiniteLoss` (the loss or weights diverged) |
+| 4 | :class:`CheckpointError` (a file is missing, damaged, unsafe or does not fit) |
+| 5 | :class:`DiskFull` (no space left; the previous files are intact) |
+| 6 | :class:`RunFolderBusy` (another live run writes to that folder) |
+| 130 / 143 | interrupted by SIGINT / SIGTERM (``lmlab.interrupt``) |
+"""
 
 
 class LmlabError(Exception):
     """Base class: entry points print these as one clear line instead of a traceback."""
+
+    exit_code = 2
 
 
 class ConfigError(LmlabError, ValueError):
@@ -13,5 +26,25 @@ class DataError(LmlabError):
     """A data file is missing, unreadable or could not be downloaded."""
 
 
+class NonFiniteLoss(LmlabError, RuntimeError):
+    """Training produced a NaN/inf loss or weights and ``on_nan=stop`` (or too many batches were skipped)."""
+
+    exit_code = 3
+
+
 class CheckpointError(LmlabError):
     """A checkpoint file is missing, damaged, unsafe or does not fit the model/vocabulary."""
+
+    exit_code = 4
+
+
+class DiskFull(LmlabError, OSError):
+    """A write failed for lack of space (or quota); what was there before is intact."""
+
+    exit_code = 5
+
+
+class RunFolderBusy(LmlabError):
+    """Another live run holds the run folder's lock."""
+
+    exit_code = 6

@@ -21,15 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from lmlab.checkpoint import TrainState, restore_training, training_checkpoint
-from lmlab.errors import ConfigError, LmlabError
-from lmlab.files import atomic_save
+from lmlab.errors import ConfigError, NonFiniteLoss
+from lmlab.files import atomic_save, remove_stale_temp_files
 from lmlab.interrupt import StopSignals
 from lmlab.loggers import Logger
 from lmlab.models import LanguageModel, State
-
-
-class NonFiniteLoss(LmlabError, RuntimeError):
-    """Training produced a NaN/inf loss and ``on_nan=stop``."""
 
 
 @dataclass
@@ -54,6 +50,11 @@ class FitContext:
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def diverged(self, loss: float) -> bool:
+        """A loss that is not finite, or over 10 × ln(vocabulary) nats per token (a uniform guess costs
+        1 × ln(vocabulary)): weights that produce it are not worth keeping."""
+        return not loss < 10 * math.log(max(self.model.vocab_size, 2))
 
     def running_loss(self) -> float:
         """Mean training loss of this epoch's steps so far (skipped batches excluded)."""
@@ -94,6 +95,9 @@ class StopOnSignal(Hook):
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
         ctx.interrupt = self.signals.received
 
+    def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
+        ctx.interrupt = self.signals.received  # a signal during validation: last.pt is saved next, then stop
+
     def on_fit_end(self, trainer: Any, ctx: FitContext) -> None:
         self.signals.__exit__()
 
@@ -112,36 +116,52 @@ class TimeBudget(Hook):
 
 
 class NonFinitePolicy(Hook):
-    """``stop``: raise :class:`NonFiniteLoss`; ``skip_batch``: drop such a batch and restart the state.
+    """A batch whose loss diverged (:meth:`FitContext.diverged`: not finite, or exploded) is never
+    stepped on. ``stop``: raise :class:`NonFiniteLoss`; ``skip_batch``: drop the batch and restart the
+    state, and raise once more than ``max_skipped_fraction`` of an epoch's batches were dropped.
 
     On the CPU (reading a value is free) and for ``skip_batch`` every loss is checked; on a GPU the
     running loss is checked every ``check_every`` steps, so the step never waits for the device."""
 
-    def __init__(self, on_nan: str, check_every: int, last_checkpoint: Path | None = None) -> None:
-        self.on_nan, self.check_every, self.last_checkpoint = on_nan, check_every, last_checkpoint
+    def __init__(self, on_nan: str, check_every: int, max_skipped_fraction: float = 0.1) -> None:
+        self.on_nan, self.check_every, self.max_skipped_fraction = on_nan, check_every, max_skipped_fraction
 
     def before_backward(self, trainer: Any, ctx: FitContext, loss: torch.Tensor) -> bool:
-        if not (self.on_nan == "skip_batch" or ctx.device.type == "cpu") or bool(torch.isfinite(loss)):
+        if not (self.on_nan == "skip_batch" or ctx.device.type == "cpu") or not ctx.diverged(loss.item()):
             return True
         if self.on_nan == "skip_batch":
             ctx.state.skipped_batches += 1
+            if ctx.state.skipped_batches > self.max_skipped_fraction * ctx.num_windows:
+                raise NonFiniteLoss(
+                    f"skipped {ctx.state.skipped_batches} of {ctx.num_windows} batches of epoch {ctx.state.epoch} "
+                    "for diverged (non-finite or exploding) losses, more than "
+                    f"trainer.max_skipped_fraction={self.max_skipped_fraction}: training has diverged. "
+                    f"{_good_checkpoint(ctx)} Try a lower optimizer.lr or trainer.clip_grad_norm"
+                )
             return False
         self._raise(ctx, ctx.state.step + 1)
 
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
         step = ctx.state.step
         if ctx.device.type != "cpu" and (step % self.check_every == 0 or step == ctx.num_windows):
-            if not math.isfinite(ctx.running_loss()):
+            if ctx.diverged(ctx.running_loss()):
                 self._raise(ctx, step, window=self.check_every)
 
     def _raise(self, ctx: FitContext, step: int, window: int = 1) -> None:
         where = f"step {step}" if window == 1 else f"the {window} steps up to step {step}"
-        saved = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.exists() else None
         raise NonFiniteLoss(
-            f"non-finite training loss in epoch {ctx.state.epoch}, {where}. The last good checkpoint "
-            f"is {saved or 'not written yet'}. Try a lower optimizer.lr, a smaller trainer.clip_grad_norm, "
-            "trainer.precision=fp32, or trainer.on_nan=skip_batch"
+            f"training diverged (non-finite or exploding loss) in epoch {ctx.state.epoch}, {where}. "
+            f"{_good_checkpoint(ctx)} Try a lower "
+            "optimizer.lr (resume applies it), a smaller trainer.clip_grad_norm, trainer.precision=fp32, "
+            "or trainer.on_nan=skip_batch"
         )
+
+
+def _good_checkpoint(ctx: FitContext) -> str:
+    """Checkpoints are only written from finite weights after losses that did not diverge."""
+    if ctx.last_saved is None:
+        return "No checkpoint was written yet."
+    return f"The last good checkpoint is {ctx.last_saved}; resume from it with trainer.resume={ctx.last_saved}."
 
 
 class WeightAveraging(Hook):
@@ -167,6 +187,9 @@ class Checkpointing(Hook):
         self.meta, self.save_every_steps, self.resume = meta, save_every_steps, resume
 
     def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
+        remove_stale_temp_files(self.last.parent)  # what a killed writer left (the run folder lock is ours)
+        if self.last.is_file():
+            ctx.last_saved = self.last
         source = self._resume_source()
         if source is None:
             return
@@ -192,19 +215,33 @@ class Checkpointing(Hook):
             self._save_last(ctx)
 
     def on_validation_end(self, trainer: Any, ctx: FitContext, val_loss: float) -> None:
-        if ctx.improved:
+        if ctx.improved and _finite_weights(ctx.model):
             atomic_save(training_checkpoint(self.meta, ctx.model, ctx.state), self.best)
 
     def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
+        if ctx.diverged(metrics["val_loss"]):
+            raise NonFiniteLoss(
+                f"validation loss {metrics['val_loss']:.3g} after epoch {metrics['epoch']}: the weights diverged, so "
+                f"no checkpoint was written. {_good_checkpoint(ctx)} Try a lower optimizer.lr"
+            )
         self._save_last(ctx)
 
     def _save_last(self, ctx: FitContext) -> None:
+        if not (_finite_weights(ctx.model) and math.isfinite(ctx.state.loss_sum)):
+            raise NonFiniteLoss(
+                f"the weights or the training loss of epoch {ctx.state.epoch} are not finite, so no checkpoint "
+                f"was written. {_good_checkpoint(ctx)} Try a lower optimizer.lr or a smaller trainer.clip_grad_norm"
+            )
         schedule = ctx.schedule.scheduler if ctx.schedule else None
         ckpt = training_checkpoint(
             self.meta, ctx.model, ctx.state, ctx.optimizer, schedule, ctx.scaler, ctx.logger.state()
         )
         atomic_save(ckpt, self.last)
         ctx.last_saved = self.last
+
+
+def _finite_weights(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 class Progress(Hook):

@@ -42,6 +42,11 @@ class StopSignals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def raise_if_received(self, checkpoint: object) -> None:
+        """Stop now if a signal arrived (outside the training loop, where there is nothing left to save)."""
+        if self.received is not None:
+            raise TrainingInterrupted(self.received, str(checkpoint))
+
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -1,6 +1,8 @@
 """Failure semantics of a Hydra task, single run or multirun job.
 
-- A single run that hits an lmlab error prints it as one line and exits 2.
+- A single run that hits an lmlab error prints it as one line and exits with that error's code
+  (:mod:`lmlab.errors`: 2 for bad input, 3 divergence, 4 checkpoint, 5 disk full, 6 folder busy);
+  an interrupt outside the training loop prints one line and exits 130.
 - A multirun job that fails writes ``results.json`` (``status: failed``) and ``error.txt`` in its folder
   and raises :class:`JobFailed`, an exception Hydra records per job: the other jobs still run, Optuna
   counts a failed trial. When the sweep is over, :func:`summarize_sweep` prints the sweep folder, a
@@ -26,8 +28,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lmlab.errors import LmlabError
-from lmlab.files import atomic_write_text
+from lmlab.errors import DiskFull, LmlabError
+from lmlab.files import atomic_write_text, is_disk_full
 from lmlab.results import find_runs, render, rows
 
 T = TypeVar("T")
@@ -45,11 +47,14 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         try:
-            return task(cfg)
+            return _disk_full_as_one_line(task, cfg, hydra_cfg.runtime.output_dir)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+            print("\ninterrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
         except LmlabError as err:
             if not multirun:
                 print(f"error: {err}", file=sys.stderr, flush=True)
-                sys.exit(2)
+                sys.exit(err.exit_code)
             _record_failure(Path(hydra_cfg.runtime.output_dir), str(err), str(err))
             raise JobFailed(_job_label(hydra_cfg) + f" failed: {err}") from None
         except Exception as err:  # a bug or a crash: keep the traceback in the job's folder
@@ -60,6 +65,16 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
             raise JobFailed(_job_label(hydra_cfg) + f" failed: {message} (traceback in its error.txt)") from None
 
     return wrapper
+
+
+def _disk_full_as_one_line(task: Callable[[DictConfig], T], cfg: DictConfig, out_dir: str) -> T:
+    """Any write that fails for lack of space (not only checkpoints) becomes :class:`DiskFull`."""
+    try:
+        return task(cfg)
+    except Exception as err:
+        if isinstance(err, LmlabError) or not is_disk_full(err):
+            raise
+        raise DiskFull(f"no space left on the disk ({err}); free space under {out_dir}") from None
 
 
 def _job_label(hydra_cfg: Any) -> str:

@@ -14,6 +14,9 @@ from typing import Any
 class Logger:
     """The interface; the base class ignores everything, so a backend overrides only what it needs."""
 
+    def start(self) -> None:
+        """Connect or open what the backend needs; called before training is timed."""
+
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
@@ -57,7 +60,7 @@ class ConsoleLogger(Logger):
         self.path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
     def log_summary(self, results: dict[str, Any]) -> None:
-        print(f"test-loss: {results['test_loss']:.2f} | test-pp: {results['test_ppl']:.2f}", flush=True)
+        print(f"test-loss: {results['test_loss']:.2f} | test-pp: {format_ppl(results['test_ppl'])}", flush=True)
 
     def log_samples(self, text: str) -> None:
         print(f"Generated: {text}", flush=True)
@@ -68,6 +71,10 @@ class MultiLogger(Logger):
 
     def __init__(self, loggers: list[Logger]) -> None:
         self.loggers = loggers
+
+    def start(self) -> None:
+        for logger in self.loggers:
+            logger.start()
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         for logger in self.loggers:
@@ -102,8 +109,14 @@ class MultiLogger(Logger):
 
 
 def format_epoch(m: dict[str, Any]) -> str:
+    train = "-" if m["train_loss"] is None else format_ppl(m["train_loss"])
     return (
-        f"[Epoch: {m['epoch']}] train-loss: {m['train_loss']:.2f} | val-loss: {m['val_loss']:.2f} | "
-        f"val-pp: {m['val_ppl']:.2f} | lr {m['lr']:g} | {m['tokens_per_sec']:,.0f} tok/s | "
+        f"[Epoch: {m['epoch']}] train-loss: {train} | val-loss: {format_ppl(m['val_loss'])} | "
+        f"val-pp: {format_ppl(m['val_ppl'])} | lr {m['lr']:g} | {m['tokens_per_sec']:,.0f} tok/s | "
         f"{m['elapsed_s']:.0f} s"
     )
+
+
+def format_ppl(value: float) -> str:
+    """A loss or perplexity for people: 2 decimals up to a million, then scientific (a diverged 1.01e+304)."""
+    return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"

@@ -24,8 +24,8 @@ from lmlab.checkpoint import load_checkpoint
 from lmlab.cli import CONF_DIR
 from lmlab.device import peak_gpu_mb, peak_rss_mb
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
-from lmlab.files import atomic_write_text
-from lmlab.interrupt import TrainingInterrupted
+from lmlab.files import RunLock, atomic_write_text
+from lmlab.interrupt import StopSignals, TrainingInterrupted
 from lmlab.jobs import run_with_summary, task_wrapper
 from lmlab.sampling import format_words, sample_words
 from lmlab.train import perplexity
@@ -39,17 +39,25 @@ def train_and_report(
     ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides).
     """
     started = time.perf_counter()
+    with RunLock(out_dir):  # one writer per run folder, taken before anything is written
+        return _train_and_report(cfg, out_dir, group, name, started)
+
+
+def _train_and_report(cfg: DictConfig, out_dir: Path, group: str | None, name: str | None, started: float) -> dict:
     objects = build_training_objects(cfg)
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
     logger = build_logger(cfg, out_dir, group, name)
     meta = checkpoint_meta(cfg, data.vocab.words)
     try:
         fit = trainer.fit(model, data, objects.optimizer, objects.schedule, device, out_dir, logger, meta)
-        model.load_state_dict(load_checkpoint(fit.best_checkpoint, device)["model_state"])
-        logger.log_checkpoint(fit.best_checkpoint)
-        test_loss = trainer.evaluate(model, data.stream("test").to(device), device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-        text = format_words(sample_words(model, data.vocab, **cfg.generate, generator=generator))
+        with StopSignals() as signals:  # test and generation stop on a signal too (last.pt is already saved)
+            model.load_state_dict(load_checkpoint(fit.best_checkpoint, device)["model_state"])
+            logger.log_checkpoint(fit.best_checkpoint)
+            test_loss = trainer.evaluate(model, data.stream("test").to(device), device)
+            signals.raise_if_received(fit.last_checkpoint)
+            generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+            text = format_words(sample_words(model, data.vocab, **cfg.generate, generator=generator))
+            signals.raise_if_received(fit.last_checkpoint)
         atomic_write_text(out_dir / "samples.txt", text + "\n")
         results = {
             "status": "completed",

@@ -36,7 +36,7 @@ from lmlab.interrupt import TrainingInterrupted
 from lmlab.loggers import Logger
 from lmlab.models import LanguageModel
 from lmlab.optim import Schedule, clip_grad_norm
-from lmlab.schema import PositiveFloat, PositiveInt
+from lmlab.schema import PositiveFloat, PositiveInt, Probability
 
 __all__ = ["FitResult", "NonFiniteLoss", "Trainer", "perplexity"]
 
@@ -49,6 +49,7 @@ class FitResult:
     epochs_run: int
     train_tokens_per_sec: float
     best_checkpoint: Path
+    last_checkpoint: Path
 
 
 class Trainer:
@@ -66,6 +67,7 @@ class Trainer:
         save_every_steps: PositiveInt | None = None,
         resume: str | None = "auto",
         on_nan: Literal["stop", "skip_batch"] = "stop",
+        max_skipped_fraction: Probability = 0.1,
         compile: bool = False,
         max_time_s: PositiveFloat | None = None,
         hooks: list[Hook] | None = None,
@@ -74,6 +76,7 @@ class Trainer:
         self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
         self.log_interval, self.progress, self.precision = log_interval, progress, precision
         self.save_every_steps, self.resume, self.on_nan = save_every_steps, resume, on_nan
+        self.max_skipped_fraction = max_skipped_fraction
         self.compile, self.max_time_s, self.extra_hooks = compile, max_time_s, list(hooks or [])
         self._dtype: torch.dtype | None = None
 
@@ -94,7 +97,7 @@ class Trainer:
         hooks: list[Hook] = [
             StopOnSignal(),
             *([TimeBudget(self.max_time_s)] if self.max_time_s else []),
-            NonFinitePolicy(self.on_nan, self.log_interval, checkpoints.last),
+            NonFinitePolicy(self.on_nan, self.log_interval, self.max_skipped_fraction),
             WeightAveraging(),
             checkpoints,
             Progress(self.log_interval, self.progress),
@@ -105,16 +108,19 @@ class Trainer:
         tokens_seen, train_seconds = 0, 0.0
         self._call(hooks, "on_fit_start", ctx)
         try:
+            logger.start()  # a slow remote logger (W&B) connects before any step is timed
             while ctx.state.epoch <= self.epochs and not ctx.stop_training:
                 started = time.perf_counter()
                 tokens = self.train_epoch(ctx, train, hooks)
                 seconds = time.perf_counter() - started
                 tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
                 self._end_epoch(ctx, hooks, valid, tokens, seconds)
+                if ctx.interrupt:  # a signal arrived during validation; last.pt was just saved
+                    raise TrainingInterrupted(ctx.interrupt, str(ctx.last_saved))
         finally:
             self._call(hooks, "on_fit_end", ctx)
         speed = tokens_seen / train_seconds if train_seconds else 0.0
-        return FitResult(ctx.state.best_val_loss, len(ctx.state.history), speed, checkpoints.best)
+        return FitResult(ctx.state.best_val_loss, len(ctx.state.history), speed, checkpoints.best, checkpoints.last)
 
     def train_steps(
         self, model: LanguageModel, stream: TokenStream, optimizer: torch.optim.Optimizer, device: torch.device
@@ -122,7 +128,9 @@ class Trainer:
         """Up to ``limit_train_batches`` training steps outside :meth:`fit` (benchmarks): the same step
         code and non-finite policy, no checkpoints or logging. Returns the number of tokens trained on."""
         ctx = self._context(model, optimizer, None, device, Logger())
-        return self.train_epoch(ctx, stream, [NonFinitePolicy(self.on_nan, self.log_interval)])
+        return self.train_epoch(
+            ctx, stream, [NonFinitePolicy(self.on_nan, self.log_interval, self.max_skipped_fraction)]
+        )
 
     def _context(self, model, optimizer, schedule, device, logger) -> FitContext:
         self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
@@ -194,9 +202,10 @@ class Trainer:
             ctx.improved = val_loss < state.best_val_loss
             state.best_val_loss = min(state.best_val_loss, val_loss)
             self._call(hooks, "on_validation_end", ctx, val_loss)
+        trained = state.step - state.skipped_batches
         metrics = {
             "epoch": state.epoch,
-            "train_loss": state.loss_sum / max(state.step - state.skipped_batches, 1),
+            "train_loss": state.loss_sum / trained if trained else None,  # never a 0 for work not done
             "val_loss": val_loss,
             "val_ppl": perplexity(val_loss),
             "lr": ctx.lr,

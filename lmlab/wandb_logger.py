@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.loggers import Logger
+from lmlab.schema import PositiveFloat
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -45,6 +46,7 @@ class WandbLogger(Logger):
         tags: list[str] | None = None,
         job_type: str = "train",
         log_checkpoint: bool = False,
+        init_timeout_s: PositiveFloat = 30.0,
     ) -> None:
         self.out_dir, self.config = Path(out_dir), flatten(run_config)
         self.init_args = {
@@ -56,7 +58,7 @@ class WandbLogger(Logger):
             "tags": tags or [],
             "job_type": job_type,
         }
-        self.log_checkpoint_files = log_checkpoint
+        self.log_checkpoint_files, self.init_timeout_s = log_checkpoint, init_timeout_s
         self.run: Any = None
         self.run_id: str | None = None
         self.failed = False
@@ -88,11 +90,15 @@ class WandbLogger(Logger):
             id=self.run_id,
             resume="allow",
             reinit="finish_previous",
+            settings=wandb.Settings(init_timeout=self.init_timeout_s),
             **self.init_args,
         )
         self.run.define_metric("epoch")
         for pattern in ("val/*", "train/epoch_loss", "throughput/*"):
             self.run.define_metric(pattern, step_metric="epoch")
+
+    def start(self) -> None:
+        self._call("init", lambda: None)  # connects (or gives up after init_timeout_s, once) before timing
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         self._call("log", lambda: self.run.log({**metrics, "trainer/global_step": step}))
