@@ -21,7 +21,7 @@ from lmlab.batching import TokenStream
 from lmlab.download import WIKITEXT2_FILES, ensure_wikitext2
 from lmlab.errors import ConfigError, DataError
 from lmlab.files import atomic_save, remove_stale_temp_files
-from lmlab.schema import PositiveInt
+from lmlab.schema import PositiveInt, check_arguments
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -245,3 +245,24 @@ class WikiText2(LanguageModelData):
     ) -> None:
         folder = ensure_wikitext2(root, list(mirrors))
         super().__init__(folder, batch_size, eval_batch_size, bptt, WIKITEXT2_FILES, cache, variable_bptt)
+
+
+# The dataset classes a checkpoint's stored run config may name: a record is rebuilt only through this
+# table, with type-checked plain arguments — never by importing what the file says.
+DATASETS: dict[str, type[LanguageModelData]] = {
+    "lmlab.data.LanguageModelData": LanguageModelData,
+    "lmlab.data.WikiText2": WikiText2,
+}
+
+
+def dataset_from_record(record: dict) -> LanguageModelData:
+    """Rebuild the dataset a run used from its stored config (``checkpoint["config"]["dataset"]``)."""
+    target = record.get("_target_") if isinstance(record, dict) else None
+    if target not in DATASETS:
+        raise ConfigError(
+            f"the checkpoint's dataset ({target!r}) is not one lmlab rebuilds; name one, e.g. "
+            "dataset=text_dir dataset.path=DIR"
+        )
+    arguments = {k: v for k, v in record.items() if k != "_target_"}
+    check_arguments(DATASETS[target], arguments, "dataset", hydra_keys=False)
+    return DATASETS[target](**arguments)

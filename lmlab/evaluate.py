@@ -1,7 +1,8 @@
 """``python -m lmlab.evaluate checkpoint=PATH [split=test] [dataset=... trainer.limit_eval_batches=N]``.
 
 Reports loss and perplexity of a saved model on one split, encoding the text with the checkpoint's own
-vocabulary (so a checkpoint can be scored on any corpus; unseen words count as ``<unk>``).
+vocabulary (so a checkpoint can be scored on any corpus; unseen words count as ``<unk>``). The data is
+the run's own (from the checkpoint's stored config) unless any ``dataset`` key is given.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import json
 import math
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import model_from_checkpoint
 from lmlab.cli import CONF_DIR
 from lmlab.config import validate_config
-from lmlab.data import SPLITS, read_text, tokenize
+from lmlab.data import SPLITS, dataset_from_record, read_text, tokenize
 from lmlab.errors import ConfigError
 from lmlab.factory import build, import_plugins, require_checkpoint
 from lmlab.jobs import task_wrapper
@@ -29,8 +31,10 @@ def main(cfg: DictConfig) -> dict[str, float]:
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r} is unknown; choose one of {SPLITS}")
     device = build(cfg.device)
-    model, vocab, _ = model_from_checkpoint(require_checkpoint(cfg), device)
-    data = build(cfg.dataset)
+    model, vocab, state = model_from_checkpoint(require_checkpoint(cfg), device)
+    overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)
+    record = (state.get("config") or {}).get("dataset")
+    data = build(cfg.dataset) if overridden or record is None else dataset_from_record(record)
     tokens = tokenize(read_text(data.files[cfg.split]), vocab)
     loss = build(cfg.trainer).evaluate(model, data.eval_stream(tokens).to(device), device)
     result = {"split": cfg.split, "loss": loss, "ppl": math.exp(loss), "tokens": len(tokens)}

@@ -79,6 +79,7 @@ class TrainingObjects:
 def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> TrainingObjects:
     """Validate and seed, then build device, data, model, optimizer, schedule and trainer (run, bench)."""
     import_plugins(cfg.get("plugins"))
+    refuse_unread_keys(cfg)
     validate_config(cfg)
     seed_everything(cfg.seed)
     device = build(cfg.device)
@@ -95,6 +96,21 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
     return TrainingObjects(device, data, model, optimizer, schedule, build(cfg.trainer, **trainer_overrides))
 
 
+RUN_KEYS = {"dataset", "model", "optimizer", "scheduler", "device", "trainer", "generate", "logger", "seed"}
+RUN_KEYS |= {"plugins", "bench"}
+
+
+def refuse_unread_keys(cfg: DictConfig) -> None:
+    """A top-level key nothing reads (``+epochs=2``: Hydra's own hint after ``epochs=2`` is refused) would
+    be silently ignored; name the key it probably meant instead."""
+    for key in cfg:
+        if key in RUN_KEYS:
+            continue
+        meant = [f"{group}.{key}" for group in RUN_KEYS if OmegaConf.is_dict(cfg.get(group)) and key in cfg[group]]
+        hint = f"did you mean {meant[0]}={cfg[key]}?" if meant else "remove it"
+        raise ConfigError(f"+{key}={cfg[key]} adds a key that nothing reads, so it would do nothing; {hint}")
+
+
 def build_schedule(node: DictConfig | None, optimizer: torch.optim.Optimizer) -> Schedule | None:
     if not node:
         return None
@@ -103,9 +119,11 @@ def build_schedule(node: DictConfig | None, optimizer: torch.optim.Optimizer) ->
     return Schedule(build(settings)(optimizer), interval)
 
 
-def build_logger(cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None) -> Logger:
-    """Console + metrics.jsonl always; plus the ``logger`` group's backend, named after the job."""
-    loggers: list[Logger] = [ConsoleLogger(out_dir)]
+def build_logger(
+    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None, prefix: str = ""
+) -> Logger:
+    """Console (+ run.log) and metrics.jsonl always; plus the ``logger`` group's backend, named after the job."""
+    loggers: list[Logger] = [ConsoleLogger(out_dir, prefix)]
     if cfg.get("logger") and cfg.logger.get("_target_"):
         naming = {"group": cfg.logger.get("group") or group, "name": cfg.logger.get("name") or name}
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -42,6 +42,7 @@ class FitContext:
     carry: State = None  # the model's state after the last step
     loss_sum: torch.Tensor | None = None  # this epoch's summed training loss, kept on the device
     num_windows: int = 0  # windows in this epoch
+    tokens_this_step: int = 0
     improved: bool = False  # the last validation beat the best so far
     stop_training: bool = False  # set by a hook: finish this step, then validate and end
     interrupt: int | None = None  # a stop signal: save, then stop now
@@ -245,11 +246,14 @@ def _finite_weights(model: torch.nn.Module) -> bool:
 
 
 class Progress(Hook):
-    """A progress bar (on a terminal, or as asked) and the running loss every ``log_interval`` steps;
-    the epoch's metrics to the logger."""
+    """Progress every ``log_interval`` steps: a bar on a terminal (``progress`` null) or when asked
+    (true); otherwise — output redirected, as on a cluster — a plain line with step, ms/step, tokens/s,
+    loss, perplexity, lr and the epoch's ETA. The running loss goes to the logger either way, and the
+    epoch's metrics at its end."""
 
     def __init__(self, log_interval: int, progress: bool | None) -> None:
         self.log_interval, self.progress = log_interval, progress
+        self.bar: Any = None
 
     def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None:
         disable = None if self.progress is None else not self.progress
@@ -257,21 +261,35 @@ class Progress(Hook):
             total=ctx.num_windows, initial=ctx.state.step, desc=f"epoch {ctx.state.epoch}", leave=False,
             disable=disable, dynamic_ncols=True,
         )  # fmt: skip
+        self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
 
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
         self.bar.update(1)
+        self.steps_since += 1
+        self.tokens_since += ctx.tokens_this_step
         step = ctx.state.step
-        if step % self.log_interval == 0 or step == ctx.num_windows:
-            running = ctx.running_loss()
-            self.bar.set_postfix(loss=f"{running:.3f}")
-            ctx.logger.log_step(ctx.state.global_step, {"train/loss": running, "lr": ctx.lr})
+        if step % self.log_interval and step != ctx.num_windows:
+            return
+        running = ctx.running_loss()
+        self.bar.set_postfix(loss=f"{running:.3f}")
+        ctx.logger.log_step(ctx.state.global_step, {"train/loss": running, "lr": ctx.lr})
+        if self.bar.disable and step % self.log_interval == 0:
+            seconds = time.perf_counter() - self.since
+            ctx.logger.log_progress(
+                {
+                    "epoch": ctx.state.epoch, "step": step, "steps": ctx.num_windows, "loss": running,
+                    "ms_per_step": 1000 * seconds / self.steps_since, "tokens_per_sec": self.tokens_since / seconds,
+                    "lr": ctx.lr, "eta_s": seconds / self.steps_since * (ctx.num_windows - step),
+                }
+            )  # fmt: skip
+            self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
 
     def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
         self.bar.close()
         ctx.logger.log_epoch(metrics)
 
     def on_fit_end(self, trainer: Any, ctx: FitContext) -> None:
-        if getattr(self, "bar", None) is not None:
+        if self.bar is not None:
             self.bar.close()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -54,6 +55,7 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
         except LmlabError as err:
             if not multirun:
                 print(f"error: {err}", file=sys.stderr, flush=True)
+                _remove_if_untouched(Path(hydra_cfg.runtime.output_dir))
                 sys.exit(err.exit_code)
             _record_failure(Path(hydra_cfg.runtime.output_dir), str(err), str(err))
             raise JobFailed(_job_label(hydra_cfg) + f" failed: {err}") from None
@@ -75,6 +77,19 @@ def _disk_full_as_one_line(task: Callable[[DictConfig], T], cfg: DictConfig, out
         if isinstance(err, LmlabError) or not is_disk_full(err):
             raise
         raise DiskFull(f"no space left on the disk ({err}); free space under {out_dir}") from None
+
+
+HYDRA_ONLY = {".hydra", "run.log"}  # what Hydra writes into a run folder before the task starts
+
+
+def _remove_if_untouched(out_dir: Path) -> None:
+    """A run refused before any work leaves no folder behind: a run folder (Hydra wrote its ``.hydra``
+    there) holding nothing else is removed. Tools that run in the current folder write no ``.hydra``."""
+    names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
+    if ".hydra" in names and names <= HYDRA_ONLY:
+        log = out_dir / "run.log"
+        if not log.exists() or log.stat().st_size == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _job_label(hydra_cfg: Any) -> str:

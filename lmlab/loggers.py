@@ -7,6 +7,8 @@ know which backends are behind it.
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ class Logger:
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         pass
+
+    def log_progress(self, progress: dict[str, float]) -> None:
+        """A progress report (step, ms/step, tokens/s, loss, lr, ETA) where no progress bar is shown."""
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         pass
@@ -44,14 +49,28 @@ class Logger:
 
 
 class ConsoleLogger(Logger):
-    """One line per epoch on stdout and one JSON object per epoch in ``metrics.jsonl``."""
+    """Lines for people on stdout, each also appended to the run folder's ``run.log``; one JSON object
+    per epoch in ``metrics.jsonl``. ``prefix`` marks a multirun job's lines (``[job 3] ``)."""
 
-    def __init__(self, out_dir: str | Path) -> None:
-        self.path = Path(out_dir) / "metrics.jsonl"
+    def __init__(self, out_dir: str | Path, prefix: str = "") -> None:
+        self.out_dir, self.prefix = Path(out_dir), prefix
+        self.path = self.out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def say(self, line: str) -> None:
+        print(f"{self.prefix}{line}", flush=True)
+        with (self.out_dir / "run.log").open("a") as f:  # Hydra's job log appends there too
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+
+    def log_progress(self, p: dict[str, float]) -> None:
+        self.say(
+            f"epoch {p['epoch']} | step {p['step']:,}/{p['steps']:,} | {p['ms_per_step']:.1f} ms/step | "
+            f"{p['tokens_per_sec']:,.0f} tok/s | loss {format_ppl(p['loss'])} | "
+            f"ppl {format_ppl(perplexity(p['loss']))} | lr {p['lr']:g} | ETA {_duration(p['eta_s'])}"
+        )
+
     def log_epoch(self, metrics: dict[str, Any]) -> None:
-        print(format_epoch(metrics), flush=True)
+        self.say(format_epoch(metrics))
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
@@ -60,10 +79,16 @@ class ConsoleLogger(Logger):
         self.path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
     def log_summary(self, results: dict[str, Any]) -> None:
-        print(f"test-loss: {results['test_loss']:.2f} | test-pp: {format_ppl(results['test_ppl'])}", flush=True)
+        self.say(f"test-loss: {results['test_loss']:.2f} | test-pp: {format_ppl(results['test_ppl'])}")
 
     def log_samples(self, text: str) -> None:
-        print(f"Generated: {text}", flush=True)
+        self.say(f"Generated: {text}")
+
+    def finish(self) -> None:
+        if (self.out_dir / "results.json").is_file():  # where everything went
+            self.say(f"run folder: {self.out_dir}")
+            self.say(f"best checkpoint: {self.out_dir / 'checkpoints' / 'best.pt'}")
+            self.say(f"results: {self.out_dir / 'results.json'}")
 
 
 class MultiLogger(Logger):
@@ -79,6 +104,10 @@ class MultiLogger(Logger):
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         for logger in self.loggers:
             logger.log_step(step, metrics)
+
+    def log_progress(self, progress: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log_progress(progress)
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         for logger in self.loggers:
@@ -115,6 +144,16 @@ def format_epoch(m: dict[str, Any]) -> str:
         f"val-pp: {format_ppl(m['val_ppl'])} | lr {m['lr']:g} | {m['tokens_per_sec']:,.0f} tok/s | "
         f"{m['elapsed_s']:.0f} s"
     )
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a model is diverged anyway
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def format_ppl(value: float) -> str:

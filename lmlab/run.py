@@ -23,30 +23,32 @@ from omegaconf import DictConfig
 from lmlab.checkpoint import load_checkpoint
 from lmlab.cli import CONF_DIR
 from lmlab.device import peak_gpu_mb, peak_rss_mb
+from lmlab.errors import ConfigError
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
 from lmlab.files import RunLock, atomic_write_text
 from lmlab.interrupt import StopSignals, TrainingInterrupted
 from lmlab.jobs import run_with_summary, task_wrapper
+from lmlab.loggers import perplexity
 from lmlab.sampling import format_words, sample_words
-from lmlab.train import perplexity
 
 
 def train_and_report(
-    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None
+    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None, prefix: str = ""
 ) -> dict[str, Any]:
     """The whole job: returns (and writes to results.json) the run's final figures.
 
-    ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides).
+    ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides);
+    ``prefix`` starts each console line (a multirun job's number).
     """
     started = time.perf_counter()
     with RunLock(out_dir):  # one writer per run folder, taken before anything is written
-        return _train_and_report(cfg, out_dir, group, name, started)
+        return _train_and_report(cfg, out_dir, (group, name, prefix), started)
 
 
-def _train_and_report(cfg: DictConfig, out_dir: Path, group: str | None, name: str | None, started: float) -> dict:
+def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float) -> dict[str, Any]:
     objects = build_training_objects(cfg)
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
-    logger = build_logger(cfg, out_dir, group, name)
+    logger = build_logger(cfg, out_dir, *labels)
     meta = checkpoint_meta(cfg, data.vocab.words)
     try:
         fit = trainer.fit(model, data, objects.optimizer, objects.schedule, device, out_dir, logger, meta)
@@ -90,8 +92,12 @@ def hydra_task(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = "_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None
     name = hydra_cfg.job.override_dirname or out_dir.name
+    presets = [o for o in hydra_cfg.overrides.task if o.startswith("+sweep=")]
+    if presets and not multirun:
+        raise ConfigError(f"{presets[0]} only acts in a multirun; add -m (python -m lmlab.run -m {presets[0]} ...)")
+    prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
     try:
-        return train_and_report(cfg, out_dir, group, name)["best_val_ppl"]
+        return train_and_report(cfg, out_dir, group, name, prefix)["best_val_ppl"]
     except TrainingInterrupted as stop:
         overrides = " ".join(HydraConfig.get().overrides.task)
         print(

@@ -10,7 +10,6 @@ extra ``hooks`` after them.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from lmlab.hooks import (
     evaluation_weights,
 )
 from lmlab.interrupt import TrainingInterrupted
-from lmlab.loggers import Logger
+from lmlab.loggers import Logger, perplexity
 from lmlab.models import LanguageModel
 from lmlab.optim import Schedule, clip_grad_norm
 from lmlab.schema import PositiveFloat, PositiveInt, Probability
@@ -164,7 +163,7 @@ class Trainer:
                 carry = model.init_state(stream.batch_size, ctx.device)
             state.step, state.global_step = step, state.global_step + 1
             tokens += window.inputs.numel()
-            ctx.carry = carry
+            ctx.carry, ctx.tokens_this_step = carry, window.inputs.numel()
             self._call(hooks, "on_step_end", ctx)
             if ctx.interrupt:
                 raise TrainingInterrupted(ctx.interrupt, str(ctx.last_saved))
@@ -245,7 +244,3 @@ class Trainer:
     def _call(self, hooks: list[Hook], event: str, *args: Any) -> None:
         for hook in hooks:
             getattr(hook, event)(self, *args)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a model is diverged anyway

@@ -47,6 +47,7 @@ class WandbLogger(Logger):
         job_type: str = "train",
         log_checkpoint: bool = False,
         init_timeout_s: PositiveFloat = 30.0,
+        quiet: bool = True,
     ) -> None:
         self.out_dir, self.config = Path(out_dir), flatten(run_config)
         self.init_args = {
@@ -58,7 +59,7 @@ class WandbLogger(Logger):
             "tags": tags or [],
             "job_type": job_type,
         }
-        self.log_checkpoint_files, self.init_timeout_s = log_checkpoint, init_timeout_s
+        self.log_checkpoint_files, self.init_timeout_s, self.quiet = log_checkpoint, init_timeout_s, quiet
         self.run: Any = None
         self.run_id: str | None = None
         self.failed = False
@@ -90,7 +91,8 @@ class WandbLogger(Logger):
             id=self.run_id,
             resume="allow",
             reinit="finish_previous",
-            settings=wandb.Settings(init_timeout=self.init_timeout_s),
+            # quiet: W&B's own lines go to its debug log in <run dir>/wandb, not the console
+            settings=wandb.Settings(init_timeout=self.init_timeout_s, silent=self.quiet),
             **self.init_args,
         )
         self.run.define_metric("epoch")

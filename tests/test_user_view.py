@@ -1,0 +1,63 @@
+"""What a user sees: progress on any stream and in the log file, where results went, the checkpoint's own
+data for evaluation, no folder left by refused runs, no silently ignored keys, job-prefixed sweep lines."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_redirected_run_reports_progress_and_where_its_results_are(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    run = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "trainer.log_interval=20", f"hydra.run.dir={out}")
+    assert run.returncode == 0, run.stderr
+    progress = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(progress) == 3 * 4  # 88 steps per epoch: steps 20, 40, 60, 80
+    assert progress[0].startswith("epoch 1 | step 20/88 | ") and " ms/step | " in progress[0]
+    assert " tok/s | loss " in progress[0] and " | ppl " in progress[0] and " | lr 5 | ETA " in progress[0]
+    log = (out / "run.log").read_text()
+    assert all(line in log for line in progress) and "[Epoch: 3]" in log
+    assert f"run folder: {out}" in run.stdout and f"best checkpoint: {out}/checkpoints/best.pt" in run.stdout
+    assert f"results: {out}/results.json" in run.stdout
+
+    evaluated = _cli("lmlab.evaluate", f"checkpoint={out}/checkpoints/best.pt", "device=cpu")  # no dataset given
+    assert evaluated.returncode == 0, evaluated.stderr
+    test_loss = json.loads((out / "results.json").read_text())["test_loss"]
+    assert abs(json.loads(evaluated.stdout.splitlines()[-1])["loss"] - test_loss) < 1e-5
+
+
+def test_refused_runs_leave_no_folder_and_keys_that_do_nothing_are_refused(tmp_path, corpus_dir):
+    cases = [
+        (["model.hidden_dim=-1"], "model.hidden_dim=-1 is invalid"),
+        (["+epochs=2"], "+epochs=2 adds a key that nothing reads, so it would do nothing; did you mean trainer.epochs"),
+        (["+sweep=grid_dims"], "+sweep=grid_dims only acts in a multirun; add -m"),
+    ]  # fmt: skip
+    for i, (overrides, message) in enumerate(cases):
+        out = tmp_path / f"refused{i}"
+        proc = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *overrides, f"hydra.run.dir={out}")
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr
+        assert not out.exists()
+
+
+def test_multirun_lines_name_their_job(tmp_path, corpus_dir):
+    sweep = tmp_path / "sweep"
+    args = [
+        *TINY,
+        f"dataset.path={corpus_dir}",
+        "trainer.epochs=1",
+        "model.hidden_dim=16,24",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = _cli("lmlab.run", "-m", *args)
+    assert proc.returncode == 0, proc.stderr
+    epoch_lines = [line for line in proc.stdout.splitlines() if "[Epoch: 1]" in line]
+    assert [line.split(" [Epoch")[0] for line in epoch_lines] == ["[job 0]", "[job 1]"]
+    assert f"multirun folder: {sweep} (2 finished, 0 failed)" in proc.stdout and "best job: " in proc.stdout
