@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -19,16 +20,22 @@ def _find_conf_dir() -> str:
 
 CONF_DIR = _find_conf_dir()
 MAX_DIRNAME = 120
+# Set by lmlab.jobs.SweepRecorder when a multirun starts (the environment reaches every launcher's jobs):
+# the keys that vary between the sweep's jobs, comma-separated.
+SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
 
 
 def short_dirname(override_dirname: str) -> str:
-    """A job folder name from its overrides: keys shortened to their last part (``batch_size=40``) and
-    the whole capped at ~120 characters (plus a hash), since file systems refuse names over 255 bytes.
-    The full overrides stay in the job's ``.hydra/overrides.yaml``."""
+    """A job folder name from its overrides: only those that vary between the sweep's jobs (when known),
+    keys shortened to their last part (``batch_size=40``), the whole capped at ~120 characters (plus a
+    hash), since file systems refuse names over 255 bytes. The full overrides stay in the job's
+    ``.hydra/overrides.yaml``."""
+    swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
     parts = []
     for item in override_dirname.split(","):
-        if item.startswith("+sweep="):
-            continue  # the preset name says nothing about the job
+        key = item.partition("=")[0].lstrip("+~")
+        if item.startswith("+sweep=") or (swept and key not in swept):
+            continue  # a preset name or a value every job shares says nothing about the job
         key, sep, value = item.partition("=")
         parts.append(f"{key.rsplit('.', 1)[-1]}{sep}{value}")
     name = ",".join(parts)

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from lmlab.errors import DiskFull, RunFolderBusy
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -27,6 +25,8 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`atomic_write`."""
+    import torch  # here, not at the top: the lock and temp-file helpers are used where torch is not loaded
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

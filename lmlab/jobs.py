@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 import traceback
@@ -29,6 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from lmlab.cli import SWEPT_KEYS_ENV
 from lmlab.errors import DiskFull, LmlabError
 from lmlab.files import atomic_write_text, is_disk_full
 from lmlab.results import find_runs, render, rows
@@ -104,15 +106,23 @@ def _record_failure(out_dir: Path, message: str, detail: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ sweep summary
+SWEEP_FUNCTIONS = {"range", "choice", "interval", "glob", "tag"}  # Hydra's sweep override functions
 _sweep_dir: Path | None = None
 
 
 class SweepRecorder(Callback):
-    """Remembers the sweep folder of a multirun started in this process."""
+    """Remembers the sweep folder of a multirun started in this process, and tells the jobs (through
+    the environment, which every launcher passes on) which keys vary, for their folder names."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _sweep_dir
         _sweep_dir = Path(config.hydra.sweep.dir)
+        swept = set((config.hydra.sweeper.get("params") or {}).keys())  # presets and Optuna's search space
+        for override in config.hydra.overrides.task:
+            key, _, value = override.partition("=")
+            if "," in value.strip("[]") and not value.startswith("[") or value.split("(")[0] in SWEEP_FUNCTIONS:
+                swept.add(key.lstrip("+~"))
+        os.environ[SWEPT_KEYS_ENV] = ",".join(sorted(swept))
 
 
 def run_with_summary(hydra_main: Callable[[], Any]) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from lmlab.checkpoint import model_from_checkpoint
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.run import train_and_report
+from lmlab.pipeline import train_and_report
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from lmlab.errors import ConfigError
 from lmlab.models import RNNLanguageModel
 from lmlab.models.output import _softmax_and_summed_nll, linear_cross_entropy
 from lmlab.optim import NTASGD, clip_grad_norm
-from lmlab.run import train_and_report
+from lmlab.pipeline import train_and_report
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

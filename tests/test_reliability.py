@@ -15,7 +15,7 @@ import torch
 from lmlab.checkpoint import load_checkpoint, model_from_checkpoint
 from lmlab.errors import CheckpointError, DiskFull
 from lmlab.files import atomic_save
-from lmlab.run import train_and_report
+from lmlab.pipeline import train_and_report
 from lmlab.train import NonFiniteLoss, Trainer
 from tests.conftest import TINY, write_corpus
 

@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from lmlab.errors import ConfigError
 from lmlab.models import RNNLanguageModel
-from lmlab.run import train_and_report
+from lmlab.pipeline import train_and_report
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import torch
 from lmlab.checkpoint import load_checkpoint
 from lmlab.errors import CheckpointError, NonFiniteLoss, RunFolderBusy
 from lmlab.files import RunLock, remove_stale_temp_files
-from lmlab.run import train_and_report
+from lmlab.pipeline import train_and_report
 from lmlab.train import Trainer
 from tests.conftest import TINY
 from tests.test_reliability import _inject_nan_at, _start_run, _wait_for

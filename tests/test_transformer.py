@@ -5,7 +5,7 @@ import torch
 
 from lmlab.checkpoint import model_from_checkpoint
 from lmlab.models import TransformerLanguageModel, build_model
-from lmlab.run import train_and_report
+from lmlab.pipeline import train_and_report
 from lmlab.train import Trainer
 from tests.conftest import TINY
 

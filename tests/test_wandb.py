@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from lmlab.run import train_and_report
+from lmlab.pipeline import train_and_report
 from lmlab.wandb_logger import WandbLogger, flatten
 from tests.conftest import TINY
 from tests.test_reliability import _stop_at_step

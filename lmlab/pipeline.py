@@ -1,0 +1,73 @@
+"""One training job, start to end: build, train, test the best checkpoint, generate, report.
+
+Used by ``lmlab.run`` (one call per run or multirun job); takes a composed config and a run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lmlab.checkpoint import load_checkpoint
+from lmlab.device import peak_gpu_mb, peak_rss_mb
+from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
+from lmlab.files import RunLock, atomic_write_text
+from lmlab.interrupt import StopSignals
+from lmlab.loggers import perplexity
+from lmlab.sampling import format_words, sample_words
+
+
+def train_and_report(
+    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None, prefix: str = ""
+) -> dict[str, Any]:
+    """The whole job: returns (and writes to results.json) the run's final figures.
+
+    ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides);
+    ``prefix`` starts each console line (a multirun job's number).
+    """
+    started = time.perf_counter()
+    with RunLock(out_dir):  # one writer per run folder, taken before anything is written
+        return _train_and_report(cfg, out_dir, (group, name, prefix), started)
+
+
+def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float) -> dict[str, Any]:
+    objects = build_training_objects(cfg)
+    device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
+    logger = build_logger(cfg, out_dir, *labels)
+    meta = checkpoint_meta(cfg, data.vocab.words)
+    try:
+        fit = trainer.fit(model, data, objects.optimizer, objects.schedule, device, out_dir, logger, meta)
+        with StopSignals() as signals:  # test and generation stop on a signal too (last.pt is already saved)
+            model.load_state_dict(load_checkpoint(fit.best_checkpoint, device)["model_state"])
+            logger.log_checkpoint(fit.best_checkpoint)
+            test_loss = trainer.evaluate(model, data.stream("test").to(device), device)
+            signals.raise_if_received(fit.last_checkpoint)
+            generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+            text = format_words(sample_words(model, data.vocab, **cfg.generate, generator=generator))
+            signals.raise_if_received(fit.last_checkpoint)
+        atomic_write_text(out_dir / "samples.txt", text + "\n")
+        results = {
+            "status": "completed",
+            "best_val_loss": fit.best_val_loss,
+            "best_val_ppl": perplexity(fit.best_val_loss),
+            "test_loss": test_loss,
+            "test_ppl": perplexity(test_loss),
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "epochs_run": fit.epochs_run,
+            "train_tokens_per_sec": fit.train_tokens_per_sec,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(device),
+            "torch_threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - started,
+        }
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        logger.log_summary(results)
+        logger.log_samples(text)
+    finally:
+        logger.finish()
+    return results
