@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import shutil
 import sys
 import traceback
@@ -108,6 +109,7 @@ def _record_failure(out_dir: Path, message: str, detail: str) -> None:
 # ------------------------------------------------------------------------------------ sweep summary
 SWEEP_FUNCTIONS = {"range", "choice", "interval", "glob", "tag"}  # Hydra's sweep override functions
 _sweep_dir: Path | None = None
+_sweep_overrides: list[str] = []
 
 
 class SweepRecorder(Callback):
@@ -115,8 +117,8 @@ class SweepRecorder(Callback):
     the environment, which every launcher passes on) which keys vary, for their folder names."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir
-        _sweep_dir = Path(config.hydra.sweep.dir)
+        global _sweep_dir, _sweep_overrides
+        _sweep_dir, _sweep_overrides = Path(config.hydra.sweep.dir), list(config.hydra.overrides.task)
         swept = set((config.hydra.sweeper.get("params") or {}).keys())  # presets and Optuna's search space
         for override in config.hydra.overrides.task:
             key, _, value = override.partition("=")
@@ -136,6 +138,11 @@ def run_with_summary(hydra_main: Callable[[], Any]) -> None:
     if _sweep_dir is not None:
         failed = summarize_sweep(_sweep_dir)
         code = code or (1 if failed else 0)
+        if code in (130, 143):  # interrupted: every job resumes from its own last.pt
+            args = " ".join(shlex.quote(o) for o in _sweep_overrides if not o.startswith("hydra.sweep.dir="))
+            print(
+                f"Resume the whole sweep with: python -m lmlab.run -m {args} hydra.sweep.dir={_sweep_dir}", flush=True
+            )
     if code:
         sys.exit(code)
 

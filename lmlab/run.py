@@ -10,6 +10,7 @@ module for every TAB) does not pay for them.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,10 +43,9 @@ def hydra_task(cfg: DictConfig) -> float:
     try:
         return train_and_report(cfg, out_dir, group, name, prefix)["best_val_ppl"]
     except TrainingInterrupted as stop:
-        overrides = " ".join(HydraConfig.get().overrides.task)
-        print(
-            f"{stop}\nResume with: python -m lmlab.run {overrides} hydra.run.dir={out_dir}", file=sys.stderr, flush=True
-        )
+        overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
+        resume = "" if multirun else f"\nResume with: python -m lmlab.run {overrides} hydra.run.dir={out_dir}"
+        print(f"{prefix}{stop}{resume}", file=sys.stderr, flush=True)  # a multirun prints the sweep's command
         sys.exit(stop.exit_code)
 
 

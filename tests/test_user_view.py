@@ -61,3 +61,33 @@ def test_multirun_lines_name_their_job(tmp_path, corpus_dir):
     epoch_lines = [line for line in proc.stdout.splitlines() if "[Epoch: 1]" in line]
     assert [line.split(" [Epoch")[0] for line in epoch_lines] == ["[job 0]", "[job 1]"]
     assert f"multirun folder: {sweep} (2 finished, 0 failed)" in proc.stdout and "best job: " in proc.stdout
+
+
+def test_ctrl_c_in_a_multirun_prints_the_command_that_resumes_the_sweep(tmp_path, corpus_dir):
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = [
+        *TINY,
+        f"dataset.path={corpus_dir}",
+        "trainer.epochs=200",
+        "model.hidden_dim=16,24",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab.run", "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(sweep.glob("0_*/metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "[job 0] stopped by SIGINT" in stderr and "Resume with:" not in stderr
+    command = next(line for line in stdout.splitlines() if line.startswith("Resume the whole sweep with: "))
+    assert "python -m lmlab.run -m " in command and "model.hidden_dim=16,24" in command
+    assert command.endswith(f"hydra.sweep.dir={sweep}")
+    assert (next(sweep.glob("0_*")) / "checkpoints" / "last.pt").is_file()
