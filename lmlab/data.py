@@ -7,6 +7,7 @@ frequency (adaptive softmax relies on that order), and words unseen in train bec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from array import array
@@ -116,6 +117,9 @@ class Corpus:
     def from_files(cls, files: dict[str, Path], cache: bool = True) -> Corpus:
         """Build from ``{"train": path, "valid": path, "test": path}``, using a tensor cache if present."""
         cache_path = _cache_path(files)
+        if cache:
+            with contextlib.suppress(OSError):  # a read-only data folder keeps what it has
+                remove_stale_temp_files(cache_path.parent)  # a killed cache write's leftovers
         if cache and cache_path.is_file():
             try:
                 state = torch.load(cache_path, weights_only=True)
@@ -152,13 +156,12 @@ def _cache_path(files: dict[str, Path]) -> Path:
 
 
 def _write_cache(path: Path, state: dict) -> None:
-    """Write the cache atomically; then remove older caches of the same source and dead writers' temp files."""
+    """Write the cache atomically, then remove older caches of the same source."""
     atomic_save(state, path)
     source_prefix = path.name.rsplit("-", 1)[0]
     for old in path.parent.glob(f"{source_prefix}-*.pt"):
         if old != path:
             old.unlink(missing_ok=True)
-    remove_stale_temp_files(path.parent)
 
 
 class LanguageModelData:
