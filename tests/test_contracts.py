@@ -84,7 +84,7 @@ def test_a_model_of_ones_own_trains_generates_and_evaluates_through_the_clis(tmp
     assert json.loads(ev.stdout.splitlines()[-1])["loss"] == pytest.approx(results["test_loss"], rel=1e-5)
 
     without = _cli("lmlab.generate", f"checkpoint={best}", "device=cpu", env=env)
-    assert without.returncode == 2 and "'bigram' is not a registered model" in without.stderr
+    assert without.returncode == 4 and "'bigram' is not a registered model" in without.stderr
     assert "plugins=[module]" in without.stderr and "Traceback" not in without.stderr
 
 
@@ -152,7 +152,7 @@ def test_generate_and_evaluate_refuse_a_nested_target_in_one_line(trained, tmp_p
     best = _tampered(folder / "best.pt", tmp_path / "best.pt", _edits(marker)["nested _target_"])
     for module, extra in (("lmlab.generate", []), ("lmlab.evaluate", ["dataset=text_dir", f"dataset.path={corpus}"])):
         proc = _cli(module, f"checkpoint={best}", "device=cpu", *extra)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: refused to build the model stored in")
+        assert proc.returncode == 4 and proc.stderr.startswith("error: refused to build the model stored in")
         assert "embed_dim" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists()
 
