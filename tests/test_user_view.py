@@ -61,6 +61,9 @@ def test_multirun_lines_name_their_job(tmp_path, corpus_dir):
     epoch_lines = [line for line in proc.stdout.splitlines() if "[Epoch: 1]" in line]
     assert [line.split(" [Epoch")[0] for line in epoch_lines] == ["[job 0]", "[job 1]"]
     assert f"multirun folder: {sweep} (2 finished, 0 failed)" in proc.stdout and "best job: " in proc.stdout
+    # folder names show what differs between jobs; the constant overrides stay in .hydra/overrides.yaml
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_hidden_dim=16", "1_hidden_dim=24"]
+    assert "dataset.bptt=8" in (sweep / "0_hidden_dim=16" / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_ctrl_c_in_a_multirun_prints_the_command_that_resumes_the_sweep(tmp_path, corpus_dir):
