@@ -1,46 +1,102 @@
-"""``python -m lmlab.evaluate checkpoint=PATH [split=test] [dataset=... trainer.limit_eval_batches=N]``.
+"""``python -m lmlab.evaluate checkpoint=PATH [method=static|cache|dynamic] [split=test]``.
 
-Reports loss and perplexity of a saved model on one split, encoding the text with the checkpoint's own
-vocabulary (so a checkpoint can be scored on any corpus; unseen words count as ``<unk>``). The data is
-the run's own (from the checkpoint's stored config) unless any ``dataset`` key is given.
+Reports loss, perplexity and tokens/s of a saved model on one split, encoding the text with the
+checkpoint's own vocabulary (so a checkpoint can be scored on any corpus; unseen words count as
+``<unk>``). The data is the run's own (from the checkpoint's stored config) unless any ``dataset`` key
+is given. ``method=cache`` mixes in a neural cache (``cache.search=true`` picks theta/lambda on the
+validation split first); ``method=dynamic`` adapts a copy of the model to the text as it reads it
+(see :mod:`lmlab.eval_methods`). One JSON line is printed and written to ``output`` (default: beside
+the checkpoint, ``best.<method>.<split>.json``).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import time
+from pathlib import Path
+from typing import Any, Literal
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint import model_from_checkpoint
 from lmlab.cli import CONF_DIR
 from lmlab.config import validate_config
-from lmlab.data import SPLITS, dataset_from_record, read_text, tokenize
-from lmlab.errors import ConfigError
+from lmlab.data import dataset_from_record, read_text, tokenize
+from lmlab.eval_methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache, static_loss
 from lmlab.factory import build, import_plugins, require_checkpoint
+from lmlab.files import atomic_write_text
 from lmlab.jobs import task_wrapper
+from lmlab.loggers import perplexity
+from lmlab.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, UnitInterval, check_value
+
+METHOD_HINTS = {
+    "cache": {"size": PositiveInt, "theta": PositiveFloat, "lambda": UnitInterval, "search": bool},
+    "dynamic": {"lr": NonNegativeFloat, "decay": Probability, "bptt": PositiveInt, "stat_batches": PositiveInt},
+}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate_cli")
 @task_wrapper
-def main(cfg: DictConfig) -> dict[str, float]:
+def main(cfg: DictConfig) -> dict[str, Any]:
     import_plugins(cfg.get("plugins"))
     validate_config(cfg)
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split!r} is unknown; choose one of {SPLITS}")
+    settings = _method_settings(cfg)
     device = build(cfg.device)
-    model, vocab, state = model_from_checkpoint(require_checkpoint(cfg), device)
+    checkpoint = require_checkpoint(cfg)
+    model, vocab, state = model_from_checkpoint(checkpoint, device)
     overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)
     record = (state.get("config") or {}).get("dataset")
     data = build(cfg.dataset) if overridden or record is None else dataset_from_record(record)
-    tokens = tokenize(read_text(data.files[cfg.split]), vocab)
-    loss = build(cfg.trainer).evaluate(model, data.eval_stream(tokens).to(device), device)
-    result = {"split": cfg.split, "loss": loss, "ppl": math.exp(loss), "tokens": len(tokens)}
-    print(f"{cfg.split}-loss: {loss:.2f} | {cfg.split}-pp: {math.exp(loss):.2f}")
-    print(json.dumps(result))
+
+    def stream(split: str, bptt: int | None = None):
+        tokens = tokenize(read_text(data.files[split]), vocab)
+        encoded = data.eval_stream(tokens)
+        encoded.bptt = bptt or encoded.bptt
+        return encoded.to(device)
+
+    limit = cfg.trainer.limit_eval_batches
+    target = stream(cfg.split, settings.get("bptt"))
+    if cfg.method == "cache" and settings["search"]:
+        searching = time.perf_counter()
+        best, settings["theta"], settings["lambda"] = search_cache(
+            cache_scores(model, stream("valid"), settings["size"], CACHE_THETAS, limit)
+        )
+        settings.update(valid_ppl=perplexity(best), search_seconds=time.perf_counter() - searching)
+    started = time.perf_counter()  # the evaluation of the split itself (a search is timed apart)
+    if cfg.method == "static":
+        loss = static_loss(model, target, limit)
+    elif cfg.method == "cache":
+        scores = cache_scores(model, target, settings["size"], [settings["theta"]], limit)
+        loss = scores.loss(settings["theta"], settings["lambda"])
+    else:
+        rms = gradient_rms(model, stream("train", settings["bptt"]), settings["stat_batches"])
+        loss = dynamic_loss(model, target, rms, settings["lr"], settings["decay"], limit)
+    seconds = time.perf_counter() - started
+    tokens = sum(w.targets.numel() for w in target.windows(limit=limit))
+    result = {
+        "method": cfg.method, "split": cfg.split, "loss": loss, "ppl": perplexity(loss), "tokens": tokens,
+        "tokens_per_sec": tokens / seconds, "seconds": seconds, "settings": settings, "checkpoint": checkpoint,
+    }  # fmt: skip
+    line = json.dumps(result)
+    print(f"{cfg.split}-loss: {loss:.2f} | {cfg.split}-pp: {perplexity(loss):.2f} ({cfg.method})")
+    print(line)
+    output = Path(cfg.output or Path(checkpoint).with_name(f"{Path(checkpoint).stem}.{cfg.method}.{cfg.split}.json"))
+    atomic_write_text(output, line + "\n")
     return result
+
+
+def _method_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The chosen method's settings, checked (one line per bad value) before anything is loaded."""
+    check_value("method", cfg.method, Literal["static", "cache", "dynamic"])
+    check_value("split", cfg.split, Literal["train", "valid", "test"])
+    if cfg.method == "static":
+        return {}
+    settings = OmegaConf.to_container(cfg[cfg.method], resolve=True)
+    for key, hint in METHOD_HINTS[cfg.method].items():
+        check_value(f"{cfg.method}.{key}", settings.get(key), hint)
+    return settings
 
 
 if __name__ == "__main__":

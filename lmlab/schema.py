@@ -34,6 +34,7 @@ NonNegativeInt = Annotated[int, Rule(lambda v: v >= 0, "an integer >= 0")]
 PositiveFloat = Annotated[float, Rule(lambda v: v > 0, "a number > 0")]
 NonNegativeFloat = Annotated[float, Rule(lambda v: v >= 0, "a number >= 0")]
 Probability = Annotated[float, Rule(lambda v: 0 <= v < 1, "a number in [0, 1)")]
+UnitInterval = Annotated[float, Rule(lambda v: 0 <= v <= 1, "a number in [0, 1]")]
 
 
 def conforms(value: Any, hint: Any) -> bool:

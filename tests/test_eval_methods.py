@@ -1,0 +1,104 @@
+"""Evaluation-time methods: neural cache and dynamic evaluation reduce to static at zero strength, help on
+repetitive text, leave the checkpoint untouched, refuse bad settings in one line, work for every model."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.batching import TokenStream
+from lmlab.eval_methods import cache_scores, dynamic_loss, gradient_rms, search_cache, static_loss
+from lmlab.models import build_model
+from lmlab.pipeline import train_and_report
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "rnn": {"embed_dim": 16, "hidden_dim": 16, "dropout": 0.0},
+    "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 1, "dropout": 0.0, "context": 8},
+}
+
+
+def _stream(seed: int = 0) -> TokenStream:
+    # Text that repeats itself: exactly where a cache or adaptation should help an untrained model.
+    phrase = torch.randint(0, 30, (12,), generator=torch.Generator().manual_seed(seed))
+    return TokenStream(phrase.repeat(40), batch_size=2, bptt=6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zero_strength_equals_static_and_some_strength_helps(name):
+    torch.manual_seed(0)
+    model = build_model(name, 30, **MODELS[name])
+    stream = _stream()
+    static = static_loss(model, stream)
+    scores = cache_scores(model, stream, size=50, thetas=[1.0])
+    assert scores.loss(1.0, 0.0) == pytest.approx(static, rel=1e-6, abs=1e-6)
+    assert scores.loss(1.0, 0.5) < 0.8 * static  # the cache has seen every phrase before
+    assert search_cache(scores)[0] <= scores.loss(1.0, 0.5)
+
+    rms = gradient_rms(model, _stream(seed=1), batches=5)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert dynamic_loss(model, stream, rms, lr=0.0, decay=0.02) == pytest.approx(static, rel=1e-6)
+    assert dynamic_loss(model, stream, rms, lr=1e-3, decay=0.0) < 0.9 * static
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # a copy adapted
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab.cli import CONF_DIR
+    from tests.conftest import write_corpus
+
+    tmp = tmp_path_factory.mktemp("eval")
+    corpus = write_corpus(tmp / "corpus")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"dataset.path={corpus}", "trainer.epochs=1"])
+        results = train_and_report(cfg, tmp / "run")
+    GlobalHydra.instance().clear()
+    return tmp / "run" / "checkpoints" / "best.pt", results
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmlab.evaluate", "device=cpu", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_the_cli_reports_each_method_and_leaves_the_checkpoint_untouched(checkpoint, tmp_path):
+    path, results = checkpoint
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    reports = {}
+    for method, extra in (("static", []), ("cache", ["cache.search=true"]), ("dynamic", ["dynamic.stat_batches=5"])):
+        out = tmp_path / f"{method}.json"
+        proc = _evaluate(f"checkpoint={path}", f"method={method}", f"output={out}", *extra)
+        assert proc.returncode == 0, proc.stderr
+        reports[method] = json.loads(proc.stdout.splitlines()[-1])
+        assert json.loads(out.read_text()) == reports[method]
+        assert reports[method]["tokens_per_sec"] > 0 and reports[method]["method"] == method
+    assert reports["static"]["loss"] == pytest.approx(results["test_loss"], rel=1e-4)
+    assert {"theta", "lambda", "valid_ppl"} <= set(reports["cache"]["settings"])  # the chosen values
+    assert reports["cache"]["loss"] <= reports["static"]["loss"] + 1e-9  # lambda=0 is on the grid
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=magic"], "method='magic' is invalid: it must be one of ['static', 'cache', 'dynamic']"),
+        (["method=cache", "cache.lambda=1.5"], "cache.lambda=1.5 is invalid: it must be a number in [0, 1]"),
+        (["method=dynamic", "dynamic.lr=-1"], "dynamic.lr=-1 is invalid: it must be a number >= 0"),
+        (["method=cache", "cache.size=0"], "cache.size=0 is invalid: it must be a positive integer"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(overrides, message, checkpoint):
+    proc = _evaluate(f"checkpoint={checkpoint[0]}", *overrides)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}")
+    assert len(proc.stderr.strip().splitlines()) == 1
