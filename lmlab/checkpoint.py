@@ -113,6 +113,22 @@ def restore_training(
     return state, ckpt["logger_state"]
 
 
+def initial_weights(path: str | os.PathLike, meta: dict[str, Any], model: torch.nn.Module) -> None:
+    """Load another run's weights (not its progress or optimizer) into ``model``: fine-tuning."""
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"trainer.init_from={path} is not a file; give the checkpoint whose weights this run starts from, "
+            "e.g. trainer.init_from=outputs/DAY/TIME/checkpoints/best.pt"
+        )
+    ckpt = load_checkpoint(path)
+    if ckpt["vocab"] != meta["vocab"] or ckpt["model"] != meta["model"]:
+        raise CheckpointError(
+            f"trainer.init_from={path} holds another model or vocabulary than this run's; give a checkpoint "
+            "of the same model and data"
+        )
+    model.load_state_dict(ckpt["model_state"])
+
+
 # Changing these mid-run would change what the saved state means (window shapes, the text itself).
 FIXED_ON_RESUME = ("dataset",)
 

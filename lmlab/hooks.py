@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.checkpoint import TrainState, restore_training, training_checkpoint
+from lmlab.checkpoint import TrainState, initial_weights, restore_training, training_checkpoint
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.files import atomic_save, remove_stale_temp_files
 from lmlab.interrupt import StopSignals
@@ -181,11 +181,14 @@ class WeightAveraging(Hook):
 
 class Checkpointing(Hook):
     """``last.pt`` every ``save_every_steps`` steps, at each epoch end and on a stop signal; ``best.pt``
-    whenever validation improves (with the weights that were validated); resume on start."""
+    whenever validation improves (with the weights that were validated); on start, resume — or, for a
+    new run with ``init_from``, start from another run's weights (fine-tuning)."""
 
-    def __init__(self, folder: Path, meta: dict[str, Any], save_every_steps: int | None, resume: Any) -> None:
+    def __init__(
+        self, folder: Path, meta: dict[str, Any], save_every_steps: int | None, resume: Any, init_from: Any = None
+    ) -> None:
         self.last, self.best = Path(folder) / "last.pt", Path(folder) / "best.pt"
-        self.meta, self.save_every_steps, self.resume = meta, save_every_steps, resume
+        self.meta, self.save_every_steps, self.resume, self.init_from = meta, save_every_steps, resume, init_from
 
     def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
         remove_stale_temp_files(self.last.parent)  # what a killed writer left (the run folder lock is ours)
@@ -193,6 +196,9 @@ class Checkpointing(Hook):
             ctx.last_saved = self.last
         source = self._resume_source()
         if source is None:
+            if self.init_from:
+                initial_weights(self.init_from, self.meta, ctx.model)
+                print(f"Starting from the weights of {self.init_from}")
             return
         schedule = ctx.schedule.scheduler if ctx.schedule else None
         ctx.state, logger_state = restore_training(source, self.meta, ctx.model, ctx.optimizer, schedule, ctx.scaler)

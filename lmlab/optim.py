@@ -19,11 +19,13 @@ import torch
 class NTASGD(torch.optim.SGD):
     """``torch.optim.SGD`` plus non-monotonically triggered iterate averaging."""
 
-    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0, nonmono: int = 5) -> None:
+    def __init__(
+        self, params: Any, lr: float, weight_decay: float = 0.0, nonmono: int = 5, start_averaging: bool = False
+    ) -> None:
         super().__init__(params, lr=lr, weight_decay=weight_decay)
         self.nonmono = nonmono
         self.val_history: list[float] = []
-        self.averaging = False
+        self.averaging = start_averaging  # True: plain ASGD from the first step (AWD-LSTM's fine-tuning)
         self.n_averaged = 0
 
     @torch.no_grad()

@@ -65,6 +65,7 @@ class Trainer:
         precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32",
         save_every_steps: PositiveInt | None = None,
         resume: str | None = "auto",
+        init_from: str | None = None,
         on_nan: Literal["stop", "skip_batch"] = "stop",
         max_skipped_fraction: Probability = 0.1,
         compile: bool = False,
@@ -75,7 +76,7 @@ class Trainer:
         self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
         self.log_interval, self.progress, self.precision = log_interval, progress, precision
         self.save_every_steps, self.resume, self.on_nan = save_every_steps, resume, on_nan
-        self.max_skipped_fraction = max_skipped_fraction
+        self.max_skipped_fraction, self.init_from = max_skipped_fraction, init_from
         self.compile, self.max_time_s, self.extra_hooks = compile, max_time_s, list(hooks or [])
         self._dtype: torch.dtype | None = None
 
@@ -92,7 +93,9 @@ class Trainer:
         checkpoint_meta: dict[str, Any],
     ) -> FitResult:
         """Train, validating after each epoch; returns the best validation loss and where it is saved."""
-        checkpoints = Checkpointing(Path(out_dir) / "checkpoints", checkpoint_meta, self.save_every_steps, self.resume)
+        checkpoints = Checkpointing(
+            Path(out_dir) / "checkpoints", checkpoint_meta, self.save_every_steps, self.resume, self.init_from
+        )
         hooks: list[Hook] = [
             StopOnSignal(),
             *([TimeBudget(self.max_time_s)] if self.max_time_s else []),

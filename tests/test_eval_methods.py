@@ -102,3 +102,23 @@ def test_bad_settings_are_refused_in_one_line(overrides, message, checkpoint):
     proc = _evaluate(f"checkpoint={checkpoint[0]}", *overrides)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_awd_finetuning_starts_from_the_given_weights_with_averaging(tmp_path, corpus_dir, compose_cfg):
+    tiny = [
+        *TINY, f"dataset.path={corpus_dir}", "dataset.batch_size=4", "dataset.bptt=8", "model.embed_dim=16",
+        "model.hidden_dim=16", "model.num_layers=2", "optimizer.lr=5", "trainer.epochs=1",
+    ]  # fmt: skip
+    base = train_and_report(compose_cfg([*tiny, "+experiment=awd_lstm", "trainer.epochs=2"]), tmp_path / "base")
+    best = tmp_path / "base" / "checkpoints" / "best.pt"
+    refused = compose_cfg([*tiny, "+experiment=awd_lstm_finetune"])
+    with pytest.raises(Exception, match="trainer.init_from=GIVE-trainer.init_from=PATH/TO/best.pt is not a file"):
+        train_and_report(refused, tmp_path / "refused")
+    tuned = train_and_report(
+        compose_cfg([*tiny, "+experiment=awd_lstm_finetune", f"trainer.init_from={best}"]), tmp_path / "tuned"
+    )
+    state = torch.load(tmp_path / "tuned" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["optimizer_state"]["nt_asgd"]["averaging"] and state["optimizer_state"]["nt_asgd"]["n_averaged"] > 0
+    first = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("base", "tuned")]
+    assert first[1]["val_loss"] < first[0]["val_loss"]  # its first epoch starts from the trained weights
+    assert tuned["epochs_run"] == 1 and base["epochs_run"] == 2
