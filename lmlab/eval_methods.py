@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from lmlab.batching import TokenStream
-from lmlab.models import LanguageModel
+from lmlab.errors import NonFiniteLoss
+from lmlab.models import LanguageModel, diverged
 from lmlab.schema import NonNegativeFloat, PositiveInt, Probability
 
 
@@ -88,7 +89,7 @@ def cache_scores(
     return CacheScores(flat(model_probs), {theta: flat(parts) for theta, parts in cache_probs.items()})
 
 
-CACHE_THETAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0]
+CACHE_THETAS = [0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0]
 CACHE_LAMBDAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 
 
@@ -141,6 +142,11 @@ def dynamic_loss(
         adapted.zero_grad(set_to_none=True)
         features, state = adapted(window.inputs, state)
         loss = adapted.loss(features, window.targets)
+        if diverged(loss.item(), adapted.vocab_size):
+            raise NonFiniteLoss(
+                f"dynamic evaluation diverged after {count:,} tokens (dynamic.lr={lr} is too large for this "
+                "model); lower dynamic.lr or raise dynamic.decay"
+            )
         total += loss.item() * window.targets.numel()  # scored before the model sees these targets
         count += window.targets.numel()
         if lr == 0:

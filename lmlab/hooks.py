@@ -25,7 +25,7 @@ from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.files import atomic_save, remove_stale_temp_files
 from lmlab.interrupt import StopSignals
 from lmlab.loggers import Logger
-from lmlab.models import LanguageModel, State
+from lmlab.models import LanguageModel, State, diverged
 
 
 @dataclass
@@ -53,9 +53,7 @@ class FitContext:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def diverged(self, loss: float) -> bool:
-        """A loss that is not finite, or over 10 × ln(vocabulary) nats per token (a uniform guess costs
-        1 × ln(vocabulary)): weights that produce it are not worth keeping."""
-        return not loss < 10 * math.log(max(self.model.vocab_size, 2))
+        return diverged(loss, self.model.vocab_size)
 
     def running_loss(self) -> float:
         """Mean training loss of this epoch's steps so far (skipped batches excluded)."""

@@ -122,3 +122,13 @@ def test_awd_finetuning_starts_from_the_given_weights_with_averaging(tmp_path, c
     first = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("base", "tuned")]
     assert first[1]["val_loss"] < first[0]["val_loss"]  # its first epoch starts from the trained weights
     assert tuned["epochs_run"] == 1 and base["epochs_run"] == 2
+
+
+def test_diverging_dynamic_evaluation_is_an_error_not_a_nan():
+    from lmlab.errors import NonFiniteLoss
+
+    torch.manual_seed(0)
+    model = build_model("rnn", 30, **MODELS["rnn"])
+    rms = gradient_rms(model, _stream(seed=1), batches=5)
+    with pytest.raises(NonFiniteLoss, match=r"dynamic evaluation diverged after .* lower dynamic.lr"):
+        dynamic_loss(model, _stream(), rms, lr=1e6, decay=0.0)

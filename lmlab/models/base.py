@@ -16,6 +16,7 @@ edge). For an RNN the state is its hidden state; for a Transformer a cache of pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -97,6 +98,12 @@ class LanguageModel(nn.Module):
             sampled.append(int(next_id))
             features, state = self(next_id.view(1, 1), state)
         return sampled
+
+
+def diverged(loss: float, vocab_size: int) -> bool:
+    """A loss that is not finite, or over 10 × ln(vocabulary) nats per token (a uniform guess costs
+    1 × ln(vocabulary)): weights that produce it are not worth keeping or reporting."""
+    return not loss < 10 * math.log(max(vocab_size, 2))
 
 
 def map_tensors(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
