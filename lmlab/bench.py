@@ -19,16 +19,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lmlab.baseline import BASELINES, time_plain_loop
 from lmlab.cli import CONF_DIR
 from lmlab.config import model_arguments
-from lmlab.device import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision
-from lmlab.factory import build_training_objects
+from lmlab.device import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
+from lmlab.factory import build, build_training_objects
 from lmlab.jobs import task_wrapper
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
@@ -38,10 +34,10 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seco
     c = a @ b
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.matmul(a, b, out=c)
-        _sync(device)
+        synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -62,14 +58,14 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         trainer.limit_train_batches = n
         start = time.perf_counter()
         tokens = trainer.train_steps(model, train_stream, optimizer, device)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start, tokens
 
     def timed_eval(n: int) -> tuple[float, int]:
         trainer.limit_eval_batches = n
         start = time.perf_counter()
         trainer.evaluate(model, eval_stream, device)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start, sum(w.targets.numel() for w in eval_stream.windows(limit=n))
 
     timed_train(warmup)
@@ -77,6 +73,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     timed_eval(warmup)
     eval_s, eval_tokens = timed_eval(steps)
 
+    baseline = _plain_loop(cfg, len(data.vocab), device, steps, warmup)
     flops = model.flops_per_token(data.corpus.train)
     train_tps, eval_tps = train_tokens / train_s, eval_tokens / eval_s
     precision = resolve_precision(cfg.trainer.precision, device)
@@ -112,9 +109,23 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
             "fraction_of_peak": eval_gflops / reference_peak,
             "speedup_over_train": eval_tps / train_tps,
         },
+        "baseline": baseline and {**baseline, "lmlab_over_plain": train_tps / baseline["tokens_per_sec"]},
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": peak_gpu_mb(device),
     }
+
+
+def _plain_loop(cfg: DictConfig, vocab_size: int, device: torch.device, steps: int, warmup: int) -> dict | None:
+    """The plain PyTorch loop of the same shapes, timed in this run (None: off, or none for this model)."""
+    make = BASELINES.get(cfg.model.name)
+    if not cfg.bench.baseline or make is None:
+        return None
+    plain = make(vocab_size, model_arguments(cfg.model)).to(device)
+    optimizer = build(cfg.optimizer)(plain.parameters())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.trainer.precision, device))
+    stream = build(cfg.dataset).stream("train").to(device)
+    seconds, tokens = time_plain_loop(plain, optimizer, stream, steps, warmup, cfg.trainer.clip_grad_norm, dtype)
+    return {"tokens_per_sec": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -131,6 +142,7 @@ def summary(r: dict[str, Any]) -> str:
             f"= {100 * t['fraction_of_peak']:.0f}% of peak",
             f"eval:  {e['tokens_per_sec']:,.0f} tok/s | {e['ms_per_step']:.1f} ms/step | {e['gflops']:.1f} GFLOP/s "
             f"= {100 * e['fraction_of_peak']:.0f}% of peak | {e['speedup_over_train']:.1f}x train",
+            _baseline_line(r),
             f"peak RSS {r['peak_rss_mb']:.0f} MB | peak GPU {gpu} MB",
         ]
     )
@@ -140,6 +152,16 @@ def _brief(arguments: dict[str, Any]) -> str:
     """The model's size-defining arguments, e.g. ``cell=lstm embed_dim=650 hidden_dim=650 num_layers=2``."""
     keys = ("cell", "embed_dim", "hidden_dim", "d_model", "num_heads", "num_layers", "softmax", "context")
     return " ".join(f"{k}={arguments[k]}" for k in keys if k in arguments)
+
+
+def _baseline_line(r: dict[str, Any]) -> str:
+    b = r["baseline"]
+    if b is None:
+        return f"plain PyTorch loop: not timed (bench.baseline=false, or none for model {r['model']['name']})"
+    return (
+        f"plain PyTorch loop, same shapes: {b['tokens_per_sec']:,.0f} tok/s | {b['ms_per_step']:.1f} ms/step "
+        f"| lmlab/plain {b['lmlab_over_plain']:.2f}x"
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")

@@ -62,6 +62,12 @@ def tune_cpu_heap(mode: str) -> bool:
     return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux/macOS)."""
     import resource

@@ -273,6 +273,8 @@ def test_bench_runs_and_writes_well_formed_figures(corpus_dir, tmp_path):
         assert 0 < result[phase]["fraction_of_peak"] < 5
     assert result["peak_rss_mb"] > 0 and result["peak_gpu_mb"] is None
     assert "train:" in proc.stdout and "% of peak" in proc.stdout
+    assert result["baseline"]["tokens_per_sec"] > 0 and result["baseline"]["lmlab_over_plain"] > 0
+    assert "plain PyTorch loop, same shapes:" in proc.stdout and "lmlab/plain" in proc.stdout
 
 
 def test_time_budget_stops_training_then_reports(corpus_dir, tmp_path, compose_cfg):

@@ -1,0 +1,93 @@
+"""The plain PyTorch training loop that ``lmlab.bench`` measures lmlab against, same shapes, same run.
+
+What a user would write from pytorch/examples' word_language_model: ``nn.Embedding`` → ``nn.LSTM``/``nn.GRU``
+(stacked, dropout between layers) → ``nn.Linear`` (tied to the embedding when the sizes allow) →
+``F.cross_entropy`` → ``clip_grad_norm_`` → the optimizer, with the hidden state carried and detached
+between windows. Registered per model name (:data:`BASELINES`); a model without one is benched alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.batching import TokenStream
+from lmlab.device import synchronize
+
+
+class PlainRNN(nn.Module):
+    def __init__(self, vocab_size: int, cell: str, embed_dim: int, hidden_dim: int, num_layers: int, dropout: float,
+                 tie_weights: bool) -> None:  # fmt: skip
+        super().__init__()
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.embedding, self.drop = nn.Embedding(vocab_size, embed_dim), nn.Dropout(dropout)
+        self.rnn = rnn(embed_dim, hidden_dim, num_layers, dropout=dropout if num_layers > 1 else 0.0)
+        self.decoder = nn.Linear(hidden_dim, vocab_size)
+        if tie_weights and embed_dim == hidden_dim:
+            self.decoder.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor, hidden: Any) -> tuple[torch.Tensor, Any]:
+        output, hidden = self.rnn(self.drop(self.embedding(tokens)), hidden)
+        return self.decoder(self.drop(output)), hidden
+
+
+def plain_rnn(vocab_size: int, arguments: dict[str, Any]) -> nn.Module:
+    keys = ("cell", "embed_dim", "hidden_dim", "num_layers", "dropout", "tie_weights")
+    defaults = {
+        "cell": "lstm",
+        "embed_dim": 650,
+        "hidden_dim": 650,
+        "num_layers": 2,
+        "dropout": 0.5,
+        "tie_weights": True,
+    }
+    return PlainRNN(vocab_size, **{k: arguments.get(k, defaults[k]) for k in keys})
+
+
+BASELINES: dict[str, Callable[[int, dict[str, Any]], nn.Module]] = {"rnn": plain_rnn}
+
+
+def time_plain_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stream: TokenStream,
+    steps: int,
+    warmup: int,
+    clip: float | None,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[float, int]:
+    """Seconds and tokens of ``steps`` training steps after ``warmup`` untimed ones."""
+    device = stream.columns.device
+    model.train()
+    hidden = None
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        nonlocal hidden
+        if hidden is not None:
+            hidden = tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
+        autocast = torch.autocast(device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with autocast:
+            logits, hidden = model(inputs, hidden)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+
+    windows = stream.windows(limit=warmup + steps)
+    for window, _ in zip(windows, range(warmup), strict=False):
+        step(window.inputs, window.targets)
+    synchronize(device)
+    start, tokens = time.perf_counter(), 0
+    for window in windows:
+        step(window.inputs, window.targets)
+        tokens += window.inputs.numel()
+    synchronize(device)
+    return time.perf_counter() - start, tokens
