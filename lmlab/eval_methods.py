@@ -89,7 +89,7 @@ def cache_scores(
     return CacheScores(flat(model_probs), {theta: flat(parts) for theta, parts in cache_probs.items()})
 
 
-CACHE_THETAS = [0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0]
+CACHE_THETAS = [0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0]
 CACHE_LAMBDAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 
 
