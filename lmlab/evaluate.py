@@ -40,11 +40,11 @@ METHOD_HINTS = {
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate_cli")
 @task_wrapper
 def main(cfg: DictConfig) -> dict[str, Any]:
+    checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
     validate_config(cfg)
     settings = _method_settings(cfg)
     device = build(cfg.device)
-    checkpoint = require_checkpoint(cfg)
     model, vocab, state = model_from_checkpoint(checkpoint, device)
     overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)
     record = (state.get("config") or {}).get("dataset")

@@ -24,12 +24,13 @@ SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # the generate group
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate_cli")
 @task_wrapper
 def main(cfg: DictConfig) -> str:
+    checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
     validate_config(cfg)
     settings = {key: cfg[key] for key in SETTINGS}
     check_arguments(sample_words, settings, prefix="")
     device = build(cfg.device)
-    model, vocab, _ = model_from_checkpoint(require_checkpoint(cfg), device)
+    model, vocab, _ = model_from_checkpoint(checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     text = format_words(sample_words(model, vocab, **settings, generator=generator))
     print(text)
