@@ -67,3 +67,17 @@ def compose_cfg():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def train_tiny_run(folder: Path) -> tuple[Path, Path, list[str], dict]:
+    """One finished 1-epoch TINY run under ``folder`` (for module-scoped fixtures that share it):
+    its run folder, its corpus, the overrides it used, and its results."""
+    from lmlab.pipeline import train_and_report
+
+    corpus = write_corpus(folder / "corpus")
+    overrides = [*TINY, f"dataset.path={corpus}", "trainer.epochs=1"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        results = train_and_report(compose("config", overrides=overrides), folder / "run")
+    GlobalHydra.instance().clear()
+    return folder / "run", corpus, overrides, results

@@ -14,7 +14,7 @@ import torch
 from lmlab.checkpoint import model_from_checkpoint
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.pipeline import train_and_report
-from tests.conftest import TINY
+from tests.conftest import TINY, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,21 +90,9 @@ def test_a_model_of_ones_own_trains_generates_and_evaluates_through_the_clis(tmp
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny finished run (its best.pt and last.pt)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmlab.cli import CONF_DIR
-    from tests.conftest import write_corpus
-
-    tmp = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(tmp / "corpus")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        overrides = [*TINY, f"dataset.path={corpus}", "trainer.epochs=1"]
-        train_and_report(compose("config", overrides=overrides), tmp / "run")
-    GlobalHydra.instance().clear()
-    return tmp / "run" / "checkpoints", corpus, overrides
+    """One tiny finished run: its checkpoints folder, corpus and overrides."""
+    run, corpus, overrides, _ = train_tiny_run(tmp_path_factory.mktemp("trained"))
+    return run / "checkpoints", corpus, overrides
 
 
 def _tampered(source: Path, target: Path, edit) -> Path:

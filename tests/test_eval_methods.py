@@ -14,7 +14,7 @@ from lmlab.batching import TokenStream
 from lmlab.eval_methods import cache_scores, dynamic_loss, gradient_rms, search_cache, static_loss
 from lmlab.models import build_model
 from lmlab.pipeline import train_and_report
-from tests.conftest import TINY
+from tests.conftest import TINY, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -49,20 +49,8 @@ def test_zero_strength_equals_static_and_some_strength_helps(name):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmlab.cli import CONF_DIR
-    from tests.conftest import write_corpus
-
-    tmp = tmp_path_factory.mktemp("eval")
-    corpus = write_corpus(tmp / "corpus")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY, f"dataset.path={corpus}", "trainer.epochs=1"])
-        results = train_and_report(cfg, tmp / "run")
-    GlobalHydra.instance().clear()
-    return tmp / "run" / "checkpoints" / "best.pt", results
+    run, _, _, results = train_tiny_run(tmp_path_factory.mktemp("eval"))
+    return run / "checkpoints" / "best.pt", results
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
