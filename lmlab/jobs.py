@@ -125,6 +125,10 @@ class SweepRecorder(Callback):
             if "," in value.strip("[]") and not value.startswith("[") or value.split("(")[0] in SWEEP_FUNCTIONS:
                 swept.add(key.lstrip("+~"))
         os.environ[SWEPT_KEYS_ENV] = ",".join(sorted(swept))
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            import optuna  # the sweeper's own dependency; quiet before it creates the study
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # its coloured study notes stay off the console
 
 
 def run_with_summary(hydra_main: Callable[[], Any]) -> None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [o for o in TINY if not o.startswith("trainer.epochs")] + ["trainer.epochs=2"]
 
 
-def multirun(tmp_path: Path, corpus: Path, *extra: str, base: list[str] = SWEEP) -> Path:
+def multirun(tmp_path: Path, corpus: Path, *extra: str, base: list[str] = SWEEP, output: list | None = None) -> Path:
     sweep_dir = tmp_path / "sweep"
     args = [
         sys.executable,
@@ -32,6 +32,8 @@ def multirun(tmp_path: Path, corpus: Path, *extra: str, base: list[str] = SWEEP)
     ]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if output is not None:
+        output.append(proc)
     return sweep_dir
 
 
@@ -112,6 +114,7 @@ def test_optuna_sweep_minimises_validation_perplexity(tmp_path, corpus_dir):
     # Fixed values on the command line would pin the searched keys, so leave those three out.
     searched = ("optimizer.lr", "model.dropout", "model.hidden_dim")
     base = [o for o in SWEEP if not o.startswith(searched)]
+    output: list = []
     sweep = multirun(
         tmp_path,
         corpus_dir,
@@ -120,7 +123,10 @@ def test_optuna_sweep_minimises_validation_perplexity(tmp_path, corpus_dir):
         "trainer.epochs=1",
         "model.embed_dim=16",
         base=base,
+        output=output,
     )
+    console = output[0].stdout + output[0].stderr
+    assert "\x1b[" not in console and "setup plugin alembic" not in console  # no plugin chatter or colour codes
     assert len(job_dirs(sweep)) == 3
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     ppls = [json.loads((j / "results.json").read_text())["best_val_ppl"] for j in job_dirs(sweep)]
