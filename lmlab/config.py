@@ -27,7 +27,9 @@ TOP_LEVEL_HINTS = {"seed": int | None, "plugins": list[str]}
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first value that breaks its group's schema."""
-    for key in sorted(OmegaConf.missing_keys(cfg)):
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
         raise ConfigError(f"{key} must be set (the config leaves it ???); give it on the command line: {key}=VALUE")
     for key, hint in TOP_LEVEL_HINTS.items():
         if key in cfg:

@@ -89,15 +89,17 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
     optimizer = build(cfg.optimizer)(model.parameters())
     if model.sparse_gradients and not takes_sparse_gradients(optimizer):
         raise ConfigError(
-            f"model.sparse_embedding=true makes sparse gradients, which {type(optimizer).__name__} cannot "
-            "take; use optimizer=sgd or optimizer=nt_asgd, or set model.sparse_embedding=false"
+            f"model {cfg.model.name} makes sparse gradients (model.sparse_embedding=true), which "
+            f"{type(optimizer).__name__} cannot take; use optimizer=sgd or optimizer=nt_asgd, or set "
+            "model.sparse_embedding=false"
         )
     schedule = build_schedule(cfg.get("scheduler"), optimizer)
     return TrainingObjects(device, data, model, optimizer, schedule, build(cfg.trainer, **trainer_overrides))
 
 
-RUN_KEYS = {"dataset", "model", "optimizer", "scheduler", "device", "trainer", "generate", "logger", "seed"}
-RUN_KEYS |= {"plugins", "bench"}
+# The top-level keys of a run (and bench) config; anything else was added with + and is read by nobody.
+RUN_KEYS = {"dataset", "model", "optimizer", "scheduler", "device", "trainer", "generate", "logger", "seed", "plugins",
+            "bench"}  # fmt: skip
 
 
 def refuse_unread_keys(cfg: DictConfig) -> None:
