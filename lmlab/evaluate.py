@@ -12,6 +12,7 @@ the checkpoint, ``best.<method>.<split>.json``).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -83,7 +84,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     print(f"{cfg.split}-loss: {loss:.2f} | {cfg.split}-pp: {perplexity(loss):.2f} ({cfg.method})")
     print(line)
     output = Path(cfg.output or Path(checkpoint).with_name(f"{Path(checkpoint).stem}.{cfg.method}.{cfg.split}.json"))
-    atomic_write_text(output, line + "\n")
+    try:
+        atomic_write_text(output, line + "\n")
+    except OSError as err:  # e.g. a read-only checkpoint folder: the printed line is the result
+        print(f"warning: could not write {output} ({err.strerror or err}); set output=PATH", file=sys.stderr)
     return result
 
 
