@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmlab.baseline import BASELINES, time_plain_loop
+from lmlab.batching import TokenStream
 from lmlab.cli import CONF_DIR
 from lmlab.config import model_arguments
 from lmlab.device import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
@@ -73,7 +74,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     timed_eval(warmup)
     eval_s, eval_tokens = timed_eval(steps)
 
-    baseline = _plain_loop(cfg, len(data.vocab), device, steps, warmup)
+    baseline = _plain_loop(cfg, len(data.vocab), train_stream, steps, warmup)
     flops = model.flops_per_token(data.corpus.train)
     train_tps, eval_tps = train_tokens / train_s, eval_tokens / eval_s
     precision = resolve_precision(cfg.trainer.precision, device)
@@ -115,15 +116,15 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _plain_loop(cfg: DictConfig, vocab_size: int, device: torch.device, steps: int, warmup: int) -> dict | None:
+def _plain_loop(cfg: DictConfig, vocab_size: int, stream: TokenStream, steps: int, warmup: int) -> dict | None:
     """The plain PyTorch loop of the same shapes, timed in this run (None: off, or none for this model)."""
     make = BASELINES.get(cfg.model.name)
     if not cfg.bench.baseline or make is None:
         return None
+    device = stream.columns.device
     plain = make(vocab_size, model_arguments(cfg.model)).to(device)
     optimizer = build(cfg.optimizer)(plain.parameters())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.trainer.precision, device))
-    stream = build(cfg.dataset).stream("train").to(device)
     seconds, tokens = time_plain_loop(plain, optimizer, stream, steps, warmup, cfg.trainer.clip_grad_norm, dtype)
     return {"tokens_per_sec": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
 

@@ -82,7 +82,7 @@ def restore_training(
     """Load a ``last.pt`` into model/optimizer/scheduler/scaler and the RNGs; returns the progress
     and the logger's saved state. Refuses checkpoints of another vocabulary or model config."""
     ckpt = load_checkpoint(path)
-    if ckpt["vocab"] != meta["vocab"] or ckpt["model"] != meta["model"]:
+    if not _same_model(ckpt, meta):
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with another vocabulary or model "
             "config; use trainer.resume=null or a fresh hydra.run.dir"
@@ -121,12 +121,17 @@ def initial_weights(path: str | os.PathLike, meta: dict[str, Any], model: torch.
             "e.g. trainer.init_from=outputs/DAY/TIME/checkpoints/best.pt"
         )
     ckpt = load_checkpoint(path)
-    if ckpt["vocab"] != meta["vocab"] or ckpt["model"] != meta["model"]:
+    if not _same_model(ckpt, meta):
         raise CheckpointError(
             f"trainer.init_from={path} holds another model or vocabulary than this run's; give a checkpoint "
             "of the same model and data"
         )
     model.load_state_dict(ckpt["model_state"])
+
+
+def _same_model(ckpt: dict[str, Any], meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's weights fit this run: the same registered model, arguments and vocabulary."""
+    return ckpt["vocab"] == meta["vocab"] and ckpt["model"] == meta["model"]
 
 
 # Changing these mid-run would change what the saved state means (window shapes, the text itself).
@@ -176,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if path.read_bytes()[:4] == b"PK\x03\x04":  # a whole torch file, with objects weights_only refuses
+        if _head(path).startswith(b"PK\x03\x04"):  # a whole torch file, with objects weights_only refuses
             raise CheckpointError(
                 f"refused to load {path}: it holds Python objects other than tensors and plain data, which lmlab "
                 "never loads (weights_only=True blocked them, nothing was executed)"
@@ -200,9 +205,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def _head(path: Path, size: int = 4096) -> bytes:
+    """The first bytes of a file (not the whole of a checkpoint that may be hundreds of MB)."""
+    with path.open("rb") as f:
+        return f.read(size)
+
+
 def _looks_like(path: Path) -> str:
     """What an unreadable file is, from its first bytes (for the error message)."""
-    head = path.read_bytes()[:4096]
+    head = _head(path)
     if not head:
         return "empty (0 bytes; a copy or download that never finished)"
     if head.startswith(b"PK\x03\x04"):

@@ -228,9 +228,10 @@ class LanguageModelData:
             return TokenStream(self.corpus.train, self.batch_size, self.bptt, self.variable_bptt)
         return TokenStream(getattr(self.corpus, split), self.eval_batch_size, self.bptt)
 
-    def eval_stream(self, tokens: torch.Tensor) -> TokenStream:
-        """Any token stream (e.g. text encoded with a checkpoint's vocabulary) as evaluation windows."""
-        return TokenStream(tokens, self.eval_batch_size, self.bptt)
+    def eval_stream(self, tokens: torch.Tensor, bptt: int | None = None) -> TokenStream:
+        """Any token stream (e.g. text encoded with a checkpoint's vocabulary) as evaluation windows of
+        ``bptt`` steps (default: the dataset's)."""
+        return TokenStream(tokens, self.eval_batch_size, bptt or self.bptt)
 
 
 class WikiText2(LanguageModelData):

@@ -1,10 +1,10 @@
 """Evaluation-time methods on a trained model: static, neural cache, dynamic evaluation.
 
-All three read a :class:`~lmlab.batching.TokenStream` window by window through the model contract
+All read a :class:`~lmlab.batching.TokenStream` window by window through the model contract
 (``forward``/``log_probs``/``loss``), so they work for every registered model; each returns the mean
 loss in nats per token of the stream's targets.
 
-- **static**: the model as trained.
+- **static**: the model as trained (:meth:`lmlab.train.Trainer.evaluate`).
 - **cache** (Grave et al. 2017, "Improving neural language models with a continuous cache"): the last
   ``size`` (feature, next word) pairs of each column form a cache; the cache distribution puts weight
   ``exp(theta · h_t · h_i)`` on the word that followed ``h_i``, and is mixed with the model's:
@@ -26,17 +26,6 @@ from lmlab.batching import TokenStream
 from lmlab.errors import NonFiniteLoss
 from lmlab.models import LanguageModel, diverged
 from lmlab.schema import NonNegativeFloat, PositiveInt, Probability
-
-
-@torch.inference_mode()
-def static_loss(model: LanguageModel, stream: TokenStream, limit: int | None = None) -> float:
-    model.eval()
-    state, total, count = model.init_state(stream.batch_size, stream.columns.device), 0.0, 0
-    for window in stream.windows(limit=limit):
-        features, state = model(window.inputs, state)
-        total += model.loss(features, window.targets).item() * window.targets.numel()
-        count += window.targets.numel()
-    return total / count
 
 
 # ------------------------------------------------------------------------------------------- cache

@@ -25,7 +25,7 @@ from lmlab.checkpoint import model_from_checkpoint
 from lmlab.cli import CONF_DIR
 from lmlab.config import validate_config
 from lmlab.data import dataset_from_record, read_text, tokenize
-from lmlab.eval_methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache, static_loss
+from lmlab.eval_methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache
 from lmlab.factory import build, import_plugins, require_checkpoint
 from lmlab.files import atomic_write_text
 from lmlab.jobs import task_wrapper
@@ -52,10 +52,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     data = build(cfg.dataset) if overridden or record is None else dataset_from_record(record)
 
     def stream(split: str, bptt: int | None = None):
-        tokens = tokenize(read_text(data.files[split]), vocab)
-        encoded = data.eval_stream(tokens)
-        encoded.bptt = bptt or encoded.bptt
-        return encoded.to(device)
+        return data.eval_stream(tokenize(read_text(data.files[split]), vocab), bptt).to(device)
 
     limit = cfg.trainer.limit_eval_batches
     target = stream(cfg.split, settings.get("bptt"))
@@ -67,7 +64,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         settings.update(valid_ppl=perplexity(best), search_seconds=time.perf_counter() - searching)
     started = time.perf_counter()  # the evaluation of the split itself (a search is timed apart)
     if cfg.method == "static":
-        loss = static_loss(model, target, limit)
+        loss = build(cfg.trainer).evaluate(model, target, device)  # limit: trainer.limit_eval_batches
     elif cfg.method == "cache":
         scores = cache_scores(model, target, settings["size"], [settings["theta"]], limit)
         loss = scores.loss(settings["theta"], settings["lambda"])

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from lmlab.batching import TokenStream
-from lmlab.eval_methods import cache_scores, dynamic_loss, gradient_rms, search_cache, static_loss
+from lmlab.eval_methods import cache_scores, dynamic_loss, gradient_rms, search_cache
 from lmlab.models import build_model
 from lmlab.pipeline import train_and_report
+from lmlab.train import Trainer
 from tests.conftest import TINY, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_zero_strength_equals_static_and_some_strength_helps(name):
     torch.manual_seed(0)
     model = build_model(name, 30, **MODELS[name])
     stream = _stream()
-    static = static_loss(model, stream)
+    static = Trainer().evaluate(model, stream, torch.device("cpu"))
     scores = cache_scores(model, stream, size=50, thetas=[1.0])
     assert scores.loss(1.0, 0.0) == pytest.approx(static, rel=1e-6, abs=1e-6)
     assert scores.loss(1.0, 0.5) < 0.8 * static  # the cache has seen every phrase before
