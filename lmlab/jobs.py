@@ -122,7 +122,8 @@ class SweepRecorder(Callback):
         swept = set((config.hydra.sweeper.get("params") or {}).keys())  # presets and Optuna's search space
         for override in config.hydra.overrides.task:
             key, _, value = override.partition("=")
-            if "," in value.strip("[]") and not value.startswith("[") or value.split("(")[0] in SWEEP_FUNCTIONS:
+            comma_list = "," in value and not value.startswith("[")  # a=1,2 sweeps; a=[1,2] is one list value
+            if comma_list or value.split("(")[0] in SWEEP_FUNCTIONS:
                 swept.add(key.lstrip("+~"))
         os.environ[SWEPT_KEYS_ENV] = ",".join(sorted(swept))
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
