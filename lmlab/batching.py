@@ -85,4 +85,6 @@ class TokenStream:
             start, n = start + length, n + 1
 
     def _window(self, start: int, length: int, lr_scale: float = 1.0) -> Window:
-        return Window(self.columns[start : start + length], self.columns[start + 1 : start + 1 + length], lr_scale)
+        # Streams may hold int32 ids (a memory-mapped corpus); a window is the one int64 copy models see.
+        inputs, targets = self.columns[start : start + length], self.columns[start + 1 : start + 1 + length]
+        return Window(inputs.long(), targets.long(), lr_scale)

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.checkpoint import model_from_checkpoint
 from lmlab.cli import CONF_DIR
 from lmlab.config import validate_config
-from lmlab.data import dataset_from_record, read_text, tokenize
+from lmlab.corpus import encode_file
+from lmlab.data import dataset_from_record
 from lmlab.eval_methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache
 from lmlab.factory import build, import_plugins, require_checkpoint
 from lmlab.files import atomic_write_text
@@ -52,7 +53,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     data = build(cfg.dataset) if overridden or record is None else dataset_from_record(record)
 
     def stream(split: str, bptt: int | None = None):
-        return data.eval_stream(tokenize(read_text(data.files[split]), vocab), bptt).to(device)
+        return data.eval_stream(encode_file(data.files[split], vocab), bptt).to(device)
 
     limit = cfg.trainer.limit_eval_batches
     target = stream(cfg.split, settings.get("bptt"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from lmlab.cli import CONF_DIR
+
+# Corpus caches that cannot go beside their data (a read-only folder) go here, never to ~/.cache;
+# subprocesses of the tests inherit it.
+os.environ["LMLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmlab-test-cache-")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 NOUNS = "cat dog bird fish horse mouse lion bear wolf fox".split()
 VERBS = "sees chases likes bites follows".split()
@@ -31,6 +38,14 @@ def write_corpus(folder: Path, train: int = 400, valid: int = 80, test: int = 80
     for name, n, seed in (("train", train, 1), ("valid", valid, 2), ("test", test, 3)):
         (folder / f"{name}.txt").write_text("\n".join(make_sentences(n, seed)) + "\n")
     return folder
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` (read-only real text), or skip where it is not beside the checkout."""
+    if not (SHARED_DATA / "wikitext-2" / "wiki.valid.tokens").is_file():
+        pytest.skip(f"{SHARED_DATA} is not here")
+    return SHARED_DATA
 
 
 @pytest.fixture

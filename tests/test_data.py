@@ -1,14 +1,15 @@
-import os
+import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_corpus
 
 from lmlab.batching import TokenStream, batchify
+from lmlab.corpus import PIECE_BYTES, SPLITS, read_pieces, tokenize
 from lmlab.data import EOS, UNK, Corpus, LanguageModelData
 from lmlab.errors import ConfigError, DataError
-
-SHARED_WT2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 
 
 def _corpus(tmp_path: Path, train: str, valid: str, test: str) -> Corpus:
@@ -78,15 +79,85 @@ def test_bad_data_is_named(tmp_path, corpus_dir):
         LanguageModelData(corpus_dir, cache=False)
 
 
-@pytest.mark.skipif(not SHARED_WT2.is_dir() and "LMLAB_DATA_DIR" not in os.environ, reason="no WikiText-2 here")
-def test_official_wikitext2_token_counts():
-    folder = Path(os.environ.get("LMLAB_DATA_DIR", SHARED_WT2.parent)) / "wikitext-2"
-    if not (folder / "wiki.valid.tokens").is_file():
-        pytest.skip("WikiText-2 valid/test files not present")
-    from lmlab.data import iter_lines, read_text
-
+def test_official_wikitext2_token_counts(shared_data):
     for name, expected in (("wiki.valid.tokens", 217_646), ("wiki.test.tokens", 245_569)):
-        assert sum(len(words) for words in iter_lines(read_text(folder / name))) == expected
+        assert sum(len(words) for words in read_pieces(shared_data / "wikitext-2" / name)) == expected
+
+
+def _reference_corpus(texts: dict[str, str]) -> tuple[list[str], dict[str, list[int]]]:
+    """The corpus rules written the slow, obvious way (one Python step per word)."""
+
+    def words_of(text):
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        return [w for line in lines for w in [*line.split(), EOS]]
+
+    counts = Counter(words_of(texts["train"]))
+    counts.setdefault(UNK, 0)
+    counts.setdefault(EOS, 0)
+    vocab = [w for w, _ in counts.most_common()]
+    index = {w: i for i, w in enumerate(vocab)}
+    return vocab, {s: [index.get(w, index[UNK]) for w in words_of(t)] for s, t in texts.items()}
+
+
+@pytest.mark.parametrize("piece_bytes", [7, 64, None])
+def test_fast_tokeniser_equals_the_obvious_one(tmp_path, monkeypatch, piece_bytes):
+    """Pieces cut anywhere (7 bytes: mid-line, mid-way through multi-byte characters' neighbours),
+    blank lines, Unicode whitespace, ties in frequency, no final newline, <unk> absent from train."""
+    rng = random.Random(0)
+    pool = ["the", "cat", "Ünïcode", "日本", "a\u00a0b", "x\u2028y", "tab\tbed", "cr\r", "f\x0cf", "<eos>", ""]
+    texts = {
+        s: "\n".join(" ".join(rng.choice(pool) for _ in range(rng.randint(0, 9))) for _ in range(n)) + end
+        for s, n, end in (("train", 300, ""), ("valid", 50, "\n"), ("test", 40, " tail"))
+    }
+    texts["valid"] += "never seen in train\n"
+    for split, text in texts.items():
+        (tmp_path / f"{split}.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr("lmlab.corpus.PIECE_BYTES", piece_bytes or PIECE_BYTES)
+    corpus = Corpus.from_files({s: tmp_path / f"{s}.txt" for s in SPLITS}, cache=False)
+    vocab, ids = _reference_corpus(texts)
+    assert corpus.vocab.words == vocab
+    for split in SPLITS:
+        assert getattr(corpus, split).tolist() == ids[split], split
+        assert getattr(corpus, split).dtype == torch.int32
+    assert tokenize(texts["valid"], corpus.vocab).tolist() == ids["valid"]
+
+
+def test_cache_is_memory_mapped_and_goes_to_the_cache_folder_when_data_is_read_only(tmp_path, monkeypatch):
+    import errno
+
+    import lmlab.corpus
+
+    data = write_corpus(tmp_path / "ro")
+    files = {s: data / f"{s}.txt" for s in SPLITS}
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path / "cache"))
+    save = lmlab.corpus.atomic_save
+
+    def read_only_data_folder(obj, path):  # (chmod does not stop root, who runs CI here)
+        if Path(path).parent == data:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        save(obj, path)
+
+    monkeypatch.setattr(lmlab.corpus, "atomic_save", read_only_data_folder)
+    first = Corpus.from_files(files)
+    assert not list(data.glob(".lmlab-cache-*"))  # nothing written beside read-only data
+    cached = list((tmp_path / "cache").glob(".lmlab-cache-*.pt"))
+    assert len(cached) == 1
+    second = Corpus.from_files(files)
+    assert second.vocab.words == first.vocab.words and torch.equal(second.train, first.train)
+    assert _mapped_from(second.train) == str(cached[0])  # memory-mapped, not read into RAM
+
+
+def _mapped_from(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds the tensor's memory (from /proc/self/maps), if any."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
 
 
 def test_a_100_mb_single_line_is_read_in_bounded_pieces(tmp_path):

@@ -1,5 +1,6 @@
 """The download path against a real HTTP server on 127.0.0.1 (never the internet)."""
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -9,12 +10,13 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lmlab.data import WikiText2
-from lmlab.download import WIKITEXT2_FILES, ensure_wikitext2, git_blob_sha1
+from lmlab.data import WikiText2, WikiText103
+from lmlab.download import WIKITEXT2, WIKITEXT103, ensure_corpus
 from lmlab.errors import DataError
 
-FAKE = {name: f"= {split} =\n a b c {split}\n".encode() * 50 for split, name in WIKITEXT2_FILES.items()}
-BLOBS = {name: git_blob_sha1(data) for name, data in FAKE.items()}
+FAKE = {name: f"= {split} =\n a b c {split}\n".encode() * 50 for split, name in WIKITEXT2.files.items()}
+SHA1 = {name: hashlib.sha1(data).hexdigest() for name, data in FAKE.items()}
+SOURCES = [WIKITEXT2, WIKITEXT103]
 
 
 @pytest.fixture
@@ -35,59 +37,75 @@ def server(tmp_path):
     httpd.shutdown()
 
 
-def _zip_bytes() -> bytes:
+def _zip_bytes(folder: str, data: dict[str, bytes] = FAKE) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as archive:
-        for name, data in FAKE.items():
-            archive.writestr(f"wikitext-2/{name}", data)
+        for name, content in data.items():
+            archive.writestr(f"{folder}/{name}", content)
     return buf.getvalue()
 
 
-def test_git_blob_sha1_matches_git():
-    assert git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object`
+def _fake(source, zip_md5="0" * 32):
+    """The source with the fixtures' hashes in place of the official ones."""
+    return dataclasses.replace(source, sha1=SHA1, zip_md5=zip_md5)
 
 
-def test_zip_mirror_is_verified_and_extracted(server, tmp_path):
+def test_official_hashes_are_the_local_files(shared_data):
+    """WikiText-2's valid/test are here in their official bytes: the table's SHA-1s must match them."""
+    for name in ("wiki.valid.tokens", "wiki.test.tokens"):
+        assert hashlib.sha1((shared_data / "wikitext-2" / name).read_bytes()).hexdigest() == WIKITEXT2.sha1[name]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.folder)
+def test_zip_mirror_is_verified_and_extracted(server, tmp_path, source):
     base, www, _ = server
-    archive = _zip_bytes()
-    (www / "wt2.zip").write_bytes(archive)
-    folder = ensure_wikitext2(tmp_path / "root", [f"{base}/wt2.zip"], BLOBS, hashlib.md5(archive).hexdigest())
-    assert {p.name for p in folder.iterdir()} == set(FAKE)  # no temp or partial files left behind
+    archive = _zip_bytes(source.folder)
+    (www / "corpus.zip").write_bytes(archive)
+    folder = ensure_corpus(_fake(source, hashlib.md5(archive).hexdigest()), tmp_path / "root", [f"{base}/corpus.zip"])
+    assert folder == tmp_path / "root" / source.folder
+    assert {p.name for p in folder.iterdir()} == set(FAKE)  # no temp, partial or archive files left behind
     for name, data in FAKE.items():
         assert (folder / name).read_bytes() == data
 
 
-def test_corrupt_file_is_rejected_and_next_mirror_used(server, tmp_path):
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.folder)
+def test_corrupt_mirrors_are_rejected_and_next_mirror_used(server, tmp_path, source):
     base, www, log = server
-    for mirror, corrupt in (("bad", True), ("good", False)):
+    corrupt = {**FAKE, "wiki.train.tokens": FAKE["wiki.train.tokens"].replace(b"a b c", b"a X c")}
+    archive = _zip_bytes(source.folder, corrupt)  # a well-formed archive with one bad member
+    (www / "corrupt.zip").write_bytes(archive)
+    for mirror, files in (("bad", corrupt), ("good", FAKE)):
         (www / mirror).mkdir()
-        for split, name in WIKITEXT2_FILES.items():
-            data = FAKE[name].replace(b"a b c", b"a X c") if corrupt and split == "valid" else FAKE[name]
-            (www / mirror / f"{split}.txt").write_bytes(data)
-    mirrors = [f"{base}/missing.zip", f"{base}/bad", f"{base}/good"]
-    folder = ensure_wikitext2(tmp_path / "root", mirrors, BLOBS, "0" * 32)
-    assert (folder / "wiki.valid.tokens").read_bytes() == FAKE["wiki.valid.tokens"]
-    assert "/good/valid.txt" in log and "/good/train.txt" not in log  # only the missing file re-fetched
+        for split, name in source.files.items():
+            (www / mirror / f"{split}.txt").write_bytes(files[name])
+    mirrors = [f"{base}/missing.zip", f"{base}/corrupt.zip", f"{base}/bad", f"{base}/good"]
+    folder = ensure_corpus(_fake(source, hashlib.md5(archive).hexdigest()), tmp_path / "root", mirrors)
+    assert (folder / "wiki.train.tokens").read_bytes() == FAKE["wiki.train.tokens"]
+    assert "/good/train.txt" in log and "/good/valid.txt" not in log  # only the missing file re-fetched
     assert sorted(p.name for p in folder.iterdir()) == sorted(FAKE)
 
 
-def test_every_mirror_failing_names_where_it_looked(server, tmp_path):
+@pytest.mark.parametrize("dataset", [WikiText2, WikiText103], ids=lambda c: c.source.folder)
+def test_every_mirror_failing_names_where_it_looked(server, tmp_path, dataset):
     base, www, _ = server
     (www / "bad.zip").write_bytes(b"not a zip")
+    offline = "http://127.0.0.1:9/nothing.zip"  # nothing listens on port 9: as when offline
     with pytest.raises(DataError) as err:
-        WikiText2(root=tmp_path / "root", mirrors=[f"{base}/bad.zip", f"{base}/nothing"])
+        dataset(root=tmp_path / "root", mirrors=[f"{base}/bad.zip", f"{base}/nothing", offline])
     message = str(err.value)
-    assert str(tmp_path / "root" / "wikitext-2") in message
+    assert message.startswith(f"{dataset.source.name} files ")
+    assert str(tmp_path / "root" / dataset.source.folder) in message
     assert "LMLAB_DATA_DIR" in message and "dataset.root" in message
     assert f"{base}/bad.zip: DataError: archive failed its MD5 check" in message
-    assert f"{base}/nothing" in message
-    assert not list((tmp_path / "root" / "wikitext-2").glob("*"))  # nothing half-written
+    assert f"{base}/nothing" in message and offline in message
+    assert not list((tmp_path / "root" / dataset.source.folder).glob("*"))  # nothing half-written
 
 
-def test_files_already_present_need_no_network(tmp_path):
-    folder = tmp_path / "root" / "wikitext-2"
+@pytest.mark.parametrize("dataset", [WikiText2, WikiText103], ids=lambda c: c.source.folder)
+def test_files_already_present_need_no_network(tmp_path, dataset):
+    folder = tmp_path / "root" / dataset.source.folder
     folder.mkdir(parents=True)
     for name, data in FAKE.items():
         (folder / name).write_bytes(data)
-    data = WikiText2(root=tmp_path / "root", mirrors=[], batch_size=2, eval_batch_size=2, bptt=4)
+    data = dataset(root=tmp_path / "root", mirrors=[], batch_size=2, eval_batch_size=2, bptt=4)
     assert len(data.corpus.train) == 50 * 9  # "= train =" + <eos>, "a b c train" + <eos>
