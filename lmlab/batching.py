@@ -19,6 +19,7 @@ edges move between epochs; a window shorter than ``bptt`` asks for a proportiona
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -46,6 +47,16 @@ class TokenStream:
     def __init__(self, tokens: torch.Tensor, batch_size: int, bptt: int, variable_bptt: bool = False) -> None:
         self.columns = batchify(tokens, batch_size)
         self.batch_size, self.bptt, self.variable_bptt = batch_size, bptt, variable_bptt
+
+    def shard(self, rank: int, world_size: int) -> TokenStream:
+        """This rank's share of the columns as a new stream (``batch_size`` must divide by ``world_size``):
+        rank r of W reads columns [r·B/W, (r+1)·B/W), so W ranks together read what one process would."""
+        if world_size == 1:
+            return self
+        share = self.batch_size // world_size
+        part = copy.copy(self)
+        part.columns, part.batch_size = self.columns[:, rank * share : (rank + 1) * share], share
+        return part
 
     def to(self, device: torch.device | str) -> TokenStream:
         self.columns = self.columns.to(device)

@@ -97,9 +97,10 @@ def restore_training(
         scaler.load_state_dict(ckpt["scaler_state"])
     for line in apply_changed_settings(path, ckpt.get("config") or {}, meta.get("config") or {}, optimizer, scheduler):
         print(f"resume: {line}")
-    set_rng_state(ckpt["rng"])
+    own = _own_share(path, ckpt)
+    set_rng_state(own["rng"])
     device = next(model.parameters()).device
-    hidden = map_tensors(ckpt["hidden"], lambda t: t.to(device))
+    hidden = map_tensors(own["hidden"], lambda t: t.to(device))
     state = TrainState(
         ckpt["epoch"],
         ckpt["step"],
@@ -111,6 +112,22 @@ def restore_training(
         ckpt["skipped_batches"],
     )
     return state, ckpt["logger_state"]
+
+
+def _own_share(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """This process's RNG and model state: a checkpoint of several processes keeps one per rank."""
+    from lmlab import distributed
+
+    where = distributed.place()
+    ranks = ckpt.get("ranks") or [{"rng": ckpt["rng"], "hidden": ckpt["hidden"]}]
+    if len(ranks) == where.world_size:
+        return ranks[where.rank]
+    if ckpt["step"]:  # mid-epoch: each rank's state belongs to its own columns
+        raise CheckpointError(
+            f"{path} was saved mid-epoch by {len(ranks)} process(es); resume it with {len(ranks)} "
+            f"(this run has {where.world_size}), or from a checkpoint saved at an epoch's end"
+        )
+    return ranks[0] if where.rank >= len(ranks) else ranks[where.rank]
 
 
 def initial_weights(path: str | os.PathLike, meta: dict[str, Any], model: torch.nn.Module) -> None:

@@ -25,6 +25,13 @@ MAX_DIRNAME = 120
 SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
 
 
+def process_rank() -> int:
+    """This process's rank in a multi-process run (torchrun's ``RANK``, a submitit SLURM task's
+    ``SLURM_PROCID``; 0 alone), read from the environment so that entry points know it before torch."""
+    slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    return int(os.environ.get("RANK") or (slurm and os.environ.get("SLURM_PROCID")) or 0)
+
+
 def short_dirname(override_dirname: str) -> str:
     """A job folder name from its overrides: only those that vary between the sweep's jobs (when known),
     keys shortened to their last part (``batch_size=40``), the whole capped at ~120 characters (plus a

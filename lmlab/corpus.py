@@ -145,7 +145,10 @@ def build_vocabulary(path: Path, piece_bytes: int | None = None) -> tuple[Vocabu
     rank = torch.empty(len(order), dtype=torch.int32)
     rank[order] = torch.arange(len(order), dtype=torch.int32)
     words = list(first_seen)
-    return Vocabulary([words[i] for i in order.tolist()]), torch.index_select(rank, 0, first_ids)
+    for start in range(0, len(first_ids), PIECE_BYTES):  # renumber in place, a slice at a time
+        piece = first_ids[start : start + PIECE_BYTES]
+        piece.copy_(torch.index_select(rank, 0, piece))
+    return Vocabulary([words[i] for i in order.tolist()]), first_ids
 
 
 def _as_tensor(ids: array) -> torch.Tensor:

@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab import distributed
 from lmlab.config import model_arguments, validate_config
 from lmlab.device import resolve_precision
 from lmlab.errors import ConfigError, LmlabError
@@ -81,8 +82,16 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
     import_plugins(cfg.get("plugins"))
     refuse_unread_keys(cfg)
     validate_config(cfg)
-    seed_everything(cfg.seed)
+    where = distributed.setup()  # several processes (torchrun, SLURM tasks): join the group
+    for key in ("batch_size", "eval_batch_size"):
+        distributed.check_divisible(cfg.dataset[key], f"dataset.{key}")
+    # Each rank draws its own dropout masks; DDP hands every rank rank 0's initial weights.
+    seed_everything(None if cfg.seed is None else cfg.seed + where.rank)
     device = build(cfg.device)
+    if where.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", where.local_rank)
+    if where.world_size > 1 and device.type == "mps":
+        raise ConfigError("several processes on Apple MPS are not supported; run one process, or device=cpu")
     resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
     data = build(cfg.dataset)
     model = build_model(cfg.model.name, len(data.vocab), **model_arguments(cfg.model)).to(device)
@@ -92,6 +101,11 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
             f"model {cfg.model.name} makes sparse gradients (model.sparse_embedding=true), which "
             f"{type(optimizer).__name__} cannot take; use optimizer=sgd or optimizer=nt_asgd, or set "
             "model.sparse_embedding=false"
+        )
+    if model.sparse_gradients and where.world_size > 1 and device.type == "cuda":
+        raise ConfigError(
+            "model.sparse_embedding=true cannot train on several GPUs (NCCL all-reduces dense gradients "
+            "only); set model.sparse_embedding=false"
         )
     schedule = build_schedule(cfg.get("scheduler"), optimizer)
     return TrainingObjects(device, data, model, optimizer, schedule, build(cfg.trainer, **trainer_overrides))

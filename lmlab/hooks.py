@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lmlab.checkpoint import TrainState, initial_weights, restore_training, training_checkpoint
+from lmlab import distributed
+from lmlab.checkpoint import TrainState, initial_weights, restore_training, rng_state, training_checkpoint
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.files import atomic_save, remove_stale_temp_files
 from lmlab.interrupt import StopSignals
 from lmlab.loggers import Logger
-from lmlab.models import LanguageModel, State, diverged
+from lmlab.models import LanguageModel, State, diverged, map_tensors
 
 
 @dataclass
@@ -86,16 +87,20 @@ class Hook:
 
 
 class StopOnSignal(Hook):
-    """SIGINT/SIGTERM finish the current step; the checkpoint hook then saves and the loop stops."""
+    """SIGINT/SIGTERM finish the current step; the checkpoint hook then saves and the loop stops. Under
+    several processes a signal that reached any rank stops every rank after the same step."""
 
     def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
         self.signals = StopSignals().__enter__()
 
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
-        ctx.interrupt = self.signals.received
+        ctx.interrupt = self._agreed()
 
     def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
-        ctx.interrupt = self.signals.received  # a signal during validation: last.pt is saved next, then stop
+        ctx.interrupt = self._agreed()  # a signal during validation: last.pt is saved next, then stop
+
+    def _agreed(self) -> int | None:
+        return int(distributed.agree_max(self.signals.received or 0)) or None
 
     def on_fit_end(self, trainer: Any, ctx: FitContext) -> None:
         self.signals.__exit__()
@@ -111,7 +116,8 @@ class TimeBudget(Hook):
         self.deadline = time.perf_counter() + self.max_time_s
 
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
-        ctx.stop_training = ctx.stop_training or time.perf_counter() > self.deadline
+        late = distributed.agree_max(float(time.perf_counter() > self.deadline))  # the slowest clock counts
+        ctx.stop_training = ctx.stop_training or late > 0
 
 
 class NonFinitePolicy(Hook):
@@ -189,7 +195,8 @@ class Checkpointing(Hook):
         self.meta, self.save_every_steps, self.resume, self.init_from = meta, save_every_steps, resume, init_from
 
     def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
-        remove_stale_temp_files(self.last.parent)  # what a killed writer left (the run folder lock is ours)
+        if distributed.place().is_main:
+            remove_stale_temp_files(self.last.parent)  # what a killed writer left (the run folder lock is ours)
         if self.last.is_file():
             ctx.last_saved = self.last
         source = self._resume_source()
@@ -220,7 +227,7 @@ class Checkpointing(Hook):
             self._save_last(ctx)
 
     def on_validation_end(self, trainer: Any, ctx: FitContext, val_loss: float) -> None:
-        if ctx.improved and _finite_weights(ctx.model):
+        if ctx.improved and _finite_weights(ctx.model) and distributed.place().is_main:
             atomic_save(training_checkpoint(self.meta, ctx.model, ctx.state), self.best)
 
     def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
@@ -237,11 +244,15 @@ class Checkpointing(Hook):
                 f"the weights or the training loss of epoch {ctx.state.epoch} are not finite, so no checkpoint "
                 f"was written. {_good_checkpoint(ctx)} Try a lower optimizer.lr or a smaller trainer.clip_grad_norm"
             )
-        schedule = ctx.schedule.scheduler if ctx.schedule else None
-        ckpt = training_checkpoint(
-            self.meta, ctx.model, ctx.state, ctx.optimizer, schedule, ctx.scaler, ctx.logger.state()
-        )
-        atomic_save(ckpt, self.last)
+        # Every rank's RNG and model state (its own columns), so that each resumes exactly.
+        ranks = distributed.gather({"rng": rng_state(), "hidden": map_tensors(ctx.state.hidden, lambda t: t.cpu())})
+        if distributed.place().is_main:
+            schedule = ctx.schedule.scheduler if ctx.schedule else None
+            ckpt = training_checkpoint(
+                self.meta, ctx.model, ctx.state, ctx.optimizer, schedule, ctx.scaler, ctx.logger.state()
+            )
+            atomic_save({**ckpt, "ranks": ranks} if len(ranks) > 1 else ckpt, self.last)
+        distributed.barrier()  # no rank leaves (and, on a signal, exits) before the file is in place
         ctx.last_saved = self.last
 
 
@@ -261,6 +272,7 @@ class Progress(Hook):
 
     def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None:
         disable = None if self.progress is None else not self.progress
+        disable = disable if distributed.place().is_main else True
         self.bar = tqdm(
             total=ctx.num_windows, initial=ctx.state.step, desc=f"epoch {ctx.state.epoch}", leave=False,
             disable=disable, dynamic_ncols=True,

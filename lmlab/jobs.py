@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lmlab.cli import SWEPT_KEYS_ENV
+from lmlab.cli import SWEPT_KEYS_ENV, process_rank
 from lmlab.errors import DiskFull, LmlabError
 from lmlab.files import atomic_write_text, is_disk_full
 from lmlab.results import find_runs, render, rows
@@ -57,8 +57,9 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
             sys.exit(130)
         except LmlabError as err:
             if not multirun:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-                _remove_if_untouched(Path(hydra_cfg.runtime.output_dir))
+                if process_rank() == 0:  # every rank meets the same error; one line says it
+                    print(f"error: {err}", file=sys.stderr, flush=True)
+                    _remove_if_untouched(Path(hydra_cfg.runtime.output_dir))
                 sys.exit(err.exit_code)
             _record_failure(Path(hydra_cfg.runtime.output_dir), str(err), str(err))
             raise JobFailed(_job_label(hydra_cfg) + f" failed: {err}") from None

@@ -5,6 +5,7 @@ Used by ``lmlab.run`` (one call per run or multirun job); takes a composed confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -13,12 +14,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from lmlab import distributed
 from lmlab.checkpoint import load_checkpoint
+from lmlab.cli import process_rank
 from lmlab.device import peak_gpu_mb, peak_rss_mb
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
 from lmlab.files import RunLock, atomic_write_text
 from lmlab.interrupt import StopSignals
-from lmlab.loggers import perplexity
+from lmlab.loggers import Logger, perplexity
 from lmlab.sampling import format_words, sample_words
 
 
@@ -31,14 +34,17 @@ def train_and_report(
     ``prefix`` starts each console line (a multirun job's number).
     """
     started = time.perf_counter()
-    with RunLock(out_dir):  # one writer per run folder, taken before anything is written
+    # One writer per run folder, taken before anything is written; under several processes that is rank 0.
+    # (Read from the environment: under SLURM the processes join their group only later, when building.)
+    with RunLock(out_dir) if process_rank() == 0 else contextlib.nullcontext():
         return _train_and_report(cfg, out_dir, (group, name, prefix), started)
 
 
 def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float) -> dict[str, Any]:
     objects = build_training_objects(cfg)
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
-    logger = build_logger(cfg, out_dir, *labels)
+    where = distributed.place()
+    logger = build_logger(cfg, out_dir, *labels) if where.is_main else Logger()  # only rank 0 reports
     meta = checkpoint_meta(cfg, data.vocab.words)
     try:
         fit = trainer.fit(model, data, objects.optimizer, objects.schedule, device, out_dir, logger, meta)
@@ -47,6 +53,8 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             logger.log_checkpoint(fit.best_checkpoint)
             test_loss = trainer.evaluate(model, data.stream("test").to(device), device)
             signals.raise_if_received(fit.last_checkpoint)
+            if not where.is_main:
+                return {"status": "completed", "best_val_ppl": perplexity(fit.best_val_loss), "test_loss": test_loss}
             generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
             text = format_words(sample_words(model, data.vocab, **cfg.generate, generator=generator))
             signals.raise_if_received(fit.last_checkpoint)
@@ -63,6 +71,7 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             "peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": peak_gpu_mb(device),
             "torch_threads": torch.get_num_threads(),
+            "processes": where.world_size,
             "wall_s": time.perf_counter() - started,
         }
         atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

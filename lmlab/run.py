@@ -10,6 +10,7 @@ module for every TAB) does not pay for them.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -38,19 +39,47 @@ def hydra_task(cfg: DictConfig) -> float:
     if presets and not multirun:
         raise ConfigError(f"{presets[0]} only acts in a multirun; add -m (python -m lmlab.run -m {presets[0]} ...)")
     prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
+    from lmlab import distributed
     from lmlab.pipeline import train_and_report
 
+    if distributed.place().is_main:  # under torchrun the other ranks wait for this folder in main()
+        distributed.broadcast(str(out_dir))
     try:
         return train_and_report(cfg, out_dir, group, name, prefix)["best_val_ppl"]
     except TrainingInterrupted as stop:
         overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
-        resume = "" if multirun else f"\nResume with: python -m lmlab.run {overrides} hydra.run.dir={out_dir}"
-        print(f"{prefix}{stop}{resume}", file=sys.stderr, flush=True)  # a multirun prints the sweep's command
+        world = distributed.place().world_size
+        command = f"torchrun --nproc_per_node={world} -m lmlab.run" if world > 1 else "python -m lmlab.run"
+        resume = "" if multirun else f"\nResume with: {command} {overrides} hydra.run.dir={out_dir}"
+        if distributed.place().is_main:  # a multirun prints the sweep's command
+            print(f"{prefix}{stop}{resume}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
 
 
 def main() -> None:
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _join_torchrun()
     run_with_summary(hydra_task)
+
+
+def _join_torchrun() -> None:
+    """Under torchrun every process runs this module. Rank 0 composes the config and creates the run
+    folder as a single run would; the other ranks wait for its folder and run there without writing
+    Hydra's files or logs (only rank 0 writes), and keep their stdout quiet."""
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        if os.environ.get("RANK") == "0":
+            print("error: torchrun runs one job over several processes; a sweep (-m) of multi-process jobs "
+                  "is hydra/launcher=slurm with hydra.launcher.tasks_per_node=N", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    from lmlab import distributed
+
+    where = distributed.setup()
+    if where.is_main:
+        return
+    out_dir = distributed.broadcast(None)
+    sys.argv += [f"hydra.run.dir={out_dir}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                 "hydra/hydra_logging=disabled"]  # fmt: skip
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 if __name__ == "__main__":

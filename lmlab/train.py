@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from lmlab import distributed
 from lmlab.batching import TokenStream
 from lmlab.device import resolve_precision
 from lmlab.hooks import (
@@ -49,6 +50,39 @@ class FitResult:
     train_tokens_per_sec: float
     best_checkpoint: Path
     last_checkpoint: Path
+
+
+@contextlib.contextmanager
+def _dense_gradients_declared(model: LanguageModel) -> Any:
+    """DDP expects a sparse gradient from every ``nn.Embedding(sparse=True)``; a model whose sparse lookup
+    is folded into a dense gradient (a tied embedding) says so through ``sparse_gradients`` — DDP is
+    told the truth while it is built (it reads the flag only then)."""
+    flipped = []
+    if not model.sparse_gradients:
+        flipped = [m for m in model.modules() if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse]
+    for module in flipped:
+        module.sparse = False
+    try:
+        yield
+    finally:
+        for module in flipped:
+            module.sparse = True
+
+
+class TrainingStep(torch.nn.Module):
+    """One window's forward pass and losses as a module, so that DistributedDataParallel (which hooks a
+    module's forward) sees the whole step: returns (loss, loss + regularization, next state)."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, inputs: torch.Tensor, state: Any, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        features, state = self.model(inputs, state)
+        loss = self.model.loss(features, targets)
+        return loss, loss + self.model.regularization(features), state
 
 
 class Trainer:
@@ -106,9 +140,12 @@ class Trainer:
             *self.extra_hooks,
         ]
         ctx = self._context(model, optimizer, schedule, device, logger)
-        train, valid = data.stream("train").to(device), data.stream("valid").to(device)
+        where = distributed.place()
+        train = data.stream("train").shard(where.rank, where.world_size).to(device)
+        valid = data.stream("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
         self._call(hooks, "on_fit_start", ctx)
+        self._step = self._step_module(model, device)  # after a resume loaded the weights
         try:
             logger.start()  # a slow remote logger (W&B) connects before any step is timed
             while ctx.state.epoch <= self.epochs and not ctx.stop_training:
@@ -136,10 +173,22 @@ class Trainer:
 
     def _context(self, model, optimizer, schedule, device, logger) -> FitContext:
         self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
-        # Compiled forward for speed; the plain module stays the one whose state is saved.
-        self._forward = torch.compile(model) if self.compile else model
+        self._step = self._step_module(model, device, distributed_=False)  # fit() wraps it after a resume
         scaler = torch.amp.GradScaler(device.type, enabled=self._dtype == torch.float16)
         return FitContext(model, optimizer, schedule, device, logger, scaler)
+
+    def _step_module(self, model: LanguageModel, device: torch.device, distributed_: bool = True) -> torch.nn.Module:
+        """What computes a step's losses: compiled for speed if asked, and under several processes wrapped
+        in DistributedDataParallel (which averages the gradients during backward). The plain model
+        stays the one whose state is saved."""
+        step: torch.nn.Module = TrainingStep(model)
+        if distributed_ and distributed.place().world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            with _dense_gradients_declared(model):
+                step = DistributedDataParallel(step, device_ids=ids)
+        return torch.compile(step) if self.compile else step
 
     # ------------------------------------------------------------------------------------- epochs
     def train_epoch(self, ctx: FitContext, stream: TokenStream, hooks: list[Hook]) -> int:
@@ -156,12 +205,11 @@ class Trainer:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
             carry = model.detach_state(carry)
             with self._autocast(ctx.device):
-                features, carry = self._forward(window.inputs, carry)
-                loss = model.loss(features, window.targets)
-                objective = loss + model.regularization(features)
+                loss, objective, carry = self._step(window.inputs, carry, window.targets)
+            loss = self._mean_over_ranks(loss.detach())  # every rank judges (and logs) the same loss
             if all(hook.before_backward(self, ctx, loss) for hook in hooks):
                 self._backward_and_step(ctx, objective, window.lr_scale)
-                ctx.loss_sum += loss.detach()
+                ctx.loss_sum += loss
             else:  # a skipped batch: its state is not trusted either
                 carry = model.init_state(stream.batch_size, ctx.device)
             state.step, state.global_step = step, state.global_step + 1
@@ -225,20 +273,31 @@ class Trainer:
     # -------------------------------------------------------------------------------- evaluation
     @torch.inference_mode()
     def evaluate(self, model: LanguageModel, stream: TokenStream, device: torch.device) -> float:
-        """Mean loss per token over ``stream`` (at most ``limit_eval_batches`` windows)."""
+        """Mean loss per token over ``stream`` (at most ``limit_eval_batches`` windows). Under several
+        processes each evaluates its share of the columns and the sums are added up: the exact figure
+        one process would get."""
         if self._dtype is None:
             self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
+        where = distributed.place()
+        stream = stream.shard(where.rank, where.world_size)
         model.eval()
         state = model.init_state(stream.batch_size, device)
-        total, count = torch.zeros((), device=device), 0
+        total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+        count = 0
         for window in stream.windows(limit=self.limit_eval_batches):
             with self._autocast(device):
                 features, state = model(window.inputs, state)
-                total += model.loss(features, window.targets).float() * window.targets.numel()
+                total += model.loss(features, window.targets).to(total.dtype) * window.targets.numel()
             count += window.targets.numel()
-        return total.item() / count
+        totals = distributed.all_reduce_sum(torch.stack([total, total.new_tensor(count)]))
+        return (totals[0] / totals[1]).item()
 
     # ------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+        world = distributed.place().world_size
+        return distributed.all_reduce_sum(loss.clone()) / world if world > 1 else loss
+
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self._dtype is None:
             return contextlib.nullcontext()

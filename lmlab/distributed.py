@@ -1,0 +1,136 @@
+"""Several processes, one run: ``torch.distributed`` set up from torchrun's or SLURM's environment, and
+the few collectives the trainer needs. With one process every function here is a no-op.
+
+How the work is shared (data parallelism)::
+
+    dataset.batch_size = 8 columns          rank 0             rank 1          (world size 2)
+    ┌ a g m s b h n t ┐                    ┌ a g m s ┐        ┌ b h n t ┐
+    │ ...             │   ──────────▶      │ ...     │        │ ...     │
+    each rank owns batch_size / world_size columns (and eval_batch_size / world_size for evaluation)
+
+- Every rank runs the model on its columns; DistributedDataParallel averages the gradients during the
+  backward pass, so one step equals one process's step at the full batch (same hyperparameters, same
+  figures whatever the number of processes).
+- Every decision taken from data — a diverged loss, a stop signal, the time budget, the validation loss
+  — is all-reduced first, so all ranks take it at the same step; a rank that decided alone would
+  leave the others waiting in a collective forever.
+- Only rank 0 writes (checkpoints, metrics, samples, W&B). A checkpoint holds every rank's RNG and
+  model state, so each rank resumes exactly where it stopped.
+- Backends: NCCL for CUDA tensors, gloo for CPU ones (the control flags always travel through gloo).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lmlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Place:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def place() -> Place:
+    """Where this process stands (a single process when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Place()
+    return Place(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started: torchrun's ``WORLD_SIZE``, or the tasks of a SLURM job
+    that submitit (``hydra/launcher=slurm``) started."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(os.environ.get("SLURM_NTASKS") or 1) if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else 1
+
+
+def setup() -> Place:
+    """Join the process group when a launcher started several processes (idempotent).
+
+    torchrun exports ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``…; under SLURM (``hydra/launcher=slurm``
+    with ``tasks_per_node`` > 1) submitit's job environment supplies them."""
+    if launched_world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
+        return place()
+    if "RANK" not in os.environ:  # a SLURM task: derive torchrun's variables from the job
+        from submitit.helpers import TorchDistributedEnvironment
+
+        job = TorchDistributedEnvironment()
+        for key, value in (("MASTER_ADDR", job.master_addr), ("MASTER_PORT", job.master_port), ("RANK", job.rank),
+                           ("WORLD_SIZE", job.world_size), ("LOCAL_RANK", job.local_rank)):  # fmt: skip
+            os.environ.setdefault(key, str(value))  # what the user set (say MASTER_PORT) stays
+    cuda = torch.cuda.is_available() and dist.is_nccl_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return place()
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_divisible(batch_size: int, key: str) -> int:
+    """The per-rank share of ``batch_size`` columns, or one line saying how to make it divide."""
+    world = place().world_size
+    if batch_size % world:
+        lower, upper = batch_size // world * world, -(-batch_size // world) * world
+        raise ConfigError(
+            f"{key}={batch_size} does not split over {world} processes (each owns an equal share of "
+            f"the columns); use a multiple of {world}, e.g. {key}={upper}" + (f" or {lower}" if lower else "")
+        )
+    return batch_size // world
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place."""
+    if place().world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def agree_max(value: float) -> float:
+    """The largest of every rank's ``value`` (any rank's stop signal or crossed deadline stops all)."""
+    if place().world_size == 1:
+        return value
+    flag = torch.tensor([float(value)], dtype=torch.float64)  # CPU: travels through gloo, no GPU sync
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item()
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (pickled in memory between the ranks; nothing read from files)."""
+    if place().world_size == 1:
+        return [obj]
+    objects: list[Any] = [None] * place().world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if place().world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if place().world_size > 1:
+        dist.barrier()

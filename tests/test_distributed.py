@@ -1,0 +1,130 @@
+"""Two CPU processes with gloo under torchrun: the same step as one process at the full batch, only rank 0
+writes, and a SIGTERM on every rank saves one last.pt from which the run ends as if never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import TINY, write_corpus
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmlab.run"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model_state"]
+
+
+def _files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*")}
+
+
+def test_two_processes_take_the_step_of_one_at_the_full_batch_and_only_rank_0_writes(tmp_path, corpus_dir):
+    args = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1", "trainer.limit_train_batches=3"]
+    (tmp_path / "ddp").mkdir()
+    _run([sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)
+    done = _run([*TORCHRUN, *args], tmp_path / "ddp")  # Hydra's default folder under outputs/, as a user gets
+
+    runs = list((tmp_path / "ddp" / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # rank 1 made no folder of its own
+    run, single = runs[0], tmp_path / "single"
+    assert _files(run) == _files(single)  # the same files as one process writes (and no second log)
+    one, two = _weights(single), _weights(run)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+    results = {r: json.loads((r / "results.json").read_text()) for r in (single, run)}
+    assert results[run]["processes"] == 2 and results[single]["processes"] == 1
+    assert results[run]["test_loss"] == pytest.approx(results[single]["test_loss"], rel=1e-6)  # exact totals
+    assert done.stdout.count("test-loss") == 1  # one rank reports
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes torchrun started (its children running lmlab.run)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid and b"lmlab.run" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_sigterm_on_every_rank_saves_one_last_pt_and_the_resumed_run_ends_with_the_same_figures(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", train=3000)
+    args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=2", "model.dropout=0.3", "model.hidden_dim=64",
+            "trainer.log_interval=5"]  # fmt: skip
+    full = _run([*TORCHRUN, *args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
+    assert "stopped" not in full.stderr
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*TORCHRUN, *args, f"hydra.run.dir={cut}"], cwd=tmp_path, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    for line in proc.stdout:  # training has started: progress lines come every 5 steps
+        if "epoch 1 | step 10/" in line:
+            break
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    for pid in workers:  # as SLURM does: every task gets the signal, at slightly different moments
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert stderr.count("stopped by SIGTERM") == 1 and "Resume with: torchrun --nproc_per_node=2" in stderr
+    saved = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["step"] > 0 and len(saved["ranks"]) == 2  # mid-epoch, both ranks' state
+    assert not list((cut / "checkpoints").glob(".*.tmp"))
+
+    resumed = _run([*TORCHRUN, *args, f"hydra.run.dir={cut}"], tmp_path)
+    assert "Resuming from" in resumed.stdout
+    figures = [json.loads((run / "results.json").read_text()) for run in (tmp_path / "full", cut)]
+    for key in ("best_val_loss", "test_loss"):
+        assert figures[1][key] == pytest.approx(figures[0][key], rel=1e-6), key
+    curves = [[json.loads(x)["val_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (tmp_path / "full", cut)]  # fmt: skip
+    assert curves[1] == pytest.approx(curves[0], rel=1e-6)
+
+
+def test_slurm_tasks_started_by_submitit_join_one_group(tmp_path):
+    """What hydra/launcher=slurm with tasks_per_node=2 gives each task: submitit's SLURM variables."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import torch\nfrom lmlab import distributed\nplace = distributed.setup()\n"
+        "total = distributed.all_reduce_sum(torch.tensor([place.rank + 1.0]))\n"
+        "print(place.rank, place.world_size, place.local_rank, int(total.item()))\ndistributed.teardown()\n"
+    )
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+             "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "MASTER_PORT": str(29_000 + os.getpid() % 1000)}  # fmt: skip
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, str(probe)],
+            env={**env, **slurm, "SLURM_PROCID": r, "SLURM_LOCALID": r},
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in ("0", "1")
+    ]
+    outputs = [task.communicate(timeout=60)[0].split() for task in tasks]
+    assert outputs == [["0", "2", "0", "3"], ["1", "2", "1", "3"]]
