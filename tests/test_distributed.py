@@ -114,8 +114,10 @@ def test_slurm_tasks_started_by_submitit_join_one_group(tmp_path):
         "total = distributed.all_reduce_sum(torch.tensor([place.rank + 1.0]))\n"
         "print(place.rank, place.world_size, place.local_rank, int(total.item()))\ndistributed.teardown()\n"
     )
-    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
-             "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "MASTER_PORT": str(29_000 + os.getpid() % 1000)}  # fmt: skip
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "MASTER_PORT": str(29_000 + os.getpid() % 1000),
+    }  # fmt: skip
     env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
     tasks = [
         subprocess.Popen(
