@@ -40,7 +40,7 @@ def make_corpus(folder: Path, tokens: int, seed: int = 0) -> None:
                 lengths = rng.integers(1, 2 * WORDS_PER_LINE, size=chunk // WORDS_PER_LINE + 2)
                 ends = np.minimum(np.cumsum(lengths), chunk)
                 starts = np.concatenate(([0], ends[:-1]))
-                f.write("\n".join(" ".join(drawn[a:b]) for a, b in zip(starts, ends) if b > a) + "\n")
+                f.write("\n".join(" ".join(drawn[a:b]) for a, b in zip(starts, ends, strict=True) if b > a) + "\n")
                 done += chunk
 
 
@@ -54,8 +54,9 @@ from lmlab.corpus import Corpus
 folder = Path(sys.argv[1])
 corpus = Corpus.from_files({s: folder / f"{s}.txt" for s in ("train", "valid", "test")})
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-                  "train_tokens": len(corpus.train), "vocab": len(corpus.vocab), "dtype": str(corpus.train.dtype)}))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": peak_mb, "train_tokens": len(corpus.train),
+                  "vocab": len(corpus.vocab), "dtype": str(corpus.train.dtype)}))
 """
 
 
