@@ -199,7 +199,7 @@ class Trainer:
         ctx.loss_sum = torch.tensor(state.loss_sum, device=ctx.device)
         ctx.num_windows = stream.num_windows(self.limit_train_batches)
         self._call(hooks, "on_epoch_start", ctx)
-        tokens = 0
+        tokens, world = 0, distributed.place().world_size
         for step, window in enumerate(stream.windows(state.epoch, self.limit_train_batches), start=1):
             if step <= state.step:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
@@ -213,8 +213,9 @@ class Trainer:
             else:  # a skipped batch: its state is not trusted either
                 carry = model.init_state(stream.batch_size, ctx.device)
             state.step, state.global_step = step, state.global_step + 1
-            tokens += window.inputs.numel()
-            ctx.carry, ctx.tokens_this_step = carry, window.inputs.numel()
+            step_tokens = window.inputs.numel() * world  # all ranks' tokens: the run's speed, not one rank's
+            tokens += step_tokens
+            ctx.carry, ctx.tokens_this_step = carry, step_tokens
             self._call(hooks, "on_step_end", ctx)
             if ctx.interrupt:
                 raise TrainingInterrupted(ctx.interrupt, str(ctx.last_saved))

@@ -174,3 +174,18 @@ def test_a_100_mb_single_line_is_read_in_bounded_pieces(tmp_path):
     assert len(corpus.train) == len(line.split()) + 1  # one <eos> for the one line
     assert corpus.vocab.decode(corpus.valid.tolist()) == ["w1", "w2", UNK, EOS]
     assert grown_mb < 1000  # splitting the whole line at once would need ~1.5 GB of Python strings
+
+
+def test_rank_shards_together_read_exactly_the_full_batch(monkeypatch):
+    from lmlab import distributed
+
+    stream = TokenStream(torch.arange(203, dtype=torch.int32), batch_size=6, bptt=4)
+    shards = [stream.shard(rank, 3) for rank in range(3)]
+    assert [s.batch_size for s in shards] == [2, 2, 2] and stream.batch_size == 6  # the full stream is untouched
+    for whole, *parts in zip(stream.windows(), *(s.windows() for s in shards), strict=True):
+        assert torch.equal(torch.cat([p.inputs for p in parts], 1), whole.inputs)
+        assert torch.equal(torch.cat([p.targets for p in parts], 1), whole.targets)
+        assert whole.inputs.dtype == torch.long  # int32 storage, int64 windows
+    monkeypatch.setattr(distributed, "place", lambda: distributed.Place(0, 4))
+    with pytest.raises(ConfigError, match=r"dataset.batch_size=6 does not split over 4 processes.*=8 or 4"):
+        distributed.check_divisible(6, "dataset.batch_size")
