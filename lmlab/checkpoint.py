@@ -289,7 +289,12 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        from lmlab import distributed
+
+        if distributed.place().world_size > 1:  # this rank's GPU only: reading the others opens a context on each
+            state["cuda_current"] = torch.cuda.get_rng_state()
+        else:
+            state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -305,3 +310,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_current" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current"])

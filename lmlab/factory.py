@@ -67,6 +67,9 @@ def seed_everything(seed: int | None) -> None:
         torch.manual_seed(seed)
 
 
+LARGE_VOCABULARY = 100_000  # above this, a full softmax costs far more than any recurrent layer
+
+
 @dataclass
 class TrainingObjects:
     device: torch.device
@@ -95,6 +98,11 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
     resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
     data = build(cfg.dataset)
     model = build_model(cfg.model.name, len(data.vocab), **model_arguments(cfg.model)).to(device)
+    if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:
+        print(
+            f"note: a full softmax over {len(data.vocab):,} words makes the output layer most of the model's cost; "
+            "model.softmax=adaptive model.tie_weights=false is the usual choice here (see +experiment=wt103_lstm)"
+        )
     optimizer = build(cfg.optimizer)(model.parameters())
     if model.sparse_gradients and not takes_sparse_gradients(optimizer):
         raise ConfigError(

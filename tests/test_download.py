@@ -109,3 +109,30 @@ def test_files_already_present_need_no_network(tmp_path, dataset):
         (folder / name).write_bytes(data)
     data = dataset(root=tmp_path / "root", mirrors=[], batch_size=2, eval_batch_size=2, bptt=4)
     assert len(data.corpus.train) == 50 * 9  # "= train =" + <eos>, "a b c train" + <eos>
+
+
+def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(tmp_path, compose_cfg):
+    """+experiment=wt103_lstm (adaptive softmax, WikiText103 dataset) end to end, shrunk to test size."""
+    import json
+    import subprocess
+    import sys
+
+    from lmlab.pipeline import train_and_report
+
+    folder = tmp_path / "root" / "wikitext-103"
+    folder.mkdir(parents=True)
+    for name, data in FAKE.items():
+        (folder / name).write_bytes(data)
+    cfg = compose_cfg([
+        "+experiment=wt103_lstm", f"dataset.root={tmp_path / 'root'}", "dataset.mirrors=[]", "dataset.batch_size=4",
+        "dataset.eval_batch_size=2", "dataset.bptt=8", "model.embed_dim=16", "model.hidden_dim=16",
+        "model.num_layers=1", "model.adaptive_cutoffs=[3,5]", "trainer.epochs=1", "trainer.progress=false",
+        "generate.num_words=3", "device=cpu", "device.num_threads=1",
+    ])  # fmt: skip
+    assert cfg.model.softmax == "adaptive" and cfg.dataset._target_ == "lmlab.data.WikiText103"
+    results = train_and_report(cfg, tmp_path / "run")
+    best, report = tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "lmlab.evaluate", f"checkpoint={best}", "device=cpu", f"output={report}"],
+                   check=True, capture_output=True)  # fmt: skip
+    loss = json.loads(report.read_text())["loss"]
+    assert loss == pytest.approx(results["test_loss"], rel=1e-5)  # its dataset rebuilt from the checkpoint's record
