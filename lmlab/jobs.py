@@ -101,6 +101,8 @@ def _job_label(hydra_cfg: Any) -> str:
 
 
 def _record_failure(out_dir: Path, message: str, detail: str) -> None:
+    if process_rank() != 0:  # the SLURM tasks of one multi-process job share a folder: rank 0 records it
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "error.txt", detail.rstrip() + "\n")
     atomic_write_text(out_dir / "results.json", json.dumps({"status": "failed", "error": message}, indent=2) + "\n")

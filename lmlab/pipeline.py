@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +27,30 @@ from lmlab.sampling import format_words, sample_words
 
 
 def train_and_report(
-    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None, prefix: str = ""
+    cfg: DictConfig,
+    out_dir: Path,
+    group: str | None = None,
+    name: str | None = None,
+    prefix: str = "",
+    on_built: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The whole job: returns (and writes to results.json) the run's final figures.
 
     ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides);
-    ``prefix`` starts each console line (a multirun job's number).
+    ``prefix`` starts each console line (a multirun job's number). ``on_built`` is called once every
+    object is built, i.e. once the config and data proved sound.
     """
     started = time.perf_counter()
     # One writer per run folder, taken before anything is written; under several processes that is rank 0.
     # (Read from the environment: under SLURM the processes join their group only later, when building.)
     with RunLock(out_dir) if process_rank() == 0 else contextlib.nullcontext():
-        return _train_and_report(cfg, out_dir, (group, name, prefix), started)
+        return _train_and_report(cfg, out_dir, (group, name, prefix), started, on_built)
 
 
-def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float) -> dict[str, Any]:
+def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float, on_built: Any) -> dict[str, Any]:
     objects = build_training_objects(cfg)
+    if on_built is not None:
+        on_built()
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
     where = distributed.place()
     logger = build_logger(cfg, out_dir, *labels) if where.is_main else Logger()  # only rank 0 reports

@@ -42,10 +42,14 @@ def hydra_task(cfg: DictConfig) -> float:
     from lmlab import distributed
     from lmlab.pipeline import train_and_report
 
-    if distributed.place().is_main:  # under torchrun the other ranks wait for this folder in main()
+    where = distributed.place()  # under torchrun the group exists already (see main); under SLURM not yet
+
+    def release_other_ranks() -> None:  # they wait in main() for this folder; a refused run has none to give
         distributed.broadcast(str(out_dir))
+
+    announce = release_other_ranks if where.world_size > 1 and where.is_main else None
     try:
-        return train_and_report(cfg, out_dir, group, name, prefix)["best_val_ppl"]
+        return train_and_report(cfg, out_dir, group, name, prefix, on_built=announce)["best_val_ppl"]
     except TrainingInterrupted as stop:
         overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
         world = distributed.place().world_size
@@ -63,9 +67,10 @@ def main() -> None:
 
 
 def _join_torchrun() -> None:
-    """Under torchrun every process runs this module. Rank 0 composes the config and creates the run
-    folder as a single run would; the other ranks wait for its folder and run there without writing
-    Hydra's files or logs (only rank 0 writes), and keep their stdout quiet."""
+    """Under torchrun every process runs this module. Rank 0 composes the config, creates the run folder
+    and builds the run as a single run would (tokenising the data once, into the cache); once that
+    proved sound the other ranks get its folder and run there without writing Hydra's files or logs
+    (only rank 0 writes), with their stdout quiet. A refused run stops at rank 0 and leaves no folder."""
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         if os.environ.get("RANK") == "0":
             print("error: torchrun runs one job over several processes; a sweep (-m) of multi-process jobs "

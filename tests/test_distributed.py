@@ -130,3 +130,13 @@ def test_slurm_tasks_started_by_submitit_join_one_group(tmp_path):
     ]
     outputs = [task.communicate(timeout=60)[0].split() for task in tasks]
     assert outputs == [["0", "2", "0", "3"], ["1", "2", "1", "3"]]
+
+
+def test_a_batch_that_does_not_split_is_refused_in_one_line_and_leaves_no_folder(tmp_path, corpus_dir):
+    done = subprocess.run([*TORCHRUN, *TINY, f"dataset.path={corpus_dir}", "dataset.batch_size=5"], cwd=tmp_path,
+                          capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: dataset.batch_size=5 does not split over 2 processes (each owns an equal share of the "
+                      "columns); use a multiple of 2, e.g. dataset.batch_size=6 or 4"]  # fmt: skip
+    assert not list(tmp_path.glob("outputs/*/*"))
