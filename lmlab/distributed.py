@@ -85,6 +85,25 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def data_parallel(step: torch.nn.Module, device: torch.device, sparse_gradients: bool) -> torch.nn.Module:
+    """``step`` (a module computing one window's losses) under DistributedDataParallel.
+
+    DDP expects a sparse gradient from every ``nn.Embedding(sparse=True)``; a model whose sparse lookup
+    is folded into a dense gradient (a tied embedding) says so with ``sparse_gradients=False``, and DDP is
+    told the truth while it is built (it reads the flag only then)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    sparse = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    flipped = [] if sparse_gradients else [m for m in step.modules() if isinstance(m, sparse) and m.sparse]
+    for module in flipped:
+        module.sparse = False
+    try:
+        return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    finally:
+        for module in flipped:
+            module.sparse = True
+
+
 def check_divisible(batch_size: int, key: str) -> int:
     """The per-rank share of ``batch_size`` columns, or one line saying how to make it divide."""
     world = place().world_size
@@ -102,6 +121,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if place().world_size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over all ranks (a new tensor; ``tensor`` itself where there is one rank)."""
+    world = place().world_size
+    return all_reduce_sum(tensor.clone()) / world if world > 1 else tensor
 
 
 def agree_max(value: float) -> float:

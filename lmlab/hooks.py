@@ -1,5 +1,5 @@
 """What hangs on the training loop: checkpoints, time budget, stop signals, non-finite policy, weight
-averaging, progress and logging — each a :class:`Hook`, so :mod:`lmlab.train` keeps only the loop.
+averaging — each a :class:`Hook` (progress reports: :mod:`lmlab.progress`), so :mod:`lmlab.train` keeps only the loop.
 
 The loop calls, in order: ``on_fit_start`` → per epoch ``on_epoch_start``, per step ``before_backward``
 and ``on_step_end``, then validation inside every hook's ``evaluation_weights`` followed by
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from lmlab import distributed
 from lmlab.checkpoint import TrainState, initial_weights, restore_training, rng_state, training_checkpoint
@@ -258,55 +257,6 @@ class Checkpointing(Hook):
 
 def _finite_weights(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-class Progress(Hook):
-    """Progress every ``log_interval`` steps: a bar on a terminal (``progress`` null) or when asked
-    (true); otherwise — output redirected, as on a cluster — a plain line with step, ms/step, tokens/s,
-    loss, perplexity, lr and the epoch's ETA. The running loss goes to the logger either way, and the
-    epoch's metrics at its end."""
-
-    def __init__(self, log_interval: int, progress: bool | None) -> None:
-        self.log_interval, self.progress = log_interval, progress
-        self.bar: Any = None
-
-    def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None:
-        disable = None if self.progress is None else not self.progress
-        disable = disable if distributed.place().is_main else True
-        self.bar = tqdm(
-            total=ctx.num_windows, initial=ctx.state.step, desc=f"epoch {ctx.state.epoch}", leave=False,
-            disable=disable, dynamic_ncols=True,
-        )  # fmt: skip
-        self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
-
-    def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
-        self.bar.update(1)
-        self.steps_since += 1
-        self.tokens_since += ctx.tokens_this_step
-        step = ctx.state.step
-        if step % self.log_interval and step != ctx.num_windows:
-            return
-        running = ctx.running_loss()
-        self.bar.set_postfix(loss=f"{running:.3f}")
-        ctx.logger.log_step(ctx.state.global_step, {"train/loss": running, "lr": ctx.lr})
-        if self.bar.disable and step % self.log_interval == 0:
-            seconds = time.perf_counter() - self.since
-            ctx.logger.log_progress(
-                {
-                    "epoch": ctx.state.epoch, "step": step, "steps": ctx.num_windows, "loss": running,
-                    "ms_per_step": 1000 * seconds / self.steps_since, "tokens_per_sec": self.tokens_since / seconds,
-                    "lr": ctx.lr, "eta_s": seconds / self.steps_since * (ctx.num_windows - step),
-                }
-            )  # fmt: skip
-            self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
-
-    def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
-        self.bar.close()
-        ctx.logger.log_epoch(metrics)
-
-    def on_fit_end(self, trainer: Any, ctx: FitContext) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @contextlib.contextmanager

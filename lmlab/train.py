@@ -26,7 +26,6 @@ from lmlab.hooks import (
     Hook,
     NonFiniteLoss,
     NonFinitePolicy,
-    Progress,
     StopOnSignal,
     TimeBudget,
     WeightAveraging,
@@ -36,6 +35,7 @@ from lmlab.interrupt import TrainingInterrupted
 from lmlab.loggers import Logger, perplexity
 from lmlab.models import LanguageModel
 from lmlab.optim import Schedule, clip_grad_norm
+from lmlab.progress import Progress
 from lmlab.schema import PositiveFloat, PositiveInt, Probability
 
 __all__ = ["FitResult", "NonFiniteLoss", "Trainer", "perplexity"]
@@ -50,23 +50,6 @@ class FitResult:
     train_tokens_per_sec: float
     best_checkpoint: Path
     last_checkpoint: Path
-
-
-@contextlib.contextmanager
-def _dense_gradients_declared(model: LanguageModel) -> Any:
-    """DDP expects a sparse gradient from every ``nn.Embedding(sparse=True)``; a model whose sparse lookup
-    is folded into a dense gradient (a tied embedding) says so through ``sparse_gradients`` — DDP is
-    told the truth while it is built (it reads the flag only then)."""
-    flipped = []
-    if not model.sparse_gradients:
-        flipped = [m for m in model.modules() if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse]
-    for module in flipped:
-        module.sparse = False
-    try:
-        yield
-    finally:
-        for module in flipped:
-            module.sparse = True
 
 
 class TrainingStep(torch.nn.Module):
@@ -183,11 +166,7 @@ class Trainer:
         stays the one whose state is saved."""
         step: torch.nn.Module = TrainingStep(model)
         if distributed_ and distributed.place().world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            with _dense_gradients_declared(model):
-                step = DistributedDataParallel(step, device_ids=ids)
+            step = distributed.data_parallel(step, device, sparse_gradients=model.sparse_gradients)
         return torch.compile(step) if self.compile else step
 
     # ------------------------------------------------------------------------------------- epochs
@@ -206,7 +185,7 @@ class Trainer:
             carry = model.detach_state(carry)
             with self._autocast(ctx.device):
                 loss, objective, carry = self._step(window.inputs, carry, window.targets)
-            loss = self._mean_over_ranks(loss.detach())  # every rank judges (and logs) the same loss
+            loss = distributed.mean(loss.detach())  # every rank judges (and logs) the same loss
             if all(hook.before_backward(self, ctx, loss) for hook in hooks):
                 self._backward_and_step(ctx, objective, window.lr_scale)
                 ctx.loss_sum += loss
@@ -294,11 +273,6 @@ class Trainer:
         return (totals[0] / totals[1]).item()
 
     # ------------------------------------------------------------------------------------ helpers
-    @staticmethod
-    def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
-        world = distributed.place().world_size
-        return distributed.all_reduce_sum(loss.clone()) / world if world > 1 else loss
-
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self._dtype is None:
             return contextlib.nullcontext()
