@@ -1,13 +1,23 @@
 """Graceful stop on SIGINT/SIGTERM: the training loop finishes its step, saves, then stops.
 
-A second Ctrl-C restores Python's default behaviour and interrupts at once.
+A second Ctrl-C restores Python's default behaviour and interrupts at once. In a SLURM job started by
+submitit (``hydra/launcher=slurm``) SIGUSR2 — submitit's "time is nearly up / pre-empted" signal — is a
+stop signal too: the loop saves ``last.pt`` first, then :meth:`TrainingInterrupted.hand_on` gives the
+signal to submitit's own handler, which requeues the job (it resumes from that ``last.pt``).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop training after a save."""
+    requeue = (signal.SIGUSR2,) if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else ()
+    return (signal.SIGINT, signal.SIGTERM, *requeue)
 
 
 class TrainingInterrupted(Exception):
@@ -20,6 +30,14 @@ class TrainingInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # shell convention: 130 for SIGINT, 143 for SIGTERM
+
+    def hand_on(self) -> None:
+        """Once the state is saved, give a SIGUSR2 to the handler that was there before training (submitit's,
+        which requeues the job and exits); other signals end here."""
+        if self.signum == signal.SIGUSR2:
+            handler = signal.getsignal(signal.SIGUSR2)
+            if callable(handler):
+                handler(signal.SIGUSR2, None)
 
 
 class StopSignals:
@@ -38,7 +56,7 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers only work there
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in stop_signals():
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

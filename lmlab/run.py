@@ -57,6 +57,7 @@ def hydra_task(cfg: DictConfig) -> float:
         resume = "" if multirun else f"\nResume with: {command} {overrides} hydra.run.dir={out_dir}"
         if distributed.place().is_main:  # a multirun prints the sweep's command
             print(f"{prefix}{stop}{resume}", file=sys.stderr, flush=True)
+        stop.hand_on()  # SLURM pre-emption: submitit requeues the job now that last.pt is saved
         sys.exit(stop.exit_code)
 
 

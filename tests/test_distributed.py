@@ -140,3 +140,28 @@ def test_a_batch_that_does_not_split_is_refused_in_one_line_and_leaves_no_folder
     assert errors == ["error: dataset.batch_size=5 does not split over 2 processes (each owns an equal share of the "
                       "columns); use a multiple of 2, e.g. dataset.batch_size=6 or 4"]  # fmt: skip
     assert not list(tmp_path.glob("outputs/*/*"))
+
+
+def test_submitit_preemption_signal_saves_last_pt_before_submitit_requeues(tmp_path):
+    """In a submitit SLURM job SIGUSR2 means "requeue soon": save first, then hand the signal to submitit."""
+    corpus = write_corpus(tmp_path / "corpus", train=3000)
+    (tmp_path / "fake_submitit.py").write_text(  # stands in for submitit's SIGUSR2 handler (requeue, exit)
+        "import json, signal, sys, torch\n"
+        "def requeue(signum, frame):\n"
+        f"    saved = torch.load({str(tmp_path / 'run' / 'checkpoints' / 'last.pt')!r}, weights_only=True)\n"
+        f"    open({str(tmp_path / 'requeued.json')!r}, 'w').write(json.dumps([saved['epoch'], saved['step']]))\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGUSR2, requeue)\n"
+    )
+    env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "PYTHONPATH": str(tmp_path)}
+    args = [*TINY, f"dataset.path={corpus}", "trainer.log_interval=5", "plugins=[fake_submitit]"]
+    command = [sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if "epoch 1 | step 10/" in line:
+            break
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert "stopped by SIGUSR2" in stderr
+    epoch, step = json.loads((tmp_path / "requeued.json").read_text())
+    assert epoch == 1 and step >= 10  # submitit's handler ran after last.pt held the step training stopped at
