@@ -94,20 +94,6 @@ def read_pieces(path: Path, piece_bytes: int | None = None) -> Iterator[list[str
         yield [EOS]
 
 
-def read_text(path: Path) -> str:
-    """Read a whole data file as UTF-8, naming the file and byte offset when it is not."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path} is not UTF-8 text (bad byte at offset {err.start}); "
-            "re-encode it, e.g. `iconv -f latin1 -t utf-8 FILE`"
-        ) from None
-
-
 def tokenize(text: str, vocab: Vocabulary) -> torch.Tensor:
     """``text`` as int32 ids of ``vocab`` (unknown words: ``<unk>``), each line closed by ``<eos>``."""
     words = text.replace("\n", f" {EOS} ").split()

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from lmlab.batching import TokenStream
-from lmlab.corpus import EOS, SPLITS, UNK, Corpus, Vocabulary, read_text, tokenize
+from lmlab.corpus import EOS, SPLITS, UNK, Corpus, Vocabulary, tokenize
 from lmlab.download import WIKITEXT2, WIKITEXT103, CorpusSource, ensure_corpus
 from lmlab.errors import ConfigError, DataError
 from lmlab.schema import PositiveInt, check_arguments
 
-__all__ = ["DATASETS", "EOS", "UNK", "Corpus", "LanguageModelData", "Vocabulary", "read_text", "tokenize"]
+__all__ = ["DATASETS", "EOS", "UNK", "Corpus", "LanguageModelData", "Vocabulary", "tokenize"]
 
 
 class LanguageModelData:
