@@ -37,8 +37,23 @@ def _files(run: Path) -> set[str]:
     return {str(p.relative_to(run)) for p in run.rglob("*")}
 
 
-def test_two_processes_take_the_step_of_one_at_the_full_batch_and_only_rank_0_writes(tmp_path, corpus_dir):
-    args = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1", "trainer.limit_train_batches=3"]
+RNN = [*TINY, "trainer.epochs=1", "trainer.limit_train_batches=3"]
+TRANSFORMER = [
+    *(o for o in RNN if not o.startswith("model.")),
+    "model=transformer",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.num_layers=1",
+    "model.ff_dim=64",
+    "model.dropout=0.0",
+    "model.context=8",
+]
+AWD = [*RNN, "dataset.variable_bptt=true", "optimizer=nt_asgd", "optimizer.lr=5", "model.weight_drop=0.0"]
+
+
+@pytest.mark.parametrize("setup", [RNN, TRANSFORMER, AWD], ids=["lstm", "transformer", "variable_bptt+nt_asgd"])
+def test_two_processes_take_the_step_of_one_at_the_full_batch_and_only_rank_0_writes(tmp_path, corpus_dir, setup):
+    args = [*setup, f"dataset.path={corpus_dir}"]
     (tmp_path / "ddp").mkdir()
     _run([sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)
     done = _run([*TORCHRUN, *args], tmp_path / "ddp")  # Hydra's default folder under outputs/, as a user gets
