@@ -25,11 +25,28 @@ MAX_DIRNAME = 120
 SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
 
 
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def under_submitit() -> bool:
+    """A SLURM task started by submitit (``hydra/launcher=slurm``)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def launched_processes() -> tuple[int, int]:
+    """(this process's rank, number of processes) as the launcher set them — torchrun's ``RANK``/
+    ``WORLD_SIZE``, a submitit SLURM task's ``SLURM_PROCID``/``SLURM_NTASKS``, else (0, 1) — read from
+    the environment so that entry points know them before torch is imported or a group is joined."""
+    if under_torchrun():
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if under_submitit():
+        return int(os.environ.get("SLURM_PROCID") or 0), int(os.environ.get("SLURM_NTASKS") or 1)
+    return 0, 1
+
+
 def process_rank() -> int:
-    """This process's rank in a multi-process run (torchrun's ``RANK``, a submitit SLURM task's
-    ``SLURM_PROCID``; 0 alone), read from the environment so that entry points know it before torch."""
-    slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-    return int(os.environ.get("RANK") or (slurm and os.environ.get("SLURM_PROCID")) or 0)
+    return launched_processes()[0]
 
 
 def short_dirname(override_dirname: str) -> str:

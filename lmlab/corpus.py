@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -56,8 +56,12 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.words)
 
+    def ids(self, words: Iterable[str]) -> Iterator[int]:
+        """Each word's id (``<unk>``'s for words not in the vocabulary), mapped in C: no Python step per word."""
+        return map(self.index.get, words, repeat(self.unk_id))
+
     def encode(self, words: list[str]) -> list[int]:
-        return [self.index.get(word, self.unk_id) for word in words]
+        return list(self.ids(words))
 
     def decode(self, ids: list[int]) -> list[str]:
         return [self.words[i] for i in ids]
@@ -89,24 +93,29 @@ def read_pieces(path: Path, piece_bytes: int | None = None) -> Iterator[list[str
                     "re-encode it, e.g. `iconv -f latin1 -t utf-8 FILE`"
                 ) from None
             offset, last = offset + len(piece), piece[-1:]
-            yield text.replace("\n", f" {EOS} ").split()
+            yield _words(text)
     if last != b"\n":  # the last line had no newline: it still ends with <eos>
         yield [EOS]
 
 
 def tokenize(text: str, vocab: Vocabulary) -> torch.Tensor:
     """``text`` as int32 ids of ``vocab`` (unknown words: ``<unk>``), each line closed by ``<eos>``."""
-    words = text.replace("\n", f" {EOS} ").split()
+    words = _words(text)
     if text and not text.endswith("\n"):
         words.append(EOS)
-    return _as_tensor(array("i", map(vocab.index.get, words, repeat(vocab.unk_id))))
+    return _as_tensor(array("i", vocab.ids(words)))
+
+
+def _words(text: str) -> list[str]:
+    """Whitespace-separated words, each newline becoming ``<eos>`` (the line rule, applied in C)."""
+    return text.replace("\n", f" {EOS} ").split()
 
 
 def encode_file(path: Path, vocab: Vocabulary, piece_bytes: int | None = None) -> torch.Tensor:
     """A file's int32 ids of ``vocab`` (unknown words: ``<unk>``)."""
     ids = array("i")
     for words in read_pieces(path, piece_bytes):
-        ids.extend(map(vocab.index.get, words, repeat(vocab.unk_id)))
+        ids.extend(vocab.ids(words))
     return _as_tensor(ids)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lmlab.cli import launched_processes, under_torchrun
 from lmlab.errors import ConfigError
 
 
@@ -51,22 +52,14 @@ def place() -> Place:
     return Place(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def launched_world_size() -> int:
-    """The number of processes the launcher started: torchrun's ``WORLD_SIZE``, or the tasks of a SLURM job
-    that submitit (``hydra/launcher=slurm``) started."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return int(os.environ.get("SLURM_NTASKS") or 1) if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else 1
-
-
 def setup() -> Place:
     """Join the process group when a launcher started several processes (idempotent).
 
     torchrun exports ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``…; under SLURM (``hydra/launcher=slurm``
     with ``tasks_per_node`` > 1) submitit's job environment supplies them."""
-    if launched_world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
+    if launched_processes()[1] <= 1 or (dist.is_available() and dist.is_initialized()):
         return place()
-    if "RANK" not in os.environ:  # a SLURM task: derive torchrun's variables from the job
+    if not under_torchrun():  # a SLURM task: derive torchrun's variables from the job
         from submitit.helpers import TorchDistributedEnvironment
 
         job = TorchDistributedEnvironment()
@@ -104,8 +97,8 @@ def data_parallel(step: torch.nn.Module, device: torch.device, sparse_gradients:
             module.sparse = True
 
 
-def check_divisible(batch_size: int, key: str) -> int:
-    """The per-rank share of ``batch_size`` columns, or one line saying how to make it divide."""
+def check_divisible(batch_size: int, key: str) -> None:
+    """Refuse, in one line saying how to make it divide, a ``batch_size`` the ranks cannot share equally."""
     world = place().world_size
     if batch_size % world:
         lower, upper = batch_size // world * world, -(-batch_size // world) * world
@@ -113,7 +106,6 @@ def check_divisible(batch_size: int, key: str) -> int:
             f"{key}={batch_size} does not split over {world} processes (each owns an equal share of "
             f"the columns); use a multiple of {world}, e.g. {key}={upper}" + (f" or {lower}" if lower else "")
         )
-    return batch_size // world
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,16 @@ signal to submitit's own handler, which requeues the job (it resumes from that `
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from types import FrameType
 
+from lmlab.cli import under_submitit
+
 
 def stop_signals() -> tuple[int, ...]:
     """The signals that stop training after a save."""
-    requeue = (signal.SIGUSR2,) if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else ()
+    requeue = (signal.SIGUSR2,) if under_submitit() else ()
     return (signal.SIGINT, signal.SIGTERM, *requeue)
 
 

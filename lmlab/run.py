@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lmlab.cli import CONF_DIR
+from lmlab.cli import CONF_DIR, launched_processes, process_rank, under_torchrun
 from lmlab.errors import ConfigError
 from lmlab.interrupt import TrainingInterrupted
 from lmlab.jobs import run_with_summary, task_wrapper
@@ -52,17 +52,19 @@ def hydra_task(cfg: DictConfig) -> float:
         return train_and_report(cfg, out_dir, group, name, prefix, on_built=announce)["best_val_ppl"]
     except TrainingInterrupted as stop:
         overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
-        world = distributed.place().world_size
-        command = f"torchrun --nproc_per_node={world} -m lmlab.run" if world > 1 else "python -m lmlab.run"
+        now = distributed.place()  # under SLURM the group was joined after `where` was looked up
+        command = (
+            f"torchrun --nproc_per_node={now.world_size} -m lmlab.run" if now.world_size > 1 else "python -m lmlab.run"
+        )
         resume = "" if multirun else f"\nResume with: {command} {overrides} hydra.run.dir={out_dir}"
-        if distributed.place().is_main:  # a multirun prints the sweep's command
+        if now.is_main:  # a multirun prints the sweep's command
             print(f"{prefix}{stop}{resume}", file=sys.stderr, flush=True)
         stop.hand_on()  # SLURM pre-emption: submitit requeues the job now that last.pt is saved
         sys.exit(stop.exit_code)
 
 
 def main() -> None:
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if under_torchrun() and launched_processes()[1] > 1:
         _join_torchrun()
     run_with_summary(hydra_task)
 
@@ -73,7 +75,7 @@ def _join_torchrun() -> None:
     proved sound the other ranks get its folder and run there without writing Hydra's files or logs
     (only rank 0 writes), with their stdout quiet. A refused run stops at rank 0 and leaves no folder."""
     if {"-m", "--multirun"} & set(sys.argv[1:]):
-        if os.environ.get("RANK") == "0":
+        if process_rank() == 0:
             print("error: torchrun runs one job over several processes; a sweep (-m) of multi-process jobs "
                   "is hydra/launcher=slurm with hydra.launcher.tasks_per_node=N", file=sys.stderr)  # fmt: skip
         sys.exit(2)

@@ -150,22 +150,22 @@ class Trainer:
         """Up to ``limit_train_batches`` training steps outside :meth:`fit` (benchmarks): the same step
         code and non-finite policy, no checkpoints or logging. Returns the number of tokens trained on."""
         ctx = self._context(model, optimizer, None, device, Logger())
+        self._step = self._step_module(model, device)
         return self.train_epoch(
             ctx, stream, [NonFinitePolicy(self.on_nan, self.log_interval, self.max_skipped_fraction)]
         )
 
     def _context(self, model, optimizer, schedule, device, logger) -> FitContext:
         self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
-        self._step = self._step_module(model, device, distributed_=False)  # fit() wraps it after a resume
         scaler = torch.amp.GradScaler(device.type, enabled=self._dtype == torch.float16)
         return FitContext(model, optimizer, schedule, device, logger, scaler)
 
-    def _step_module(self, model: LanguageModel, device: torch.device, distributed_: bool = True) -> torch.nn.Module:
+    def _step_module(self, model: LanguageModel, device: torch.device) -> torch.nn.Module:
         """What computes a step's losses: compiled for speed if asked, and under several processes wrapped
         in DistributedDataParallel (which averages the gradients during backward). The plain model
         stays the one whose state is saved."""
         step: torch.nn.Module = TrainingStep(model)
-        if distributed_ and distributed.place().world_size > 1:
+        if distributed.place().world_size > 1:
             step = distributed.data_parallel(step, device, sparse_gradients=model.sparse_gradients)
         return torch.compile(step) if self.compile else step
 
