@@ -21,6 +21,7 @@ How the work is shared (data parallelism)::
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -70,10 +71,15 @@ def setup() -> Place:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+    atexit.register(teardown)
     return place()
 
 
 def teardown() -> None:
+    """Leave the process group (idempotent). :func:`setup` registers it to run at exit, on every path
+    out (success, an error's exit code, a stop signal): a group still alive when the interpreter
+    finalises is torn down by C++ destructors, and gloo's worker threads then abort the process
+    (``terminate called without an active exception``, exit -6) — a finished rank reported as failed."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -121,14 +121,11 @@ def test_sigterm_on_every_rank_saves_one_last_pt_and_the_resumed_run_ends_with_t
     assert curves[1] == pytest.approx(curves[0], rel=1e-6)
 
 
-def test_slurm_tasks_started_by_submitit_join_one_group(tmp_path):
-    """What hydra/launcher=slurm with tasks_per_node=2 gives each task: submitit's SLURM variables."""
+def _slurm_tasks(tmp_path: Path, code: str) -> list[list[str]]:
+    """Run ``code`` as the 2 tasks hydra/launcher=slurm with tasks_per_node=2 starts (submitit's SLURM
+    variables); returns each task's stdout words."""
     probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import torch\nfrom lmlab import distributed\nplace = distributed.setup()\n"
-        "total = distributed.all_reduce_sum(torch.tensor([place.rank + 1.0]))\n"
-        "print(place.rank, place.world_size, place.local_rank, int(total.item()))\ndistributed.teardown()\n"
-    )
+    probe.write_text(code)
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
         "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "MASTER_PORT": str(29_000 + os.getpid() % 1000),
@@ -144,7 +141,32 @@ def test_slurm_tasks_started_by_submitit_join_one_group(tmp_path):
         for r in ("0", "1")
     ]
     outputs = [task.communicate(timeout=60)[0].split() for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0]
+    return outputs
+
+
+def test_slurm_tasks_started_by_submitit_join_one_group(tmp_path):
+    outputs = _slurm_tasks(
+        tmp_path,
+        "import torch\nfrom lmlab import distributed\nplace = distributed.setup()\n"
+        "total = distributed.all_reduce_sum(torch.tensor([place.rank + 1.0]))\n"
+        "print(place.rank, place.world_size, place.local_rank, int(total.item()))\n",
+    )
     assert outputs == [["0", "2", "0", "3"], ["1", "2", "1", "3"]]
+
+
+def test_every_rank_leaves_its_group_before_the_interpreter_finalises(tmp_path):
+    """The cause of "terminate called without an active exception" (a finished rank exiting with -6): a
+    group left alive until finalisation, when gloo's threads are torn down by C++ destructors. The
+    handler registered first runs last (atexit is LIFO): by then setup()'s teardown must have run."""
+    outputs = _slurm_tasks(
+        tmp_path,
+        "import atexit, torch, torch.distributed as dist\n"
+        "atexit.register(lambda: print('alive-at-exit', dist.is_initialized(), flush=True))\n"
+        "from lmlab import distributed\nplace = distributed.setup()\n"
+        "distributed.all_reduce_sum(torch.ones(3))\nprint('gathered', len(distributed.gather(place.rank)))\n",
+    )
+    assert outputs == [["gathered", "2", "alive-at-exit", "False"]] * 2
 
 
 def test_a_batch_that_does_not_split_is_refused_in_one_line_and_leaves_no_folder(tmp_path, corpus_dir):
