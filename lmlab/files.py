@@ -9,6 +9,7 @@ reported as :class:`~lmlab.errors.DiskFull` naming the file, with the old file i
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -102,43 +103,61 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
 
 
 class RunLock:
-    """The run folder's single-writer lock: ``.lmlab.lock`` holding the owner's host, pid and start time.
+    """The run folder's single-writer lock: ``.lmlab.lock``, locked with ``flock`` for the whole run and
+    holding the owner's host, pid and start time (for the message a refused run prints).
 
     Taken before a run writes anything; a second run into the same folder is refused while the owner
-    lives, and a lock left by a dead process (kill -9, power loss) is taken over."""
+    holds it. The kernel releases the lock when its holder dies (kill -9, power loss), so a lock left by
+    a dead process is simply taken, and two processes can never both hold it: there is no
+    check-then-write window. The holder removes the file while still holding it; a process that opened
+    the old file just before is told apart by the file's inode and tries again."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / ".lmlab.lock"
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         owner = {"host": _host(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(3):  # a stale lock is removed, then the exclusive create is tried again
+        for _ in range(100):  # each round is lost only to a holder that released the file meanwhile
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and _alive(holder.get("host", ""), int(holder.get("pid", 0))):
-                    raise RunFolderBusy(
-                        f"{self.path.parent} is in use by another run (pid {holder['pid']} on {holder['host']}, "
-                        f"started {holder.get('started', '?')}); wait for it to finish or choose another "
-                        "hydra.run.dir"
-                    ) from None
-                self.path.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunFolderBusy(self._busy_message()) from None
+            if not self._names(fd):
+                os.close(fd)  # the previous holder removed this file after we opened it
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(owner, f)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(owner).encode())
+            self._fd = fd
             return self
-        raise RunFolderBusy(f"could not take the lock {self.path}; another run keeps taking it")
+        raise RunFolderBusy(f"could not take the lock {self.path}; other runs keep taking it")
 
-    def _holder(self) -> dict[str, Any] | None:
+    def _names(self, fd: int) -> bool:
+        """Whether ``self.path`` still names the open file ``fd``."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _busy_message(self) -> str:
         try:
             holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) and str(holder.get("pid", "")).isdigit() else None
         except (OSError, ValueError):
-            return None  # unreadable: a writer died between create and write
+            holder = None  # the holder is between taking the lock and writing its name
+        who = (
+            f" (pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started', '?')})"
+            if isinstance(holder, dict)
+            else ""
+        )
+        return (
+            f"{self.path.parent} is in use by another run{who}; wait for it to finish or choose another hydra.run.dir"
+        )
 
     def __exit__(self, *exc: object) -> None:
-        holder = self._holder()
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == _host():
-            self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: see the class docstring
+            os.close(self._fd)
+            self._fd = None

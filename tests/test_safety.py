@@ -60,6 +60,41 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, corpus_dir, compo
     assert results["epochs_run"] == 1 and not (out / ".lmlab.lock").exists()
 
 
+def _race_for_the_lock(folder: Path, barrier, holding: Path) -> None:
+    barrier.wait()
+    try:
+        with RunLock(folder):
+            (holding / str(os.getpid())).touch()
+            time.sleep(0.05)
+            count = len(list(holding.iterdir()))
+            (holding / f"{os.getpid()}.count").write_text(str(count))
+            (holding / str(os.getpid())).unlink()
+    except RunFolderBusy:
+        pass
+
+
+def test_many_processes_racing_for_a_stale_lock_never_make_two_holders(tmp_path):
+    import multiprocessing
+    import socket
+
+    ctx = multiprocessing.get_context("fork")
+    host = socket.gethostname().replace(".", "_")
+    for trial in range(10):
+        folder, holding = tmp_path / f"run{trial}", tmp_path / f"holding{trial}"
+        for path in (folder, holding):
+            path.mkdir()
+        (folder / ".lmlab.lock").write_text(json.dumps({"host": host, "pid": _dead_pid(), "started": "earlier"}))
+        barrier = ctx.Barrier(8)
+        procs = [ctx.Process(target=_race_for_the_lock, args=(folder, barrier, holding)) for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=60)
+        counts = [int(p.read_text()) for p in holding.glob("*.count")]
+        assert counts and max(counts) == 1, counts  # at least one took it; never two at once
+        assert not (folder / ".lmlab.lock").exists()  # the last holder removed it
+
+
 def test_divergence_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(tmp_path, corpus_dir, compose_cfg, capsys):
     out, base = tmp_path / "run", [*TINY, f"dataset.path={corpus_dir}", "trainer.clip_grad_norm=null"]
     train_and_report(compose_cfg([*base, "trainer.epochs=1"]), out)
