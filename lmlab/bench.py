@@ -25,7 +25,8 @@ from lmlab.cli import CONF_DIR
 from lmlab.config import model_arguments
 from lmlab.device import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
 from lmlab.factory import build, build_training_objects
-from lmlab.jobs import task_wrapper
+from lmlab.files import atomic_write_text
+from lmlab.jobs import task_wrapper, write_run_record
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
@@ -169,8 +170,10 @@ def _baseline_line(r: dict[str, Any]) -> str:
 @task_wrapper
 def main(cfg: DictConfig) -> dict[str, Any]:
     result = benchmark(cfg)
-    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    write_run_record(cfg, folder)
+    out = folder / "bench.json"
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(summary(result))
     print(f"written to {out}")
     return result

@@ -9,9 +9,11 @@ every argument type-checked first; the run config stored beside it is a record, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from lmlab.data import Vocabulary
-from lmlab.errors import CheckpointError, LmlabError
+from lmlab.errors import CheckpointError, LmlabError, printable
 from lmlab.models import LanguageModel, build_model, check_model_arguments, map_tensors
 
 FORMAT = "lmlab-checkpoint"
@@ -89,29 +91,62 @@ def restore_training(
         )
     if "optimizer_state" not in ckpt:
         raise CheckpointError(f"cannot resume from {path}: it holds weights only (a best.pt); use last.pt")
-    model.load_state_dict(ckpt["model_state"])
-    optimizer.load_state_dict(ckpt["optimizer_state"])
-    if scheduler is not None and ckpt["scheduler_state"] is not None:
-        scheduler.load_state_dict(ckpt["scheduler_state"])
-    if scaler is not None and ckpt["scaler_state"] is not None:
-        scaler.load_state_dict(ckpt["scaler_state"])
-    for line in apply_changed_settings(path, ckpt.get("config") or {}, meta.get("config") or {}, optimizer, scheduler):
+    progress = _progress(path, ckpt)
+    load_weights(path, model, ckpt["model_state"])
+    with _field(path, "optimizer_state"):
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+    with _field(path, "scheduler_state"):
+        if scheduler is not None and ckpt.get("scheduler_state") is not None:
+            scheduler.load_state_dict(ckpt["scheduler_state"])
+    with _field(path, "scaler_state"):
+        if scaler is not None and ckpt.get("scaler_state") is not None:
+            scaler.load_state_dict(ckpt["scaler_state"])
+    for line in apply_changed_settings(
+        path, _dict(ckpt.get("config")), _dict(meta.get("config")), optimizer, scheduler
+    ):
         print(f"resume: {line}")
     own = _own_share(path, ckpt)
-    set_rng_state(own["rng"])
+    with _field(path, "rng"):
+        set_rng_state(own["rng"])
     device = next(model.parameters()).device
-    hidden = map_tensors(own["hidden"], lambda t: t.to(device))
-    state = TrainState(
-        ckpt["epoch"],
-        ckpt["step"],
-        ckpt["global_step"],
-        ckpt["best_val_loss"],
-        ckpt["history"],
-        hidden,
-        ckpt["loss_sum"],
-        ckpt["skipped_batches"],
-    )
-    return state, ckpt["logger_state"]
+    with _field(path, "hidden"):
+        hidden = map_tensors(own["hidden"], lambda t: t.to(device))
+    logger_state = ckpt.get("logger_state")
+    return TrainState(**progress, hidden=hidden), logger_state if isinstance(logger_state, dict) else {}
+
+
+# A last.pt's progress fields and what each must be (a resumed run's loop trusts them).
+PROGRESS = {
+    "epoch": lambda v: type(v) is int and v >= 1,
+    "step": lambda v: type(v) is int and v >= 0,
+    "global_step": lambda v: type(v) is int and v >= 0,
+    "best_val_loss": lambda v: isinstance(v, float) and not math.isnan(v) and v >= 0,
+    "history": lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
+    "loss_sum": lambda v: isinstance(v, float) and math.isfinite(v),
+    "skipped_batches": lambda v: type(v) is int and v >= 0,
+}
+
+
+def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
+    for key, valid in PROGRESS.items():
+        if not valid(ckpt.get(key)):
+            raise damaged(path, key, f"is {printable(ckpt.get(key), 60)}, not a valid value")
+    return {key: ckpt[key] for key in PROGRESS}
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+@contextlib.contextmanager
+def _field(path: str | os.PathLike, name: str) -> Iterator[None]:
+    """Restoring one field of a last.pt: whatever it breaks on is one line naming the file and the field."""
+    try:
+        yield
+    except LmlabError:
+        raise
+    except Exception as err:
+        raise damaged(path, name, f"cannot be restored ({type(err).__name__})") from None
 
 
 def _own_share(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +154,9 @@ def _own_share(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
     from lmlab import distributed
 
     where = distributed.place()
-    ranks = ckpt.get("ranks") or [{"rng": ckpt["rng"], "hidden": ckpt["hidden"]}]
+    ranks = ckpt.get("ranks") or [{"rng": ckpt.get("rng"), "hidden": ckpt.get("hidden")}]
+    if not (isinstance(ranks, list) and all(isinstance(r, dict) and {"rng", "hidden"} <= set(r) for r in ranks)):
+        raise damaged(path, "ranks", "is not a list of each process's rng and hidden state")
     if len(ranks) == where.world_size:
         return ranks[where.rank]
     if ckpt["step"]:  # mid-epoch: each rank's state belongs to its own columns
@@ -143,7 +180,7 @@ def initial_weights(path: str | os.PathLike, meta: dict[str, Any], model: torch.
             f"trainer.init_from={path} holds another model or vocabulary than this run's; give a checkpoint "
             "of the same model and data"
         )
-    model.load_state_dict(ckpt["model_state"])
+    load_weights(path, model, ckpt["model_state"])
 
 
 def _same_model(ckpt: dict[str, Any], meta: dict[str, Any]) -> bool:
@@ -208,10 +245,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path} is not a readable checkpoint: it is {_looks_like(path)}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not an lmlab checkpoint (no '{FORMAT}' marker)")
-    if state.get("version") == 1:
+    version = state.get("version")
+    if type(version) is int and version == 1:
         _upgrade_version_1(state)
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; this lmlab reads {VERSION}")
+        version = state.get("version")
+    if type(version) is not int or version != VERSION:
+        shown = version if type(version) is int else f"{printable(version)} (not a number)"
+        raise CheckpointError(f"{path} has checkpoint version {shown}; this lmlab reads {VERSION}")
     model = state.get("model")
     if not (isinstance(model, dict) and isinstance(model.get("arguments"), dict) and len(model) == 2):
         raise CheckpointError(f"{path} has no valid model entry (a name and plain arguments); it was not made by lmlab")
@@ -219,7 +259,40 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         check_model_arguments(model.get("name"), model["arguments"])
     except LmlabError as err:
         raise CheckpointError(f"refused to build the model stored in {path}: {str(err).split('. Fix it')[0]}") from None
+    vocab = state.get("vocab")
+    if not (isinstance(vocab, list) and len(vocab) >= 2 and all(isinstance(w, str) for w in vocab)):
+        raise damaged(path, "vocab", "is not a list of words")
+    weights = state.get("model_state")
+    if not (isinstance(weights, dict) and weights and all(isinstance(t, torch.Tensor) for t in weights.values())):
+        raise damaged(path, "model_state", "is not a dict of tensors")
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{path} holds non-finite weights (NaN or inf in {printable(name)}): nothing it computes would "
+                "mean anything; use an earlier checkpoint"
+            )
     return state
+
+
+def damaged(path: str | os.PathLike, field: str, what: str) -> CheckpointError:
+    """The one message for a checkpoint field that is missing or wrong: the file, the field, what to do."""
+    return CheckpointError(
+        f"{path} is damaged: its field '{field}' {what}; use another checkpoint (or start afresh with "
+        "trainer.resume=null)"
+    )
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(weights)``, checked first: the same names and shapes (no partial loads,
+    no broadcasting), else one line saying the file does not fit."""
+    expected = model.state_dict()
+    wrong = sorted(set(expected) ^ set(weights)) or [k for k in expected if expected[k].shape != weights[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path} does not fit its model: the weights of {printable(', '.join(wrong[:3]))} are missing, extra "
+            "or of another shape; use a checkpoint made by this model"
+        )
+    model.load_state_dict(weights)
 
 
 def _head(path: Path, size: int = 4096) -> bytes:
@@ -260,13 +333,20 @@ def model_from_checkpoint(
     """Rebuild the model (in eval mode, on ``device``) and vocabulary saved in a checkpoint."""
     state = load_checkpoint(path)
     vocab = Vocabulary(state["vocab"])
-    model = build_model(state["model"]["name"], len(vocab), **state["model"]["arguments"])
-    try:
-        model.load_state_dict(state["model_state"])
-    except RuntimeError as err:
+    name, arguments = state["model"]["name"], state["model"]["arguments"]
+    try:  # on the meta device first: no memory is taken before the shapes are known to fit the file
+        with torch.device("meta"):
+            probe = build_model(name, len(vocab), **arguments)
+    except LmlabError as err:
+        raise CheckpointError(f"refused to build the model stored in {path}: {err}") from None
+    except Exception as err:
         raise CheckpointError(
-            f"{path} does not fit its own model config/vocabulary: {str(err).splitlines()[-1].strip()}"
-        ) from err
+            f"refused to build the model stored in {path}: its arguments {printable(arguments)} make no model "
+            f"({type(err).__name__}); it was not made by this lmlab"
+        ) from None
+    load_weights(path, probe, {k: v.to("meta") for k, v in state["model_state"].items()})
+    model = build_model(name, len(vocab), **arguments)
+    load_weights(path, model, state["model_state"])
     return model.to(device).eval(), vocab, state
 
 

@@ -20,7 +20,7 @@ def _find_conf_dir() -> str:
 
 CONF_DIR = _find_conf_dir()
 MAX_DIRNAME = 120
-# Set by lmlab.jobs.SweepRecorder when a multirun starts (the environment reaches every launcher's jobs):
+# Set by lmlab.jobs.JobRecorder when a multirun starts (the environment reaches every launcher's jobs):
 # the keys that vary between the sweep's jobs, comma-separated.
 SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
 

@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.stdout.write(render(rows(runs), args.format))
     if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - the optional plot extra
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install 'lmlab[plot]' (the table above is complete)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         plot(runs, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0

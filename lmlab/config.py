@@ -18,11 +18,12 @@ from lmlab.errors import ConfigError
 from lmlab.models import check_model_arguments
 from lmlab.optim import Schedule
 from lmlab.sampling import sample_words
-from lmlab.schema import NonNegativeFloat, PositiveFloat, check_arguments, check_value
+from lmlab.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check_arguments, check_value
 
 # Rules for arguments whose target does not annotate them usefully (torch's own classes).
 OPTIMIZER_HINTS = {"lr": PositiveFloat, "weight_decay": NonNegativeFloat}
-TOP_LEVEL_HINTS = {"seed": int | None, "plugins": list[str]}
+TOP_LEVEL_HINTS = {"seed": Seed | None, "plugins": list[str]}
+BENCH_HINTS = {"steps": PositiveInt, "warmup": PositiveInt, "matmul_size": PositiveInt, "baseline": bool}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -48,6 +49,9 @@ def validate_config(cfg: DictConfig) -> None:
         check_model_arguments(cfg.model.get("name"), arguments)
     if cfg.get("generate") is not None:
         check_arguments(sample_words, _plain(cfg.generate), "generate")
+    for key, hint in BENCH_HINTS.items():
+        if cfg.get("bench") is not None and key in cfg.bench:
+            check_value(f"bench.{key}", _plain(cfg.bench[key]), hint)
 
 
 def model_arguments(node: DictConfig) -> dict[str, Any]:

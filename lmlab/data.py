@@ -14,7 +14,7 @@ from lmlab.batching import TokenStream
 from lmlab.corpus import EOS, SPLITS, UNK, Corpus, Vocabulary, tokenize
 from lmlab.download import WIKITEXT2, WIKITEXT103, CorpusSource, ensure_corpus
 from lmlab.errors import ConfigError, DataError
-from lmlab.schema import PositiveInt, check_arguments
+from lmlab.schema import PositiveInt
 
 __all__ = ["DATASETS", "EOS", "UNK", "Corpus", "LanguageModelData", "Vocabulary", "tokenize"]
 
@@ -115,23 +115,10 @@ class WikiText103(WikiText2):
     source = WIKITEXT103
 
 
-# The dataset classes a checkpoint's stored run config may name: a record is rebuilt only through this
-# table, with type-checked plain arguments — never by importing what the file says.
+# The dataset classes a checkpoint's stored run config may name (lmlab.factory.dataset_from_record): a
+# record is rebuilt only through this table — never by importing what the file says.
 DATASETS: dict[str, type[LanguageModelData]] = {
     "lmlab.data.LanguageModelData": LanguageModelData,
     "lmlab.data.WikiText2": WikiText2,
     "lmlab.data.WikiText103": WikiText103,
 }
-
-
-def dataset_from_record(record: dict) -> LanguageModelData:
-    """Rebuild the dataset a run used from its stored config (``checkpoint["config"]["dataset"]``)."""
-    target = record.get("_target_") if isinstance(record, dict) else None
-    if target not in DATASETS:
-        raise ConfigError(
-            f"the checkpoint's dataset ({target!r}) is not one lmlab rebuilds; name one, e.g. "
-            "dataset=text_dir dataset.path=DIR"
-        )
-    arguments = {k: v for k, v in record.items() if k != "_target_"}
-    check_arguments(DATASETS[target], arguments, "dataset", hydra_keys=False)
-    return DATASETS[target](**arguments)

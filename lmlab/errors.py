@@ -11,6 +11,16 @@ each kind has its own exit code, so scripts and schedulers can tell them apart.
 | 130 / 143 | interrupted by SIGINT / SIGTERM (``lmlab.interrupt``) |
 """
 
+from typing import Any
+
+
+def printable(value: Any, limit: int = 200) -> str:
+    """A value read from a file, safe to put in a message: escapes instead of control characters (a
+    crafted file must not drive the terminal), at most ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class LmlabError(Exception):
     """Base class: entry points print these as one clear line instead of a traceback."""

@@ -2,11 +2,12 @@
 
 Reports loss, perplexity and tokens/s of a saved model on one split, encoding the text with the
 checkpoint's own vocabulary (so a checkpoint can be scored on any corpus; unseen words count as
-``<unk>``). The data is the run's own (from the checkpoint's stored config) unless any ``dataset`` key
-is given. ``method=cache`` mixes in a neural cache (``cache.search=true`` picks theta/lambda on the
-validation split first); ``method=dynamic`` adapts a copy of the model to the text as it reads it
-(see :mod:`lmlab.eval_methods`). One JSON line is printed and written to ``output`` (default: beside
-the checkpoint, ``best.<method>.<split>.json``).
+``<unk>``). The data is the run's own unless any ``dataset`` key is given; the checkpoint's stored
+config then decides only which registered dataset and how it is batched, never where the data is
+(:func:`lmlab.factory.dataset_from_record`). ``method=cache`` mixes in a neural cache
+(``cache.search=true`` picks theta/lambda on the validation split first); ``method=dynamic`` adapts a
+copy of the model to the text as it reads it (see :mod:`lmlab.eval_methods`). One JSON line is printed
+and written to ``output`` (default: beside the checkpoint, ``best.<method>.<split>.json``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from lmlab.checkpoint import model_from_checkpoint
 from lmlab.cli import CONF_DIR
 from lmlab.config import validate_config
 from lmlab.corpus import encode_file
-from lmlab.data import dataset_from_record
 from lmlab.eval_methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache
-from lmlab.factory import build, import_plugins, require_checkpoint
+from lmlab.factory import build, dataset_from_record, import_plugins, require_checkpoint
 from lmlab.files import atomic_write_text
 from lmlab.jobs import task_wrapper
 from lmlab.loggers import perplexity
@@ -49,8 +49,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     device = build(cfg.device)
     model, vocab, state = model_from_checkpoint(checkpoint, device)
     overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)
-    record = (state.get("config") or {}).get("dataset")
-    data = build(cfg.dataset) if overridden or record is None else dataset_from_record(record)
+    config = state.get("config")
+    record = config.get("dataset") if isinstance(config, dict) else None
+    data = build(cfg.dataset) if overridden or record is None else dataset_from_record(record, checkpoint)
 
     def stream(split: str, bptt: int | None = None):
         return data.eval_stream(encode_file(data.files[split], vocab), bptt).to(device)

@@ -19,9 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import distributed
+from lmlab.cli import CONF_DIR
 from lmlab.config import model_arguments, validate_config
+from lmlab.data import DATASETS, LanguageModelData
 from lmlab.device import resolve_precision
-from lmlab.errors import ConfigError, LmlabError
+from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
 from lmlab.loggers import ConsoleLogger, Logger, MultiLogger
 from lmlab.models import LanguageModel, build_model
 from lmlab.optim import Schedule, takes_sparse_gradients
@@ -153,6 +155,56 @@ def build_logger(
         config = OmegaConf.to_container(cfg, resolve=True)
         loggers.append(build(cfg.logger, _recursive_=False, out_dir=str(out_dir), run_config=config, **naming))
     return MultiLogger(loggers)
+
+
+# What a checkpoint's dataset record may decide besides which registered dataset: how windows are cut.
+# Never where the data is (path, root, file names, mirrors, cache): that is the user's to say.
+RECORD_BATCHING = {"batch_size": int, "eval_batch_size": int, "bptt": int, "variable_bptt": bool}
+
+
+def dataset_from_record(record: Any, checkpoint: str) -> Any:
+    """The dataset a checkpoint's run used, rebuilt from its stored config (``config.dataset``) for
+    ``lmlab.evaluate``. The record is a file lmlab is handed, so it chooses only a registered dataset
+    and plain batching values (``RECORD_BATCHING``); where the data is comes from the user:
+
+    - WikiText-2/103: the installed ``conf/dataset`` option of that class (its root is
+      ``$LMLAB_DATA_DIR`` or the user's cache folder, its mirrors the official ones);
+    - a text folder: the recorded folder's standard ``train.txt``/``valid.txt``/``test.txt`` only,
+      printed before use and read without writing a cache beside them."""
+    target = record.get("_target_") if isinstance(record, dict) else None
+    if not isinstance(target, str) or target not in DATASETS:
+        raise ConfigError(
+            f"the checkpoint's dataset ({printable(target)}) is not one lmlab rebuilds; name the data, e.g. "
+            "dataset=text_dir dataset.path=DIR"
+        )
+    batching = {}
+    for key, kind in RECORD_BATCHING.items():
+        value = record.get(key)
+        if value is None:
+            continue
+        if type(value) is not kind or (kind is int and value < 1):
+            raise CheckpointError(
+                f"{checkpoint} has a damaged dataset record (dataset.{key}={printable(value)}); name the data "
+                "instead, e.g. dataset=text_dir dataset.path=DIR"
+            )
+        batching[key] = value
+    if DATASETS[target] is LanguageModelData:
+        folder = record.get("path")
+        if not isinstance(folder, str) or not folder:
+            raise ConfigError("the checkpoint names no text folder; give one with dataset=text_dir dataset.path=DIR")
+        print(
+            f"data: {printable(folder)}/{{train,valid,test}}.txt, the checkpoint's own (other data: "
+            "dataset=text_dir dataset.path=DIR)",
+            flush=True,
+        )
+        return LanguageModelData(folder, cache=False, **batching)
+    node = next(
+        n
+        for n in (OmegaConf.load(f) for f in sorted(Path(CONF_DIR, "dataset").glob("*.yaml")))
+        if n.get("_target_") == target
+    )
+    node.merge_with(batching)
+    return build(node)
 
 
 def checkpoint_meta(cfg: DictConfig, vocab_words: list[str]) -> dict[str, Any]:

@@ -194,10 +194,13 @@ class Checkpointing(Hook):
         self.meta, self.save_every_steps, self.resume, self.init_from = meta, save_every_steps, resume, init_from
 
     def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
+        self._start(ctx)  # may refuse (exit 4) before anything in the folder is touched
         if distributed.place().is_main:
             remove_stale_temp_files(self.last.parent)  # what a killed writer left (the run folder lock is ours)
         if self.last.is_file():
             ctx.last_saved = self.last
+
+    def _start(self, ctx: FitContext) -> None:
         source = self._resume_source()
         if source is None:
             if self.init_from:

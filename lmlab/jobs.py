@@ -8,8 +8,8 @@
   counts a failed trial. When the sweep is over, :func:`summarize_sweep` prints the sweep folder, a
   table of its jobs (failed ones marked) and the best job, and the command exits 1 if any job failed.
 
-``SweepRecorder`` (a Hydra callback in ``conf/config.yaml``) remembers the sweep folder in the process
-that launched the sweep, which is where the summary is printed.
+``JobRecorder`` (a Hydra callback in ``conf/config.yaml``) remembers the sweep folder in the process
+that launched the sweep, which is where the summary is printed, and a single run's folder as it was.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import functools
 import json
 import os
 import shlex
-import shutil
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,10 +29,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.cli import SWEPT_KEYS_ENV, process_rank
-from lmlab.errors import DiskFull, LmlabError
+from lmlab.errors import DiskFull, LmlabError, RunFolderBusy
 from lmlab.files import atomic_write_text, is_disk_full
 from lmlab.results import find_runs, render, rows
 
@@ -59,15 +59,17 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
             if not multirun:
                 if process_rank() == 0:  # every rank meets the same error; one line says it
                     print(f"error: {err}", file=sys.stderr, flush=True)
-                    _remove_if_untouched(Path(hydra_cfg.runtime.output_dir))
+                    _undo_hydra_leftovers(Path(hydra_cfg.runtime.output_dir))
                 sys.exit(err.exit_code)
-            _record_failure(Path(hydra_cfg.runtime.output_dir), str(err), str(err))
+            _record_failure(
+                cfg, Path(hydra_cfg.runtime.output_dir), str(err), str(err), busy=isinstance(err, RunFolderBusy)
+            )
             raise JobFailed(_job_label(hydra_cfg) + f" failed: {err}") from None
         except Exception as err:  # a bug or a crash: keep the traceback in the job's folder
             if not multirun:
                 raise
             message = f"{type(err).__name__}: {err}"
-            _record_failure(Path(hydra_cfg.runtime.output_dir), message, traceback.format_exc())
+            _record_failure(cfg, Path(hydra_cfg.runtime.output_dir), message, traceback.format_exc())
             raise JobFailed(_job_label(hydra_cfg) + f" failed: {message} (traceback in its error.txt)") from None
 
     return wrapper
@@ -83,30 +85,82 @@ def _disk_full_as_one_line(task: Callable[[DictConfig], T], cfg: DictConfig, out
         raise DiskFull(f"no space left on the disk ({err}); free space under {out_dir}") from None
 
 
-HYDRA_ONLY = {".hydra", "run.log"}  # what Hydra writes into a run folder before the task starts
+def write_run_record(cfg: DictConfig, out_dir: Path) -> None:
+    """Hydra's record of the run — ``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml`` — written by
+    lmlab once the run holds its folder and proved sound. ``conf/config.yaml`` sets
+    ``hydra.output_subdir: null`` so that Hydra does not write it before the task starts: a run refused
+    at a folder that another run owns (busy, or finished) would otherwise replace that run's record."""
+    record = Path(out_dir) / ".hydra"
+    hydra_node = HydraConfig.instance().cfg  # {"hydra": ...}, as Hydra saves it
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_node),
+        ("overrides.yaml", hydra_node.hydra.overrides.task),
+    ):
+        atomic_write_text(record / name, OmegaConf.to_yaml(node))
 
 
-def _remove_if_untouched(out_dir: Path) -> None:
-    """A run refused before any work leaves no folder behind: a run folder (Hydra wrote its ``.hydra``
-    there) holding nothing else is removed. Tools that run in the current folder write no ``.hydra``."""
-    names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
-    if ".hydra" in names and names <= HYDRA_ONLY:
-        log = out_dir / "run.log"
-        if not log.exists() or log.stat().st_size == 0:
-            shutil.rmtree(out_dir, ignore_errors=True)
+@dataclass(frozen=True)
+class _FolderBefore:
+    """A single run's folder as it was before Hydra made it (or its ``run.log``) for this run."""
+
+    path: Path
+    made: Path | None  # the outermost folder that did not exist yet (Hydra makes it and those inside)
+    had_log: bool
+
+    @classmethod
+    def look(cls, folder: Path) -> _FolderBefore:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        return cls(folder, missing[-1] if missing else None, (folder / "run.log").exists())
+
+
+_folder_before: _FolderBefore | None = None
+
+
+def _undo_hydra_leftovers(out_dir: Path) -> None:
+    """A refused single run leaves the file system as it found it: the folders Hydra made for it (holding
+    at most the empty ``run.log`` of Hydra's job logging) are removed, and in a folder that was there
+    before only an empty ``run.log`` that Hydra added goes. Tools that run in the current folder
+    (evaluate, generate) write nothing there."""
+    before = _folder_before
+    if before is None or before.path != out_dir.resolve():
+        return
+    log = out_dir / "run.log"
+    if not before.had_log and log.is_file() and log.stat().st_size == 0:
+        log.unlink()
+    if before.made is None:
+        return
+    for folder in (before.path, *before.path.parents):
+        if not folder.is_dir() or any(folder.iterdir()):
+            break
+        folder.rmdir()
+        if folder == before.made:
+            break
 
 
 def _job_label(hydra_cfg: Any) -> str:
     return f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname or 'no overrides'})"
 
 
-def _record_failure(out_dir: Path, message: str, detail: str) -> None:
+def _record_failure(cfg: DictConfig, out_dir: Path, message: str, detail: str, busy: bool = False) -> None:
+    """A failed multirun job records why in its folder (with the run record, so the summary shows its
+    overrides) — unless the folder is another live run's, or holds a finished run, which stay as they were."""
     if process_rank() != 0:  # the SLURM tasks of one multi-process job share a folder: rank 0 records it
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if busy or _finished(out_dir):
+        return
+    if not (out_dir / ".hydra").exists():
+        write_run_record(cfg, out_dir)
     atomic_write_text(out_dir / "error.txt", detail.rstrip() + "\n")
     atomic_write_text(out_dir / "results.json", json.dumps({"status": "failed", "error": message}, indent=2) + "\n")
-    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _finished(out_dir: Path) -> bool:
+    try:
+        return json.loads((out_dir / "results.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ------------------------------------------------------------------------------------ sweep summary
@@ -115,9 +169,15 @@ _sweep_dir: Path | None = None
 _sweep_overrides: list[str] = []
 
 
-class SweepRecorder(Callback):
-    """Remembers the sweep folder of a multirun started in this process, and tells the jobs (through
-    the environment, which every launcher passes on) which keys vary, for their folder names."""
+class JobRecorder(Callback):
+    """Remembers what a launch in this process starts from: a single run's folder as it was (so that a
+    refused run can leave it so), a multirun's sweep folder (for the summary), and tells the sweep's
+    jobs (through the environment, which every launcher passes on) which keys vary, for their folder
+    names."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _folder_before
+        _folder_before = _FolderBefore.look(Path(config.hydra.run.dir).resolve())  # ${now:} is cached: the same folder
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _sweep_dir, _sweep_overrides

@@ -56,6 +56,7 @@ class ConsoleLogger(Logger):
         self.out_dir, self.prefix = Path(out_dir), prefix
         self.path = self.out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._finished = False
 
     def say(self, line: str) -> None:
         print(f"{self.prefix}{line}", flush=True)
@@ -80,12 +81,13 @@ class ConsoleLogger(Logger):
 
     def log_summary(self, results: dict[str, Any]) -> None:
         self.say(f"test-loss: {results['test_loss']:.2f} | test-pp: {format_ppl(results['test_ppl'])}")
+        self._finished = True
 
     def log_samples(self, text: str) -> None:
         self.say(f"Generated: {text}")
 
     def finish(self) -> None:
-        if (self.out_dir / "results.json").is_file():  # where everything went
+        if self._finished:  # where everything went (a refused run says nothing, and writes nothing here)
             self.say(f"run folder: {self.out_dir}")
             self.say(f"best checkpoint: {self.out_dir / 'checkpoints' / 'best.pt'}")
             self.say(f"results: {self.out_dir / 'results.json'}")

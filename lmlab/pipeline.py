@@ -32,31 +32,30 @@ def train_and_report(
     group: str | None = None,
     name: str | None = None,
     prefix: str = "",
-    on_built: Callable[[], None] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The whole job: returns (and writes to results.json) the run's final figures.
 
     ``group``/``name`` label the job for remote loggers (a multirun's folder, the job's overrides);
-    ``prefix`` starts each console line (a multirun job's number). ``on_built`` is called once every
-    object is built, i.e. once the config and data proved sound.
+    ``prefix`` starts each console line (a multirun job's number). ``on_started`` is called once the
+    run is set up — every object built, a ``last.pt`` resumed — just before its first step: the moment
+    the run owns its folder (a run refused before then has written nothing there).
     """
     started = time.perf_counter()
     # One writer per run folder, taken before anything is written; under several processes that is rank 0.
     # (Read from the environment: under SLURM the processes join their group only later, when building.)
     with RunLock(out_dir) if process_rank() == 0 else contextlib.nullcontext():
-        return _train_and_report(cfg, out_dir, (group, name, prefix), started, on_built)
+        return _train_and_report(cfg, out_dir, (group, name, prefix), started, on_started)
 
 
-def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float, on_built: Any) -> dict[str, Any]:
+def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float, on_started: Any) -> dict[str, Any]:
     objects = build_training_objects(cfg)
-    if on_built is not None:
-        on_built()
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
     where = distributed.place()
     logger = build_logger(cfg, out_dir, *labels) if where.is_main else Logger()  # only rank 0 reports
     meta = checkpoint_meta(cfg, data.vocab.words)
     try:
-        fit = trainer.fit(model, data, objects.optimizer, objects.schedule, device, out_dir, logger, meta)
+        fit = trainer.fit(model, data, objects.optimizer, objects.schedule, device, out_dir, logger, meta, on_started)
         with StopSignals() as signals:  # test and generation stop on a signal too (last.pt is already saved)
             model.load_state_dict(load_checkpoint(fit.best_checkpoint, device)["model_state"])
             logger.log_checkpoint(fit.best_checkpoint)

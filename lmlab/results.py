@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from lmlab.errors import printable
+
 COLUMNS = ("run", "overrides", "best_val_ppl", "test_ppl", "num_params", "tokens_per_sec", "wall_s")
 
 
@@ -31,17 +33,39 @@ class Run:
 
 def find_runs(paths: list[Path]) -> list[Run]:
     """Every folder at or under ``paths`` holding a run's ``results.json``: finished runs sorted by
-    validation perplexity, then failed jobs (``status: failed``)."""
+    validation perplexity, then failed jobs (``status: failed``). A folder whose files cannot be read
+    (truncated, not JSON, missing figures) is listed as failed with the reason, never dropping the table."""
     folders = sorted({p.parent for path in paths for p in Path(path).rglob("results.json")})
-    runs = []
-    for folder in folders:
+    runs = [_read_run(folder) for folder in folders]
+    return sorted(runs, key=lambda r: (r.failed, r.results.get("best_val_ppl", 0.0)))
+
+
+FIGURES = {"best_val_ppl": float, "test_ppl": float, "num_params": int, "train_tokens_per_sec": float, "wall_s": float}
+
+
+def _read_run(folder: Path) -> Run:
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        if not isinstance(results, dict):
+            raise ValueError("results.json is not a JSON object")
+        if results.get("status") != "failed":
+            bad = [
+                k
+                for k, kind in FIGURES.items()
+                if not isinstance(results.get(k), (kind, int)) or isinstance(results.get(k), bool)
+            ]
+            if bad:
+                raise ValueError(f"results.json lacks {', '.join(bad)}")
         overrides_file = folder / ".hydra" / "overrides.yaml"
         items = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in items or [])
+        overrides = dict(str(item).split("=", 1) if "=" in str(item) else (str(item), "") for item in items or [])
         metrics = folder / "metrics.jsonl"
-        curve = [json.loads(line)["val_ppl"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        runs.append(Run(folder, overrides, json.loads((folder / "results.json").read_text()), curve))
-    return sorted(runs, key=lambda r: (r.failed, r.results.get("best_val_ppl", 0.0)))
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        curve = [float(json.loads(line)["val_ppl"]) for line in lines]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as err:
+        reason = f"unreadable run files ({type(err).__name__}: {printable(str(err), 120)})"
+        return Run(folder, {}, {"status": "failed", "error": reason}, [])
+    return Run(folder, overrides, results, curve)
 
 
 def differing(runs: list[Run]) -> list[str]:

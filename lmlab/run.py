@@ -3,7 +3,8 @@
     python -m lmlab.run model=lstm trainer.epochs=20
     python -m lmlab.run -m dataset.batch_size=20,40 model.hidden_dim=200,650
 
-Outputs land in Hydra's run folder: metrics.jsonl, results.json, checkpoints/, samples.txt, run.log, .hydra/.
+Outputs land in Hydra's run folder: metrics.jsonl, results.json, checkpoints/, samples.txt, run.log, and
+.hydra/ (the run record, written once the run holds the folder: see lmlab.jobs.write_run_record).
 torch and the training library are imported inside the task, so that tab completion (which runs this
 module for every TAB) does not pay for them.
 """
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 from lmlab.cli import CONF_DIR, launched_processes, process_rank, under_torchrun
 from lmlab.errors import ConfigError
 from lmlab.interrupt import TrainingInterrupted
-from lmlab.jobs import run_with_summary, task_wrapper
+from lmlab.jobs import run_with_summary, task_wrapper, write_run_record
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -44,12 +45,14 @@ def hydra_task(cfg: DictConfig) -> float:
 
     where = distributed.place()  # under torchrun the group exists already (see main); under SLURM not yet
 
-    def release_other_ranks() -> None:  # they wait in main() for this folder; a refused run has none to give
-        distributed.broadcast(str(out_dir))
+    def on_started() -> None:  # the run holds its folder and proved sound: only now is it recorded there
+        if process_rank() == 0:
+            write_run_record(cfg, out_dir)
+        if where.world_size > 1 and where.is_main:  # the other ranks wait in main() for the folder
+            distributed.broadcast(str(out_dir))
 
-    announce = release_other_ranks if where.world_size > 1 and where.is_main else None
     try:
-        return train_and_report(cfg, out_dir, group, name, prefix, on_built=announce)["best_val_ppl"]
+        return train_and_report(cfg, out_dir, group, name, prefix, on_started=on_started)["best_val_ppl"]
     except TrainingInterrupted as stop:
         overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
         now = distributed.place()  # under SLURM the group was joined after `where` was looked up
@@ -85,8 +88,7 @@ def _join_torchrun() -> None:
     if where.is_main:
         return
     out_dir = distributed.broadcast(None)
-    sys.argv += [f"hydra.run.dir={out_dir}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
-                 "hydra/hydra_logging=disabled"]  # fmt: skip
+    sys.argv += [f"hydra.run.dir={out_dir}", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 

@@ -35,6 +35,12 @@ PositiveFloat = Annotated[float, Rule(lambda v: v > 0, "a number > 0")]
 NonNegativeFloat = Annotated[float, Rule(lambda v: v >= 0, "a number >= 0")]
 Probability = Annotated[float, Rule(lambda v: 0 <= v < 1, "a number in [0, 1)")]
 UnitInterval = Annotated[float, Rule(lambda v: 0 <= v <= 1, "a number in [0, 1]")]
+# seed + process rank seeds numpy, which takes 32 bits
+Seed = Annotated[int, Rule(lambda v: 0 <= v <= 2**32 - 2**16, "an integer from 0 to 4294901760")]
+IncreasingInts = Annotated[
+    list[PositiveInt] | tuple[PositiveInt, ...],
+    Rule(lambda v: len(v) > 0 and list(v) == sorted(set(v)), "a list of increasing positive integers"),
+]
 
 
 def conforms(value: Any, hint: Any) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ import torch
 from lmlab import distributed
 from lmlab.batching import TokenStream
 from lmlab.device import resolve_precision
+from lmlab.errors import CheckpointError
 from lmlab.hooks import (
     Checkpointing,
     FitContext,
@@ -108,8 +110,10 @@ class Trainer:
         out_dir: Path,
         logger: Logger,
         checkpoint_meta: dict[str, Any],
+        on_started: Callable[[], None] | None = None,
     ) -> FitResult:
-        """Train, validating after each epoch; returns the best validation loss and where it is saved."""
+        """Train, validating after each epoch; returns the best validation loss and where it is saved.
+        ``on_started`` is called once the hooks have started (a ``last.pt`` resumed), before the first step."""
         checkpoints = Checkpointing(
             Path(out_dir) / "checkpoints", checkpoint_meta, self.save_every_steps, self.resume, self.init_from
         )
@@ -128,6 +132,8 @@ class Trainer:
         valid = data.stream("valid").to(device)
         tokens_seen, train_seconds = 0, 0.0
         self._call(hooks, "on_fit_start", ctx)
+        if on_started is not None:
+            on_started()
         self._step = self._step_module(model, device)  # after a resume loaded the weights
         try:
             logger.start()  # a slow remote logger (W&B) connects before any step is timed
@@ -174,6 +180,11 @@ class Trainer:
         """One pass over ``stream`` (resuming after ``ctx.state.step``); returns the tokens trained on."""
         model, state = ctx.model, ctx.state
         model.train()
+        if state.hidden is not None and not model.state_fits(state.hidden, stream.batch_size):
+            raise CheckpointError(
+                f"{ctx.last_saved} is damaged: its field 'hidden' does not fit {stream.batch_size} columns of this "
+                "model; use another checkpoint (or start afresh with trainer.resume=null)"
+            )
         carry = state.hidden if state.hidden is not None else model.init_state(stream.batch_size, ctx.device)
         ctx.loss_sum = torch.tensor(state.loss_sum, device=ctx.device)
         ctx.num_windows = stream.num_windows(self.limit_train_batches)

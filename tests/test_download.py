@@ -114,6 +114,7 @@ def test_files_already_present_need_no_network(tmp_path, dataset):
 def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(tmp_path, compose_cfg):
     """+experiment=wt103_lstm (adaptive softmax, WikiText103 dataset) end to end, shrunk to test size."""
     import json
+    import os
     import subprocess
     import sys
 
@@ -132,7 +133,8 @@ def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(t
     assert cfg.model.softmax == "adaptive" and cfg.dataset._target_ == "lmlab.data.WikiText103"
     results = train_and_report(cfg, tmp_path / "run")
     best, report = tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "report.json"
+    env = {**os.environ, "LMLAB_DATA_DIR": str(tmp_path / "root")}  # the user's data root, not the record's
     subprocess.run([sys.executable, "-m", "lmlab.evaluate", f"checkpoint={best}", "device=cpu", f"output={report}"],
-                   check=True, capture_output=True)  # fmt: skip
+                   check=True, capture_output=True, env=env)  # fmt: skip
     loss = json.loads(report.read_text())["loss"]
     assert loss == pytest.approx(results["test_loss"], rel=1e-5)  # its dataset rebuilt from the checkpoint's record

@@ -33,13 +33,16 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_is_intact(tmp_
     out = tmp_path / "run"
     first = _start_run(out, corpus_dir)
     _wait_for(out / "metrics.jsonl", first)
+    record = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
     second = subprocess.run(
-        [sys.executable, "-m", "lmlab.run", *TINY, f"dataset.path={corpus_dir}", f"hydra.run.dir={out}"],
+        [sys.executable, "-m", "lmlab.run", *TINY, f"dataset.path={corpus_dir}", "model.hidden_dim=24",
+         f"hydra.run.dir={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert second.returncode == 6, second.stderr
     assert second.stderr.startswith(f"error: {out} is in use by another run (pid {first.pid}")
     assert len(second.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == record  # the live run's record kept
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 143
     saved = load_checkpoint(out / "checkpoints" / "last.pt")

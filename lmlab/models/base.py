@@ -70,6 +70,20 @@ class LanguageModel(nn.Module):
         """True when some parameter gets sparse gradients, which only some optimizers take."""
         return False
 
+    def state_fits(self, state: State, batch_size: int) -> bool:
+        """Whether ``state`` (read back from a checkpoint) is one this model can take for ``batch_size``
+        columns. The default compares it with :meth:`init_state`: the same nesting, tensors of the same
+        shape and dtype. A model whose state grows (a KV cache) overrides it."""
+
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(b, torch.Tensor):
+                return isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            if isinstance(b, (list, tuple)):
+                return isinstance(a, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+            return a is None and b is None
+
+        return same(state, self.init_state(batch_size, "meta"))
+
     def detach_state(self, state: State) -> State:
         """Cut the graph between windows while keeping the state's values."""
         return map_tensors(state, torch.Tensor.detach)

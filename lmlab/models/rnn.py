@@ -16,7 +16,7 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModel, register_model
 from lmlab.models.output import linear_cross_entropy
-from lmlab.schema import NonNegativeFloat, PositiveInt, Probability
+from lmlab.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 Hidden = list[LayerState]
@@ -50,7 +50,7 @@ class RNNLanguageModel(LanguageModel):
         dropout: Probability = 0.5,
         tie_weights: bool = True,
         softmax: Literal["full", "adaptive"] = "full",
-        adaptive_cutoffs: list[PositiveInt] | tuple[PositiveInt, ...] = (2000, 10000),
+        adaptive_cutoffs: IncreasingInts = (2000, 10000),
         dropout_input: Probability | None = None,
         dropout_hidden: Probability | None = None,
         dropout_embedding: Probability = 0.0,
@@ -87,7 +87,12 @@ class RNNLanguageModel(LanguageModel):
         sizes = [embed_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.rnns = nn.ModuleList(RNN_CELLS[cell](sizes[i], sizes[i + 1]) for i in range(num_layers))
         if softmax == "adaptive":
-            cutoffs = [c for c in adaptive_cutoffs if c < vocab_size - 1]
+            cutoffs = [c for c in adaptive_cutoffs if c < vocab_size - 1]  # one config serves any vocabulary
+            if not cutoffs:
+                raise ConfigError(
+                    f"model.adaptive_cutoffs={list(adaptive_cutoffs)} has no cutoff below the vocabulary size "
+                    f"({vocab_size}); give one below {vocab_size - 1}, or use model.softmax=full"
+                )
             self.decoder = None
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs, div_value=4.0)
         else:

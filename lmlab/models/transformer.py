@@ -73,6 +73,26 @@ class TransformerLanguageModel(LanguageModel):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
+    def state_fits(self, state: KVCache | None, batch_size: int) -> bool:
+        """None, or per block a (keys, values) pair of (B, heads, ≤ context positions, head_dim) tensors."""
+        if state is None:
+            return True
+        head_dim, blocks = self.d_model // self.num_heads, len(self.blocks)
+        if not (isinstance(state, (list, tuple)) and len(state) == blocks):
+            return False
+        for pair in state:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                return False
+            for t in pair:
+                if not (isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()):
+                    return False
+                batch, heads, positions, width = t.shape
+                if (batch, heads, width) != (batch_size, self.num_heads, head_dim) or positions > self.context:
+                    return False
+            if pair[0].shape != pair[1].shape:
+                return False
+        return True
+
     def forward(self, tokens: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         """tokens (T, B) → features (T, B, d_model); the state is the KV cache (None: empty)."""
         x = F.dropout(self.embedding(tokens.t()), self.dropout, self.training)  # (B, T, D)
