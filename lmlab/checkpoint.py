@@ -50,6 +50,7 @@ def training_checkpoint(
     scheduler: Any = None,
     scaler: Any = None,
     logger_state: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint holds: ``meta`` (``model`` name and arguments, ``vocab``, the run ``config``),
     the weights and the progress; with an ``optimizer`` also everything needed to resume (``last.pt``)."""
@@ -72,7 +73,7 @@ def training_checkpoint(
             hidden=state.hidden,
             loss_sum=state.loss_sum,
             skipped_batches=state.skipped_batches,
-            rng=rng_state(),
+            rng=rng or rng_state(),
             logger_state=logger_state or {},
         )
     return ckpt

@@ -192,6 +192,7 @@ class Checkpointing(Hook):
     ) -> None:
         self.last, self.best = Path(folder) / "last.pt", Path(folder) / "best.pt"
         self.meta, self.save_every_steps, self.resume, self.init_from = meta, save_every_steps, resume, init_from
+        self._pending_rng: dict[str, Any] | None = None  # a periodic save waiting for the next loss
 
     def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
         self._start(ctx)  # may refuse (exit 4) before anything in the folder is touched
@@ -223,10 +224,26 @@ class Checkpointing(Hook):
         return path
 
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
-        every = self.save_every_steps
-        if ctx.interrupt or (every and ctx.state.global_step % every == 0):
+        self._pending_rng = None  # not saved by this step's before_backward (a skipped batch): stale now
+        if ctx.interrupt:  # stopping now: save what there is
             ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
             self._save_last(ctx)
+        elif self.save_every_steps and ctx.state.global_step % self.save_every_steps == 0:
+            # Weights fresh from an update are not known good until a loss computed with them passed: the
+            # save waits for the next step's loss (before_backward), so a divergence never names a
+            # last.pt that diverges again at once. The RNG is taken now, as it stands after this step.
+            self._pending_rng = rng_state()
+
+    def before_backward(self, trainer: Any, ctx: FitContext, loss: torch.Tensor) -> bool:
+        if self._pending_rng is not None:  # the state is still the previous step's: weights, carry, counters
+            rng, self._pending_rng = self._pending_rng, None
+            if not ctx.diverged(float(loss)):  # a save copies the weights to the host anyway: reading is free
+                ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
+                self._save_last(ctx, rng)
+        return True
+
+    def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None:
+        self._pending_rng = None  # the epoch-end save (after validation) superseded it
 
     def on_validation_end(self, trainer: Any, ctx: FitContext, val_loss: float) -> None:
         if ctx.improved and _finite_weights(ctx.model) and distributed.place().is_main:
@@ -240,18 +257,19 @@ class Checkpointing(Hook):
             )
         self._save_last(ctx)
 
-    def _save_last(self, ctx: FitContext) -> None:
+    def _save_last(self, ctx: FitContext, rng: dict[str, Any] | None = None) -> None:
         if not (_finite_weights(ctx.model) and math.isfinite(ctx.state.loss_sum)):
             raise NonFiniteLoss(
                 f"the weights or the training loss of epoch {ctx.state.epoch} are not finite, so no checkpoint "
                 f"was written. {_good_checkpoint(ctx)} Try a lower optimizer.lr or a smaller trainer.clip_grad_norm"
             )
         # Every rank's RNG and model state (its own columns), so that each resumes exactly.
-        ranks = distributed.gather({"rng": rng_state(), "hidden": map_tensors(ctx.state.hidden, lambda t: t.cpu())})
+        rng = rng or rng_state()
+        ranks = distributed.gather({"rng": rng, "hidden": map_tensors(ctx.state.hidden, lambda t: t.cpu())})
         if distributed.place().is_main:
             schedule = ctx.schedule.scheduler if ctx.schedule else None
             ckpt = training_checkpoint(
-                self.meta, ctx.model, ctx.state, ctx.optimizer, schedule, ctx.scaler, ctx.logger.state()
+                self.meta, ctx.model, ctx.state, ctx.optimizer, schedule, ctx.scaler, ctx.logger.state(), rng
             )
             atomic_save({**ckpt, "ranks": ranks} if len(ranks) > 1 else ckpt, self.last)
         distributed.barrier()  # no rank leaves (and, on a signal, exits) before the file is in place

@@ -98,8 +98,14 @@ def test_many_processes_racing_for_a_stale_lock_never_make_two_holders(tmp_path)
         assert not (folder / ".lmlab.lock").exists()  # the last holder removed it
 
 
-def test_divergence_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(tmp_path, corpus_dir, compose_cfg, capsys):
-    out, base = tmp_path / "run", [*TINY, f"dataset.path={corpus_dir}", "trainer.clip_grad_norm=null"]
+@pytest.mark.parametrize("every", ["null", "1"], ids=["epoch-end saves", "save_every_steps=1"])
+def test_divergence_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(
+    tmp_path, corpus_dir, compose_cfg, capsys, every
+):
+    """With a save after every step too: a last.pt is written only once a loss computed with its weights
+    passed, so the named checkpoint never holds the update that exploded."""
+    out = tmp_path / "run"
+    base = [*TINY, f"dataset.path={corpus_dir}", "trainer.clip_grad_norm=null", f"trainer.save_every_steps={every}"]
     train_and_report(compose_cfg([*base, "trainer.epochs=1"]), out)
     with pytest.raises(NonFiniteLoss, match=r"The last good checkpoint is .*last.pt; resume from it") as err:
         train_and_report(compose_cfg([*base, "trainer.epochs=3", "optimizer.lr=1e35"]), out)
