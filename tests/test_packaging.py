@@ -1,0 +1,58 @@
+"""What a user gets from ``pip install``: the wheel, installed outside the source tree, composes every
+config group option (``hydra/launcher=slurm`` included) and the top-level configs of every command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+COMPOSE_EVERY_OPTION = """
+import sys
+from pathlib import Path
+from hydra import compose, initialize_config_dir
+import lmlab
+from lmlab.cli import CONF_DIR
+
+assert Path(lmlab.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), lmlab.__file__
+conf = Path(CONF_DIR)
+composed = []
+with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    for top in ("config", "bench", "evaluate_cli", "generate_cli"):
+        compose(top, overrides=["+checkpoint=x"] if top.endswith("_cli") else [])
+        composed.append(top)
+    for option in sorted(conf.glob("*/**/*.yaml")):
+        group = str(option.parent.relative_to(conf))
+        plus = "+" if group in ("experiment", "sweep") else ""
+        override = f"{plus}{group}={option.stem}"
+        compose("config", overrides=[override], return_hydra_config=group.startswith("hydra"))
+        composed.append(override)
+print("\\n".join(composed))
+"""
+
+
+def test_the_installed_wheel_composes_every_config_option(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    subprocess.run([*build, str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("lmlab-*.whl"))
+    shipped = {n.split("lmlab/conf/", 1)[1] for n in zipfile.ZipFile(wheel).namelist() if "lmlab/conf/" in n}
+    in_tree = {str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}
+    assert shipped == in_tree  # every config file of the source tree is in the wheel
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", COMPOSE_EVERY_OPTION, str(site)], cwd=outside, capture_output=True, text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    composed = done.stdout.split()
+    assert "hydra/launcher=slurm" in composed and "+experiment=cpu_fast" in composed and "model=transformer" in composed
+    assert len(composed) == 4 + len(in_tree) - 4  # every option, and the four top-level configs
