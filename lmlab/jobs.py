@@ -148,7 +148,7 @@ def _record_failure(cfg: DictConfig, out_dir: Path, message: str, detail: str, b
     if process_rank() != 0:  # the SLURM tasks of one multi-process job share a folder: rank 0 records it
         return
     print(f"error: {message}", file=sys.stderr, flush=True)
-    if busy or _finished(out_dir):
+    if busy or finished_results(out_dir) is not None:
         return
     if not (out_dir / ".hydra").exists():
         write_run_record(cfg, out_dir)
@@ -156,11 +156,14 @@ def _record_failure(cfg: DictConfig, out_dir: Path, message: str, detail: str, b
     atomic_write_text(out_dir / "results.json", json.dumps({"status": "failed", "error": message}, indent=2) + "\n")
 
 
-def _finished(out_dir: Path) -> bool:
+def finished_results(out_dir: Path) -> dict[str, Any] | None:
+    """The figures of a run that completed in ``out_dir`` (its ``results.json``), else None."""
     try:
-        return json.loads((out_dir / "results.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError, AttributeError):
-        return False
+        results = json.loads((Path(out_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = isinstance(results, dict) and results.get("status") == "completed"
+    return results if done and isinstance(results.get("best_val_ppl"), (int, float)) else None
 
 
 # ------------------------------------------------------------------------------------ sweep summary

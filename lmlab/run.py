@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from lmlab.cli import CONF_DIR, launched_processes, process_rank, under_torchrun
 from lmlab.errors import ConfigError
 from lmlab.interrupt import TrainingInterrupted
-from lmlab.jobs import run_with_summary, task_wrapper, write_run_record
+from lmlab.jobs import finished_results, run_with_summary, task_wrapper, write_run_record
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -51,6 +51,10 @@ def hydra_task(cfg: DictConfig) -> float:
         if where.world_size > 1 and where.is_main:  # the other ranks wait in main() for the folder
             distributed.broadcast(str(out_dir))
 
+    finished = finished_results(out_dir) if multirun else None
+    if finished is not None:  # a resumed sweep: this job ended before; its folder and figures stay as they are
+        print(f"{prefix}finished before, kept as it was: {out_dir}", flush=True)
+        return finished["best_val_ppl"]
     try:
         return train_and_report(cfg, out_dir, group, name, prefix, on_started=on_started)["best_val_ppl"]
     except TrainingInterrupted as stop:
