@@ -178,3 +178,26 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(launcher, tmp_path, cor
     assert compare_main([str(sweep_dir)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 4 and "FAILED" in table[-1] and "hidden_dim=-1" in table[-1]  # failed jobs last
+
+
+@pytest.mark.parametrize("rate, stops", [(0.75, False), (0.0, True)])
+def test_optuna_counts_failed_trials_over_the_whole_study(tmp_path, corpus_dir, rate, stops):
+    """The plugin's failure rate is per batch (one trial): here it is a share of all n_trials."""
+    searched = ("optimizer.lr", "model.dropout", "model.hidden_dim")
+    args = [o for o in SWEEP if not o.startswith(searched)]
+    command = [sys.executable, "-m", "lmlab.run", "-m", *args, f"dataset.path={corpus_dir}", "+sweep=optuna",
+               "hydra.sweeper.n_trials=4", f"hydra.sweeper.max_failure_rate={rate}", "trainer.epochs=1",
+               "model.embed_dim=16", "model.hidden_dim=choice(16,-1)",
+               "hydra.sweeper.sampler.seed=3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    failed = [r for r in results if r["status"] == "failed"]
+    assert failed and all("model.hidden_dim=-1 is invalid" in r["error"] for r in failed)
+    assert done.returncode == 1  # some trial failed: the sweep says so
+    assert f"({len(results) - len(failed)} finished, {len(failed)} failed)" in done.stdout
+    if stops:  # no failure allowed: the study ends at the first
+        assert len(results) == len(failed) == 1 and "1 of 4 trials failed" in done.stderr
+    else:  # every trial ran, failed ones included, and the study reported its best
+        assert len(results) == 4 and len(failed) < 4
+        best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+        assert best["best_params"]["model.hidden_dim"] == 16
