@@ -22,6 +22,7 @@ from typing import IO
 import pooch
 
 from lmlab.errors import DataError
+from lmlab.files import first_missing, remove_made_folders
 
 _BLOCK = 1 << 20
 
@@ -79,6 +80,7 @@ def ensure_corpus(source: CorpusSource, root: str | os.PathLike | None, mirrors:
     """
     root = Path(root).expanduser() if root else default_data_root()
     target = root / source.folder
+    made = first_missing(target)
     missing = [name for name in source.files.values() if not (target / name).is_file()]
     if not missing:
         return target
@@ -91,12 +93,14 @@ def ensure_corpus(source: CorpusSource, root: str | os.PathLike | None, mirrors:
         missing = [name for name in missing if not (target / name).is_file()]
         if not missing:
             return target
+    remove_made_folders(target, made)  # the download failed: leave no empty folders behind
     names = ",".join(n.split(".")[1] for n in source.files.values())
     raise DataError(
         f"{source.name} files {missing} are not in {target} and could not be downloaded.\n"
         "Mirrors tried:\n" + ("\n".join(errors) or "  (none configured)") + "\n"
         f"Fix: put wiki.{{{names}}}.tokens into <root>/{source.folder}/ and set the data root with "
-        "dataset.root=PATH or the LMLAB_DATA_DIR environment variable (or go online once)."
+        "dataset.root=PATH or the LMLAB_DATA_DIR environment variable (or go online once); or train on a "
+        "folder of your own: dataset=text_dir dataset.path=DIR"
     )
 
 

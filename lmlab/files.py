@@ -91,6 +91,26 @@ def _alive(host: str, pid: int) -> bool:
     return True
 
 
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what making ``path``
+    would create. None if ``path`` exists."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def remove_made_folders(path: Path, made: Path | None) -> None:
+    """Undo making ``path``: remove it and its parents while they are empty, up to ``made`` (from
+    :func:`first_missing` before they were made); folders that were there before stay."""
+    if made is None:
+        return
+    for folder in (path, *path.parents):
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+        if folder == made:
+            return
+
+
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the atomic-write temp files in ``folder`` whose writer process is gone; returns them."""
     removed = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ class FitContext:
     stop_training: bool = False  # set by a hook: finish this step, then validate and end
     interrupt: int | None = None  # a stop signal: save, then stop now
     last_saved: Path | None = None
+    # The stop signal every rank agrees on (None: none), polled between evaluation windows.
+    poll_interrupt: Callable[[], int | None] = lambda: None
 
     @property
     def lr(self) -> float:
@@ -82,6 +84,9 @@ class Hook:
 
     def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None: ...
 
+    def on_interrupt(self, trainer: Any, ctx: FitContext) -> None:
+        """A stop signal arrived between steps (during validation): save what resuming needs, then stop."""
+
     def on_fit_end(self, trainer: Any, ctx: FitContext) -> None: ...
 
 
@@ -91,12 +96,13 @@ class StopOnSignal(Hook):
 
     def on_fit_start(self, trainer: Any, ctx: FitContext) -> None:
         self.signals = StopSignals().__enter__()
+        ctx.poll_interrupt = self._agreed  # validation stops at its next window too
 
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
         ctx.interrupt = self._agreed()
 
     def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
-        ctx.interrupt = self._agreed()  # a signal during validation: last.pt is saved next, then stop
+        ctx.interrupt = self._agreed()  # one after validation's last window: last.pt is saved next, then stop
 
     def _agreed(self) -> int | None:
         return int(distributed.agree_max(self.signals.received or 0)) or None
@@ -223,11 +229,16 @@ class Checkpointing(Hook):
             raise ConfigError(f"trainer.resume={self.resume} does not exist; give a last.pt path, 'auto' or null")
         return path
 
+    def on_interrupt(self, trainer: Any, ctx: FitContext) -> None:
+        # Every step of the epoch is done and in the state; its validation is not, so the resumed run
+        # skips the steps and validates (the state says "epoch N, all steps done").
+        ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
+        self._save_last(ctx)
+
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
         self._pending_rng = None  # not saved by this step's before_backward (a skipped batch): stale now
         if ctx.interrupt:  # stopping now: save what there is
-            ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
-            self._save_last(ctx)
+            self.on_interrupt(trainer, ctx)
         elif self.save_every_steps and ctx.state.global_step % self.save_every_steps == 0:
             # Weights fresh from an update are not known good until a loss computed with them passed: the
             # save waits for the next step's loss (before_backward), so a divergence never names a

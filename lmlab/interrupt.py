@@ -61,6 +61,12 @@ class StopSignals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def agreed(self) -> bool:
+        """Whether a stop signal reached this process or, under several processes, any rank."""
+        from lmlab import distributed  # torch.distributed: only where a signal is polled
+
+        return distributed.agree_max(float(self.received or 0)) > 0
+
     def raise_if_received(self, checkpoint: object) -> None:
         """Stop now if a signal arrived (outside the training loop, where there is nothing left to save)."""
         if self.received is not None:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.cli import SWEPT_KEYS_ENV, process_rank
 from lmlab.errors import DiskFull, LmlabError, RunFolderBusy
-from lmlab.files import atomic_write_text, is_disk_full
+from lmlab.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
 from lmlab.results import find_runs, render, rows
 
 T = TypeVar("T")
@@ -110,8 +110,7 @@ class _FolderBefore:
 
     @classmethod
     def look(cls, folder: Path) -> _FolderBefore:
-        missing = [p for p in (folder, *folder.parents) if not p.exists()]
-        return cls(folder, missing[-1] if missing else None, (folder / "run.log").exists())
+        return cls(folder, first_missing(folder), (folder / "run.log").exists())
 
 
 _folder_before: _FolderBefore | None = None
@@ -128,14 +127,7 @@ def _undo_hydra_leftovers(out_dir: Path) -> None:
     log = out_dir / "run.log"
     if not before.had_log and log.is_file() and log.stat().st_size == 0:
         log.unlink()
-    if before.made is None:
-        return
-    for folder in (before.path, *before.path.parents):
-        if not folder.is_dir() or any(folder.iterdir()):
-            break
-        folder.rmdir()
-        if folder == before.made:
-            break
+    remove_made_folders(before.path, before.made)
 
 
 def _job_label(hydra_cfg: Any) -> str:

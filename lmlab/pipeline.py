@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,10 @@ from lmlab.cli import process_rank
 from lmlab.device import peak_gpu_mb, peak_rss_mb
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
 from lmlab.files import RunLock, atomic_write_text
-from lmlab.interrupt import StopSignals
+from lmlab.interrupt import StopSignals, TrainingInterrupted
 from lmlab.loggers import Logger, perplexity
 from lmlab.sampling import format_words, sample_words
+from lmlab.train import EvaluationStopped
 
 
 def train_and_report(
@@ -59,8 +61,10 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
         with StopSignals() as signals:  # test and generation stop on a signal too (last.pt is already saved)
             model.load_state_dict(load_checkpoint(fit.best_checkpoint, device)["model_state"])
             logger.log_checkpoint(fit.best_checkpoint)
-            test_loss = trainer.evaluate(model, data.stream("test").to(device), device)
-            signals.raise_if_received(fit.last_checkpoint)
+            try:  # a stop signal ends it at the next window; the resumed run (nothing left to train) tests again
+                test_loss = trainer.evaluate(model, data.stream("test").to(device), device, stop=signals.agreed)
+            except EvaluationStopped:
+                raise TrainingInterrupted(signals.received or signal.SIGTERM, str(fit.last_checkpoint)) from None
             if not where.is_main:
                 return {"status": "completed", "best_val_ppl": perplexity(fit.best_val_loss), "test_loss": test_loss}
             generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None

@@ -40,7 +40,7 @@ from lmlab.optim import Schedule, clip_grad_norm
 from lmlab.progress import Progress
 from lmlab.schema import PositiveFloat, PositiveInt, Probability
 
-__all__ = ["FitResult", "NonFiniteLoss", "Trainer", "perplexity"]
+__all__ = ["EvaluationStopped", "FitResult", "NonFiniteLoss", "Trainer", "perplexity"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,6 +52,10 @@ class FitResult:
     train_tokens_per_sec: float
     best_checkpoint: Path
     last_checkpoint: Path
+
+
+class EvaluationStopped(Exception):
+    """An evaluation pass was stopped between two windows by a stop signal (its figure is not known)."""
 
 
 class TrainingStep(torch.nn.Module):
@@ -238,8 +242,14 @@ class Trainer:
 
     def _end_epoch(self, ctx: FitContext, hooks: list[Hook], valid: TokenStream, tokens: int, seconds: float) -> None:
         state = ctx.state
+        try:
+            with evaluation_weights(hooks, ctx):  # the training weights are back after it, even on a stop
+                val_loss = self.evaluate(ctx.model, valid, ctx.device, stop=lambda: ctx.poll_interrupt() is not None)
+        except EvaluationStopped:
+            ctx.interrupt = ctx.poll_interrupt()
+            self._call(hooks, "on_interrupt", ctx)
+            raise TrainingInterrupted(ctx.interrupt, str(ctx.last_saved)) from None
         with evaluation_weights(hooks, ctx):
-            val_loss = self.evaluate(ctx.model, valid, ctx.device)
             ctx.improved = val_loss < state.best_val_loss
             state.best_val_loss = min(state.best_val_loss, val_loss)
             self._call(hooks, "on_validation_end", ctx, val_loss)
@@ -263,10 +273,13 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- evaluation
     @torch.inference_mode()
-    def evaluate(self, model: LanguageModel, stream: TokenStream, device: torch.device) -> float:
+    def evaluate(
+        self, model: LanguageModel, stream: TokenStream, device: torch.device, stop: Callable[[], bool] | None = None
+    ) -> float:
         """Mean loss per token over ``stream`` (at most ``limit_eval_batches`` windows). Under several
         processes each evaluates its share of the columns and the sums are added up: the exact figure
-        one process would get."""
+        one process would get. ``stop`` is asked before each window (a stop signal: every rank must
+        give the same answer); True raises :class:`EvaluationStopped`."""
         if self._dtype is None:
             self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
         where = distributed.place()
@@ -276,6 +289,8 @@ class Trainer:
         total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
         count = 0
         for window in stream.windows(limit=self.limit_eval_batches):
+            if stop is not None and stop():
+                raise EvaluationStopped
             with self._autocast(device):
                 features, state = model(window.inputs, state)
                 total += model.loss(features, window.targets).to(total.dtype) * window.targets.numel()

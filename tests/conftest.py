@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,8 +16,16 @@ from lmlab.cli import CONF_DIR
 
 # Corpus caches that cannot go beside their data (a read-only folder) go here, never to ~/.cache;
 # subprocesses of the tests inherit it.
-os.environ["LMLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmlab-test-cache-")
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEST_CACHE = tempfile.mkdtemp(prefix="lmlab-test-cache-")
+os.environ["LMLAB_CACHE_DIR"] = TEST_CACHE
+# Real text for the few tests that use it: the folder LMLAB_DATA_DIR names (CI sets it), else the team's
+# data folder beside the checkout.
+SHARED_DATA = Path(os.environ.get("LMLAB_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)  # the suite leaves nothing in /tmp
+
 
 NOUNS = "cat dog bird fish horse mouse lion bear wolf fox".split()
 VERBS = "sees chases likes bites follows".split()

@@ -330,3 +330,36 @@ def test_a_resumed_sweep_keeps_its_finished_jobs_as_they_were(tmp_path, corpus_d
     assert snapshot(jobs[0]) == before[jobs[0].name]  # results.json figures (tokens/s, wall time) untouched
     assert "[job 1] finished before" not in again.stdout and (jobs[1] / "results.json").is_file()
     assert "(2 finished, 0 failed)" in again.stdout
+
+
+def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(tmp_path):
+    """Validation (here far longer than training) stops at its next window; last.pt says "all steps of
+    epoch 1 done", and the resumed run validates and ends with the figures of a run never stopped."""
+    import json
+    import signal
+
+    import torch
+
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", valid=8000)
+    args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=2", "trainer.limit_train_batches=3",
+            "dataset.eval_batch_size=1", "trainer.log_interval=1"]  # fmt: skip
+    full = _cli("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={cut}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("epoch 1 | step 3/3"):  # the last step of epoch 1: validation starts now
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    saved = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["history"]) == (1, 3, [])  # trained, not yet validated
+    resumed = _cli("lmlab.run", *args, f"hydra.run.dir={cut}")
+    assert resumed.returncode == 0, resumed.stderr
+    figures = [json.loads((run / "results.json").read_text()) for run in (tmp_path / "full", cut)]
+    for key in ("best_val_loss", "test_loss"):
+        assert figures[1][key] == pytest.approx(figures[0][key], rel=1e-6), key
