@@ -310,28 +310,6 @@ def test_compare_flags_an_unreadable_run_and_keeps_the_table(finished_run, tmp_p
     assert sorted(r.split()[0] for r in rows if "FAILED" in r) == ["no-figures", "odd", "truncated"]
 
 
-def test_a_resumed_sweep_keeps_its_finished_jobs_as_they_were(tmp_path, corpus_dir):
-    sweep = tmp_path / "sweep"
-    args = [
-        *TINY,
-        f"dataset.path={corpus_dir}",
-        "trainer.epochs=1",
-        "model.hidden_dim=16,24",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    first = _cli("lmlab.run", "-m", *args)
-    assert first.returncode == 0, first.stderr
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    before = {job.name: snapshot(job) for job in jobs}
-    (jobs[1] / "results.json").unlink()  # as if job 1 had been interrupted: it runs again
-    again = _cli("lmlab.run", "-m", *args)
-    assert again.returncode == 0, again.stderr
-    assert f"[job 0] finished before, kept as it was: {jobs[0]}" in again.stdout
-    assert snapshot(jobs[0]) == before[jobs[0].name]  # results.json figures (tokens/s, wall time) untouched
-    assert "[job 1] finished before" not in again.stdout and (jobs[1] / "results.json").is_file()
-    assert "(2 finished, 0 failed)" in again.stdout
-
-
 def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(tmp_path):
     """Validation (here far longer than training) stops at its next window; last.pt says "all steps of
     epoch 1 done", and the resumed run validates and ends with the figures of a run never stopped."""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import TINY
+from tests.test_trust import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,17 @@ def test_multirun_lines_name_their_job(tmp_path, corpus_dir):
     # folder names show what differs between jobs; the constant overrides stay in .hydra/overrides.yaml
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_hidden_dim=16", "1_hidden_dim=24"]
     assert "dataset.bptt=8" in (sweep / "0_hidden_dim=16" / ".hydra" / "overrides.yaml").read_text()
+
+    # Resumed (the same command again), the sweep keeps its finished jobs as they were and reruns the rest.
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    before = snapshot(jobs[0])
+    (jobs[1] / "results.json").unlink()  # as if job 1 had been interrupted
+    again = _cli("lmlab.run", "-m", *args)
+    assert again.returncode == 0, again.stderr
+    assert f"[job 0] finished before, kept as it was: {jobs[0]}" in again.stdout
+    assert snapshot(jobs[0]) == before  # results.json figures (tokens/s, wall time) untouched
+    assert "[job 1] finished before" not in again.stdout and (jobs[1] / "results.json").is_file()
+    assert "(2 finished, 0 failed)" in again.stdout
 
 
 def test_ctrl_c_in_a_multirun_prints_the_command_that_resumes_the_sweep(tmp_path, corpus_dir):
