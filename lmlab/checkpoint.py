@@ -10,6 +10,7 @@ every argument type-checked first; the run config stored beside it is a record, 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -122,7 +123,7 @@ PROGRESS = {
     "step": lambda v: type(v) is int and v >= 0,
     "global_step": lambda v: type(v) is int and v >= 0,
     "best_val_loss": lambda v: isinstance(v, float) and not math.isnan(v) and v >= 0,
-    "history": lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
+    "history": lambda v: isinstance(v, list) and all(isinstance(m, dict) and _plain_json(m) for m in v),
     "loss_sum": lambda v: isinstance(v, float) and math.isfinite(v),
     "skipped_batches": lambda v: type(v) is int and v >= 0,
 }
@@ -133,6 +134,15 @@ def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         if not valid(ckpt.get(key)):
             raise damaged(path, key, f"is {printable(ckpt.get(key), 60)}, not a valid value")
     return {key: ckpt[key] for key in PROGRESS}
+
+
+def _plain_json(value: Any) -> bool:
+    """Whether ``value`` is what metrics.jsonl can hold (it is written back from a resumed history)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -202,23 +212,27 @@ def apply_changed_settings(
     change, e.g. ``optimizer.lr: 20 -> 5 (applied)``."""
     changes = [(key, old, new) for key, old, new in _differences(saved, current) if not key.startswith("hydra.")]
     refused = [
-        f"{k}: {o!r} -> {n!r}" for k, o, n in changes if k.split(".")[0] in FIXED_ON_RESUME or k.endswith("_target_")
+        f"{printable(k, 80)}: {o!r} -> {n!r}"  # keys come from the file too: escaped
+        for k, o, n in changes
+        if k.split(".")[0] in FIXED_ON_RESUME or k.endswith("_target_")
     ]
     if refused:
         raise CheckpointError(
-            f"cannot resume from {path} with these changed settings: {'; '.join(refused)}. Restore them, or start "
-            "afresh with trainer.resume=null (or a new hydra.run.dir)"
+            f"cannot resume from {path} with these changed settings: {'; '.join(refused[:5])}. Restore them, or "
+            "start afresh with trainer.resume=null (or a new hydra.run.dir)"
         )
     lines = []
     for key, old, new in changes:
         group, _, name = key.partition(".")
-        if group == "optimizer" and any(name in g for g in optimizer.param_groups):
+        mine = current.get(group)
+        applied = group in ("optimizer", "scheduler") and isinstance(mine, dict) and name in mine  # this run's only
+        if applied and group == "optimizer" and any(name in g for g in optimizer.param_groups):
             for param_group in optimizer.param_groups:
                 param_group[name] = new
-        elif group == "scheduler" and scheduler is not None and hasattr(scheduler, name):
+        elif applied and group == "scheduler" and scheduler is not None and hasattr(scheduler, name):
             setattr(scheduler, name, new)
-        lines.append(f"{key}: {old!r} -> {new!r}" + (" (applied)" if group in ("optimizer", "scheduler") else ""))
-    return lines
+        lines.append(f"{printable(key, 80)}: {old!r} -> {new!r}" + (" (applied)" if applied else ""))
+    return lines[:50]
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -140,7 +140,13 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         owner = {"host": _host(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(100):  # each round is lost only to a holder that released the file meanwhile
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: the lock file is written to, and a planted link would aim that
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                raise RunFolderBusy(
+                    f"{self.path} cannot be a lock file ({err.strerror}: a link or not a file); remove it, or "
+                    "choose another hydra.run.dir"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -54,6 +54,8 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
             return _disk_full_as_one_line(task, cfg, hydra_cfg.runtime.output_dir)
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
             print("\ninterrupted", file=sys.stderr, flush=True)
+            if not multirun and process_rank() == 0:
+                _undo_hydra_leftovers(Path(hydra_cfg.runtime.output_dir))  # stopped before it began: no folder
             sys.exit(130)
         except LmlabError as err:
             if not multirun:

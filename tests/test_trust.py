@@ -341,3 +341,32 @@ def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(
     figures = [json.loads((run / "results.json").read_text()) for run in (tmp_path / "full", cut)]
     for key in ("best_val_loss", "test_loss"):
         assert figures[1][key] == pytest.approx(figures[0][key], rel=1e-6), key
+
+
+def test_the_config_stored_in_a_last_pt_sets_nothing_and_prints_no_control_characters(
+    tiny_run, tmp_path, compose_cfg, capsys
+):
+    from lmlab.pipeline import train_and_report
+
+    folder, overrides = tiny_run
+
+    def edit(state):
+        optimizer = state["config"]["optimizer"]
+        optimizer["momentum"] = 0.99  # a key this run's optimizer config does not have
+        optimizer["\x1b]0;owned\x07lr"] = 1  # a terminal escape in a key
+
+    _edited(folder / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", edit)
+    results = train_and_report(compose_cfg([*overrides, "trainer.epochs=2"]), tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert results["epochs_run"] == 2 and "\x1b" not in printed and "\x07" not in printed
+    assert "optimizer.momentum: 0.99 -> None\n" in printed  # reported, not applied (no "(applied)")
+
+
+def test_a_planted_link_at_the_lock_is_refused_and_its_target_untouched(tmp_path, corpus_dir):
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("precious\n")
+    (run / ".lmlab.lock").symlink_to(victim)
+    done = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", f"hydra.run.dir={run}")
+    assert done.returncode == 6 and "cannot be a lock file" in done.stderr, done.stderr
+    assert victim.read_text() == "precious\n"
