@@ -1,4 +1,5 @@
-"""Checkpoint contents and safe reads (writes go through :func:`lmlab.files.atomic_save`).
+"""The checkpoint format: what a checkpoint holds, and safe reads (writes go through
+:func:`lmlab.files.atomic_save`; resuming is :mod:`lmlab.resume`, RNG state :mod:`lmlab.rng`).
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
 ``torch.load(path, weights_only=True)`` and never runs code. It carries the vocabulary and the model as
@@ -9,12 +10,9 @@ every argument type-checked first; the run config stored beside it is a record, 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,8 @@ import torch
 
 from lmlab.data import Vocabulary
 from lmlab.errors import CheckpointError, LmlabError, printable
-from lmlab.models import LanguageModel, build_model, check_model_arguments, map_tensors
+from lmlab.models import LanguageModel, build_model, check_model_arguments
+from lmlab.rng import rng_state
 
 FORMAT = "lmlab-checkpoint"
 VERSION = 2
@@ -78,168 +77,6 @@ def training_checkpoint(
             logger_state=logger_state or {},
         )
     return ckpt
-
-
-def restore_training(
-    path: str | os.PathLike, meta: dict[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any
-) -> tuple[TrainState, dict[str, Any]]:
-    """Load a ``last.pt`` into model/optimizer/scheduler/scaler and the RNGs; returns the progress
-    and the logger's saved state. Refuses checkpoints of another vocabulary or model config."""
-    ckpt = load_checkpoint(path)
-    if not _same_model(ckpt, meta):
-        raise CheckpointError(
-            f"cannot resume from {path}: it was trained with another vocabulary or model "
-            "config; use trainer.resume=null or a fresh hydra.run.dir"
-        )
-    if "optimizer_state" not in ckpt:
-        raise CheckpointError(f"cannot resume from {path}: it holds weights only (a best.pt); use last.pt")
-    progress = _progress(path, ckpt)
-    load_weights(path, model, ckpt["model_state"])
-    with _field(path, "optimizer_state"):
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-    with _field(path, "scheduler_state"):
-        if scheduler is not None and ckpt.get("scheduler_state") is not None:
-            scheduler.load_state_dict(ckpt["scheduler_state"])
-    with _field(path, "scaler_state"):
-        if scaler is not None and ckpt.get("scaler_state") is not None:
-            scaler.load_state_dict(ckpt["scaler_state"])
-    for line in apply_changed_settings(
-        path, _dict(ckpt.get("config")), _dict(meta.get("config")), optimizer, scheduler
-    ):
-        print(f"resume: {line}")
-    own = _own_share(path, ckpt)
-    with _field(path, "rng"):
-        set_rng_state(own["rng"])
-    device = next(model.parameters()).device
-    with _field(path, "hidden"):
-        hidden = map_tensors(own["hidden"], lambda t: t.to(device))
-    logger_state = ckpt.get("logger_state")
-    return TrainState(**progress, hidden=hidden), logger_state if isinstance(logger_state, dict) else {}
-
-
-# A last.pt's progress fields and what each must be (a resumed run's loop trusts them).
-PROGRESS = {
-    "epoch": lambda v: type(v) is int and v >= 1,
-    "step": lambda v: type(v) is int and v >= 0,
-    "global_step": lambda v: type(v) is int and v >= 0,
-    "best_val_loss": lambda v: isinstance(v, float) and not math.isnan(v) and v >= 0,
-    "history": lambda v: isinstance(v, list) and all(isinstance(m, dict) and _plain_json(m) for m in v),
-    "loss_sum": lambda v: isinstance(v, float) and math.isfinite(v),
-    "skipped_batches": lambda v: type(v) is int and v >= 0,
-}
-
-
-def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
-    for key, valid in PROGRESS.items():
-        if not valid(ckpt.get(key)):
-            raise damaged(path, key, f"is {printable(ckpt.get(key), 60)}, not a valid value")
-    return {key: ckpt[key] for key in PROGRESS}
-
-
-def _plain_json(value: Any) -> bool:
-    """Whether ``value`` is what metrics.jsonl can hold (it is written back from a resumed history)."""
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-@contextlib.contextmanager
-def _field(path: str | os.PathLike, name: str) -> Iterator[None]:
-    """Restoring one field of a last.pt: whatever it breaks on is one line naming the file and the field."""
-    try:
-        yield
-    except LmlabError:
-        raise
-    except Exception as err:
-        raise damaged(path, name, f"cannot be restored ({type(err).__name__})") from None
-
-
-def _own_share(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """This process's RNG and model state: a checkpoint of several processes keeps one per rank."""
-    from lmlab import distributed
-
-    where = distributed.place()
-    ranks = ckpt.get("ranks") or [{"rng": ckpt.get("rng"), "hidden": ckpt.get("hidden")}]
-    if not (isinstance(ranks, list) and all(isinstance(r, dict) and {"rng", "hidden"} <= set(r) for r in ranks)):
-        raise damaged(path, "ranks", "is not a list of each process's rng and hidden state")
-    if len(ranks) == where.world_size:
-        return ranks[where.rank]
-    if ckpt["step"]:  # mid-epoch: each rank's state belongs to its own columns
-        raise CheckpointError(
-            f"{path} was saved mid-epoch by {len(ranks)} process(es); resume it with {len(ranks)} "
-            f"(this run has {where.world_size}), or from a checkpoint saved at an epoch's end"
-        )
-    return ranks[0] if where.rank >= len(ranks) else ranks[where.rank]
-
-
-def initial_weights(path: str | os.PathLike, meta: dict[str, Any], model: torch.nn.Module) -> None:
-    """Load another run's weights (not its progress or optimizer) into ``model``: fine-tuning."""
-    if not Path(path).is_file():
-        raise CheckpointError(
-            f"trainer.init_from={path} is not a file; give the checkpoint whose weights this run starts from, "
-            "e.g. trainer.init_from=outputs/DAY/TIME/checkpoints/best.pt"
-        )
-    ckpt = load_checkpoint(path)
-    if not _same_model(ckpt, meta):
-        raise CheckpointError(
-            f"trainer.init_from={path} holds another model or vocabulary than this run's; give a checkpoint "
-            "of the same model and data"
-        )
-    load_weights(path, model, ckpt["model_state"])
-
-
-def _same_model(ckpt: dict[str, Any], meta: dict[str, Any]) -> bool:
-    """Whether a checkpoint's weights fit this run: the same registered model, arguments and vocabulary."""
-    return ckpt["vocab"] == meta["vocab"] and ckpt["model"] == meta["model"]
-
-
-# Changing these mid-run would change what the saved state means (window shapes, the text itself).
-FIXED_ON_RESUME = ("dataset",)
-
-
-def apply_changed_settings(
-    path: str | os.PathLike, saved: dict[str, Any], current: dict[str, Any], optimizer: Any, scheduler: Any
-) -> list[str]:
-    """Settings that differ between the checkpoint's run config and this run's: optimizer and scheduler
-    values are applied over the restored state (the checkpoint's own lr would otherwise win silently),
-    trainer/logger/other values simply take effect, dataset changes are refused. Returns one line per
-    change, e.g. ``optimizer.lr: 20 -> 5 (applied)``."""
-    changes = [(key, old, new) for key, old, new in _differences(saved, current) if not key.startswith("hydra.")]
-    refused = [
-        f"{printable(k, 80)}: {o!r} -> {n!r}"  # keys come from the file too: escaped
-        for k, o, n in changes
-        if k.split(".")[0] in FIXED_ON_RESUME or k.endswith("_target_")
-    ]
-    if refused:
-        raise CheckpointError(
-            f"cannot resume from {path} with these changed settings: {'; '.join(refused[:5])}. Restore them, or "
-            "start afresh with trainer.resume=null (or a new hydra.run.dir)"
-        )
-    lines = []
-    for key, old, new in changes:
-        group, _, name = key.partition(".")
-        mine = current.get(group)
-        applied = group in ("optimizer", "scheduler") and isinstance(mine, dict) and name in mine  # this run's only
-        if applied and group == "optimizer" and any(name in g for g in optimizer.param_groups):
-            for param_group in optimizer.param_groups:
-                param_group[name] = new
-        elif applied and group == "scheduler" and scheduler is not None and hasattr(scheduler, name):
-            setattr(scheduler, name, new)
-        lines.append(f"{printable(key, 80)}: {old!r} -> {new!r}" + (" (applied)" if applied else ""))
-    return lines[:50]
-
-
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(set(saved) | set(current))
-        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
-    return [] if saved == current else [(prefix.rstrip("."), saved, current)]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -363,47 +200,3 @@ def model_from_checkpoint(
     model = build_model(name, len(vocab), **arguments)
     load_weights(path, model, state["model_state"])
     return model.to(device).eval(), vocab, state
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from (torch, CUDA, numpy, python), as weights_only-safe values."""
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        from lmlab import distributed
-
-        if distributed.place().world_size > 1:  # this rank's GPU only: reading the others opens a context on each
-            state["cuda_current"] = torch.cuda.get_rng_state()
-        else:
-            state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "cuda_current" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_current"])

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 
 from lmlab import distributed
-from lmlab.checkpoint import TrainState, initial_weights, restore_training, rng_state, training_checkpoint
+from lmlab.checkpoint import TrainState, training_checkpoint
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.files import atomic_save, remove_stale_temp_files
 from lmlab.interrupt import StopSignals
 from lmlab.loggers import Logger
 from lmlab.models import LanguageModel, State, diverged, map_tensors
+from lmlab.resume import initial_weights, restore_training
+from lmlab.rng import rng_state
 
 
 @dataclass
