@@ -8,6 +8,7 @@ re-attaches to the same W&B run instead of starting a second one.
 
 from __future__ import annotations
 
+import re
 import uuid
 import warnings
 from collections.abc import Callable
@@ -140,7 +141,11 @@ class WandbLogger(Logger):
         self._call("artifact", upload)
 
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
-        self.run_id = (state or {}).get("run_id") or self.run_id
+        """Re-attach to the run id a ``last.pt`` names — only one of the shape lmlab makes: W&B builds a
+        folder name from it, so a crafted id must not choose a path."""
+        run_id = state.get("run_id") if isinstance(state, dict) else None
+        if isinstance(run_id, str) and re.fullmatch(r"[0-9a-z]{1,64}", run_id):
+            self.run_id = run_id
 
     def state(self) -> dict[str, Any]:
         return {"run_id": self.run_id} if self.run_id else {}

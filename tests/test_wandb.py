@@ -62,3 +62,7 @@ def test_logger_state_round_trips():
     assert logger.state() == {}
     logger.restore([], {"run_id": "abc123"})
     assert logger.state() == {"run_id": "abc123"}
+    for crafted in ("../../../tmp/evil", "a/b", "", 42, None, "x" * 65):  # W&B makes a folder name of it
+        fresh = WandbLogger("/tmp/unused", {}, mode="disabled")
+        fresh.restore([], {"run_id": crafted})
+        assert fresh.state() == {}
