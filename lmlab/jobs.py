@@ -104,31 +104,31 @@ def write_run_record(cfg: DictConfig, out_dir: Path) -> None:
 
 @dataclass(frozen=True)
 class _FolderBefore:
-    """A single run's folder as it was before Hydra made it (or its ``run.log``) for this run."""
+    """A single run's folder as it was before Hydra made it (or its job log) for this run."""
 
     path: Path
     made: Path | None  # the outermost folder that did not exist yet (Hydra makes it and those inside)
-    had_log: bool
+    names: frozenset[str]  # what the folder held
 
     @classmethod
     def look(cls, folder: Path) -> _FolderBefore:
-        return cls(folder, first_missing(folder), (folder / "run.log").exists())
+        names = frozenset(p.name for p in folder.iterdir()) if folder.is_dir() else frozenset()
+        return cls(folder, first_missing(folder), names)
 
 
 _folder_before: _FolderBefore | None = None
 
 
 def _undo_hydra_leftovers(out_dir: Path) -> None:
-    """A refused single run leaves the file system as it found it: the folders Hydra made for it (holding
-    at most the empty ``run.log`` of Hydra's job logging) are removed, and in a folder that was there
-    before only an empty ``run.log`` that Hydra added goes. Tools that run in the current folder
-    (evaluate, generate) write nothing there."""
+    """A refused single run leaves the file system as it found it: the empty job log Hydra's logging
+    added (``run.log``, ``bench.log``) goes, then the folders Hydra made for the run, if empty. Tools
+    that run in the current folder (evaluate, generate) write nothing there."""
     before = _folder_before
     if before is None or before.path != out_dir.resolve():
         return
-    log = out_dir / "run.log"
-    if not before.had_log and log.is_file() and log.stat().st_size == 0:
-        log.unlink()
+    for log in out_dir.glob("*.log"):
+        if log.name not in before.names and log.is_file() and log.stat().st_size == 0:
+            log.unlink()
     remove_made_folders(before.path, before.made)
 
 

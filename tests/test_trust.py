@@ -262,12 +262,26 @@ LOAD_DAMAGE = {
 
 
 @pytest.mark.parametrize("case", list(LOAD_DAMAGE))
-def test_generate_and_evaluate_refuse_a_damaged_checkpoint_in_one_line_with_exit_4(tiny_run, tmp_path, case):
+def test_a_damaged_checkpoint_is_refused_in_one_line(tiny_run, tmp_path, case):
+    from lmlab.checkpoint import model_from_checkpoint
+    from lmlab.errors import CheckpointError
+
     edit, expected = LOAD_DAMAGE[case]
+    best = _edited(tiny_run[0] / "best.pt", tmp_path / "best.pt", edit)
+    with pytest.raises(CheckpointError) as err:
+        model_from_checkpoint(best)  # what generate and evaluate load with
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_generate_and_evaluate_give_a_damaged_checkpoint_one_line_and_exit_4(tiny_run, tmp_path):
     folder, overrides = tiny_run
-    best = _edited(folder / "best.pt", tmp_path / "best.pt", edit)
     corpus = next(o for o in overrides if o.startswith("dataset.path=")).split("=", 1)[1]
-    for module, extra in (("lmlab.generate", []), ("lmlab.evaluate", ["dataset=text_dir", f"dataset.path={corpus}"])):
+    for module, extra, case in (
+        ("lmlab.generate", [], "NaN weights"),
+        ("lmlab.evaluate", ["dataset=text_dir", f"dataset.path={corpus}"], "2**40 units"),
+    ):
+        edit, expected = LOAD_DAMAGE[case]
+        best = _edited(folder / "best.pt", tmp_path / module / "best.pt", edit)
         done = _cli(module, f"checkpoint={best}", "device=cpu", *extra)
         assert done.returncode == 4, done.stderr
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
@@ -287,8 +301,12 @@ def test_values_that_used_to_pass_validation_and_crash_are_one_line(tmp_path, co
     done = _cli("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bench_steps_zero_is_refused_in_one_line(tmp_path, corpus_dir):
     bench = _cli("lmlab.bench", *TINY, f"dataset.path={corpus_dir}", "bench.steps=0", cwd=tmp_path)
     assert bench.returncode == 2 and bench.stderr.startswith("error: bench.steps=0 is invalid"), bench.stderr
+    assert len(bench.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
 def test_compare_flags_an_unreadable_run_and_keeps_the_table(finished_run, tmp_path):
@@ -320,8 +338,8 @@ def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(
 
     from tests.conftest import write_corpus
 
-    corpus = write_corpus(tmp_path / "corpus", valid=8000)
-    args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=2", "trainer.limit_train_batches=3",
+    corpus = write_corpus(tmp_path / "corpus", valid=6000)
+    args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=1", "trainer.limit_train_batches=3",
             "dataset.eval_batch_size=1", "trainer.log_interval=1"]  # fmt: skip
     full = _cli("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr
