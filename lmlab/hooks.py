@@ -234,8 +234,7 @@ class Checkpointing(Hook):
     def on_interrupt(self, trainer: Any, ctx: FitContext) -> None:
         # Every step of the epoch is done and in the state; its validation is not, so the resumed run
         # skips the steps and validates (the state says "epoch N, all steps done").
-        ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
-        self._save_last(ctx)
+        self._save_mid_epoch(ctx)
 
     def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
         self._pending_rng = None  # not saved by this step's before_backward (a skipped batch): stale now
@@ -251,8 +250,7 @@ class Checkpointing(Hook):
         if self._pending_rng is not None:  # the state is still the previous step's: weights, carry, counters
             rng, self._pending_rng = self._pending_rng, None
             if not ctx.diverged(float(loss)):  # a save copies the weights to the host anyway: reading is free
-                ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
-                self._save_last(ctx, rng)
+                self._save_mid_epoch(ctx, rng)
         return True
 
     def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None:
@@ -269,6 +267,11 @@ class Checkpointing(Hook):
                 f"no checkpoint was written. {_good_checkpoint(ctx)} Try a lower optimizer.lr"
             )
         self._save_last(ctx)
+
+    def _save_mid_epoch(self, ctx: FitContext, rng: dict[str, Any] | None = None) -> None:
+        """``last.pt`` between steps: with the model's state after the last step and the epoch's loss so far."""
+        ctx.state.hidden, ctx.state.loss_sum = ctx.model.detach_state(ctx.carry), ctx.loss_sum.item()
+        self._save_last(ctx, rng)
 
     def _save_last(self, ctx: FitContext, rng: dict[str, Any] | None = None) -> None:
         if not (_finite_weights(ctx.model) and math.isfinite(ctx.state.loss_sum)):

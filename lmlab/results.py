@@ -40,7 +40,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return sorted(runs, key=lambda r: (r.failed, r.results.get("best_val_ppl", 0.0)))
 
 
-FIGURES = {"best_val_ppl": float, "test_ppl": float, "num_params": int, "train_tokens_per_sec": float, "wall_s": float}
+FIGURES = ("best_val_ppl", "test_ppl", "num_params", "train_tokens_per_sec", "wall_s")  # numbers in a finished run
 
 
 def _read_run(folder: Path) -> Run:
@@ -49,11 +49,7 @@ def _read_run(folder: Path) -> Run:
         if not isinstance(results, dict):
             raise ValueError("results.json is not a JSON object")
         if results.get("status") != "failed":
-            bad = [
-                k
-                for k, kind in FIGURES.items()
-                if not isinstance(results.get(k), (kind, int)) or isinstance(results.get(k), bool)
-            ]
+            bad = [k for k in FIGURES if type(results.get(k)) not in (int, float)]  # bool is no figure
             if bad:
                 raise ValueError(f"results.json lacks {', '.join(bad)}")
         overrides_file = folder / ".hydra" / "overrides.yaml"

@@ -20,8 +20,8 @@ import torch
 
 from lmlab import distributed
 from lmlab.batching import TokenStream
+from lmlab.checkpoint import damaged
 from lmlab.device import resolve_precision
-from lmlab.errors import CheckpointError
 from lmlab.hooks import (
     Checkpointing,
     FitContext,
@@ -185,10 +185,7 @@ class Trainer:
         model, state = ctx.model, ctx.state
         model.train()
         if state.hidden is not None and not model.state_fits(state.hidden, stream.batch_size):
-            raise CheckpointError(
-                f"{ctx.last_saved} is damaged: its field 'hidden' does not fit {stream.batch_size} columns of this "
-                "model; use another checkpoint (or start afresh with trainer.resume=null)"
-            )
+            raise damaged(ctx.last_saved, "hidden", f"does not fit {stream.batch_size} columns of this model")
         carry = state.hidden if state.hidden is not None else model.init_state(stream.batch_size, ctx.device)
         ctx.loss_sum = torch.tensor(state.loss_sum, device=ctx.device)
         ctx.num_windows = stream.num_windows(self.limit_train_batches)
