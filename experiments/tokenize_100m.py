@@ -50,7 +50,7 @@ started = time.perf_counter()
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from lmlab.corpus import Corpus
+from lmlab.data.corpus import Corpus
 folder = Path(sys.argv[1])
 corpus = Corpus.from_files({s: folder / f"{s}.txt" for s in ("train", "valid", "test")})
 seconds = time.perf_counter() - started

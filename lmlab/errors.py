@@ -8,7 +8,7 @@ each kind has its own exit code, so scripts and schedulers can tell them apart.
 | 4 | :class:`CheckpointError` (a file is missing, damaged, unsafe or does not fit) |
 | 5 | :class:`DiskFull` (no space left; the previous files are intact) |
 | 6 | :class:`RunFolderBusy` (another live run writes to that folder) |
-| 130 / 143 | interrupted by SIGINT / SIGTERM (``lmlab.interrupt``) |
+| 130 / 143 | interrupted by SIGINT / SIGTERM (``lmlab.runtime.signals``) |
 """
 
 from typing import Any

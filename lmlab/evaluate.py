@@ -6,7 +6,7 @@ checkpoint's own vocabulary (so a checkpoint can be scored on any corpus; unseen
 config then decides only which registered dataset and how it is batched, never where the data is
 (:func:`lmlab.factory.dataset_from_record`). ``method=cache`` mixes in a neural cache
 (``cache.search=true`` picks theta/lambda on the validation split first); ``method=dynamic`` adapts a
-copy of the model to the text as it reads it (see :mod:`lmlab.eval_methods`). One JSON line is printed
+copy of the model to the text as it reads it (see :mod:`lmlab.evaluation.methods`). One JSON line is printed
 and written to ``output`` (default: beside the checkpoint, ``best.<method>.<split>.json``).
 """
 
@@ -22,16 +22,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.checkpoint import model_from_checkpoint
-from lmlab.cli import CONF_DIR
-from lmlab.config import validate_config
-from lmlab.corpus import encode_file
-from lmlab.eval_methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache
+from lmlab.config import CONF_DIR
+from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, UnitInterval, check_value
+from lmlab.config.validation import validate_config
+from lmlab.data.corpus import encode_file
+from lmlab.evaluation.methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache
 from lmlab.factory import build, dataset_from_record, import_plugins, require_checkpoint
-from lmlab.files import atomic_write_text
-from lmlab.jobs import task_wrapper
-from lmlab.loggers import perplexity
-from lmlab.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, UnitInterval, check_value
+from lmlab.loggers.base import perplexity
+from lmlab.runtime.files import atomic_write_text
+from lmlab.runtime.records import task_wrapper
+from lmlab.training.checkpoint import model_from_checkpoint
 
 METHOD_HINTS = {
     "cache": {"size": PositiveInt, "theta": PositiveFloat, "lambda": UnitInterval, "search": bool},

@@ -18,16 +18,17 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import distributed
-from lmlab.cli import CONF_DIR
-from lmlab.config import model_arguments, validate_config
-from lmlab.data import DATASETS, LanguageModelData
-from lmlab.device import resolve_precision
+from lmlab.config import CONF_DIR
+from lmlab.config.validation import model_arguments, validate_config
+from lmlab.data.datasets import DATASETS, LanguageModelData
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
-from lmlab.loggers import ConsoleLogger, Logger, MultiLogger
+from lmlab.loggers.base import ConsoleLogger, Logger, MultiLogger
 from lmlab.models import LanguageModel, build_model
-from lmlab.optim import Schedule, takes_sparse_gradients
-from lmlab.train import Trainer
+from lmlab.runtime import distributed
+from lmlab.runtime.devices import resolve_precision
+from lmlab.training.hooks import Hook
+from lmlab.training.optim import Schedule, takes_sparse_gradients
+from lmlab.training.trainer import Trainer
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -80,10 +81,11 @@ class TrainingObjects:
     optimizer: torch.optim.Optimizer
     schedule: Schedule | None
     trainer: Trainer
+    hooks: dict[str, Hook]  # the trainer's hooks by their config name (conf/hooks/), in the order they run
 
 
 def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> TrainingObjects:
-    """Validate and seed, then build device, data, model, optimizer, schedule and trainer (run, bench)."""
+    """Validate and seed, then build device, data, model, optimizer, schedule, hooks and trainer (run, bench)."""
     import_plugins(cfg.get("plugins"))
     refuse_unread_keys(cfg)
     validate_config(cfg)
@@ -118,12 +120,35 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
             "only); set model.sparse_embedding=false"
         )
     schedule = build_schedule(cfg.get("scheduler"), optimizer)
-    return TrainingObjects(device, data, model, optimizer, schedule, build(cfg.trainer, **trainer_overrides))
+    hooks = build_hooks(cfg.hooks)
+    trainer = build(cfg.trainer, hooks=list(hooks.values()), **trainer_overrides)
+    return TrainingObjects(device, data, model, optimizer, schedule, trainer, hooks)
+
+
+REQUIRED_HOOKS = ("checkpoint",)  # a run tests and generates from the best.pt this one writes
+
+
+def build_hooks(node: DictConfig) -> dict[str, Hook]:
+    """The ``hooks`` group's nodes that are set, built in order; each must be a :class:`Hook`."""
+    hooks = {}
+    for name, spec in node.items():
+        if spec is None:
+            if name in REQUIRED_HOOKS:
+                raise ConfigError(f"hooks.{name} cannot be null: a run keeps its checkpoints through it")
+            continue
+        hook = build(spec)
+        if not isinstance(hook, Hook):
+            raise ConfigError(
+                f"hooks.{name} builds a {type(hook).__name__}, not a hook; its _target_ must be a subclass of "
+                "lmlab.training.hooks.Hook"
+            )
+        hooks[str(name)] = hook
+    return hooks
 
 
 # The top-level keys of a run (and bench) config; anything else was added with + and is read by nobody.
-RUN_KEYS = {"dataset", "model", "optimizer", "scheduler", "device", "trainer", "generate", "logger", "seed", "plugins",
-            "bench"}  # fmt: skip
+RUN_KEYS = {"dataset", "model", "optimizer", "scheduler", "device", "trainer", "hooks", "generate", "logger", "seed",
+            "plugins", "bench"}  # fmt: skip
 
 
 def refuse_unread_keys(cfg: DictConfig) -> None:

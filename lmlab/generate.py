@@ -10,13 +10,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import model_from_checkpoint
-from lmlab.cli import CONF_DIR
-from lmlab.config import validate_config
+from lmlab.config import CONF_DIR
+from lmlab.config.schema import check_arguments
+from lmlab.config.validation import validate_config
+from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build, import_plugins, require_checkpoint
-from lmlab.jobs import task_wrapper
-from lmlab.sampling import format_words, sample_words
-from lmlab.schema import check_arguments
+from lmlab.runtime.records import task_wrapper
+from lmlab.training.checkpoint import model_from_checkpoint
 
 SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # the generate group, at the top level here
 

@@ -4,7 +4,7 @@
     python -m lmlab.run -m dataset.batch_size=20,40 model.hidden_dim=200,650
 
 Outputs land in Hydra's run folder: metrics.jsonl, results.json, checkpoints/, samples.txt, run.log, and
-.hydra/ (the run record, written once the run holds the folder: see lmlab.jobs.write_run_record).
+.hydra/ (the run record, written once the run holds the folder: see lmlab.runtime.records.write_run_record).
 torch and the training library are imported inside the task, so that tab completion (which runs this
 module for every TAB) does not pay for them.
 """
@@ -21,10 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lmlab.cli import CONF_DIR, launched_processes, process_rank, under_torchrun
+from lmlab.config import CONF_DIR
 from lmlab.errors import ConfigError
-from lmlab.interrupt import TrainingInterrupted
-from lmlab.jobs import finished_results, run_with_summary, task_wrapper, write_run_record
+from lmlab.runtime.launch import launched_processes, process_rank, under_torchrun
+from lmlab.runtime.records import finished_results, run_with_summary, task_wrapper, write_run_record
+from lmlab.runtime.signals import TrainingInterrupted
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -40,8 +41,8 @@ def hydra_task(cfg: DictConfig) -> float:
     if presets and not multirun:
         raise ConfigError(f"{presets[0]} only acts in a multirun; add -m (python -m lmlab.run -m {presets[0]} ...)")
     prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
-    from lmlab import distributed
-    from lmlab.pipeline import train_and_report
+    from lmlab.job import train_and_report
+    from lmlab.runtime import distributed
 
     where = distributed.place()  # under torchrun the group exists already (see main); under SLURM not yet
 
@@ -86,7 +87,7 @@ def _join_torchrun() -> None:
             print("error: torchrun runs one job over several processes; a sweep (-m) of multi-process jobs "
                   "is hydra/launcher=slurm with hydra.launcher.tasks_per_node=N", file=sys.stderr)  # fmt: skip
         sys.exit(2)
-    from lmlab import distributed
+    from lmlab.runtime import distributed
 
     where = distributed.setup()
     if where.is_main:

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from lmlab.cli import CONF_DIR
+from lmlab.config import CONF_DIR
 
 # Corpus caches that cannot go beside their data (a read-only folder) go here, never to ~/.cache;
 # subprocesses of the tests inherit it.
@@ -73,7 +73,7 @@ TINY = [
     "model.dropout=0.0",
     "trainer.epochs=3",
     "optimizer.lr=5",
-    "trainer.progress=false",
+    "hooks.progress.bar=false",
     "generate.num_words=5",
     "device=cpu",
     "device.num_threads=1",  # tiny ops: one thread is faster and never oversubscribes CI's 2 cores
@@ -96,7 +96,7 @@ def compose_cfg():
 def train_tiny_run(folder: Path) -> tuple[Path, Path, list[str], dict]:
     """One finished 1-epoch TINY run under ``folder`` (for module-scoped fixtures that share it):
     its run folder, its corpus, the overrides it used, and its results."""
-    from lmlab.pipeline import train_and_report
+    from lmlab.job import train_and_report
 
     corpus = write_corpus(folder / "corpus")
     overrides = [*TINY, f"dataset.path={corpus}", "trainer.epochs=1"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.checkpoint import model_from_checkpoint
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.pipeline import train_and_report
+from lmlab.job import train_and_report
+from lmlab.training.checkpoint import model_from_checkpoint
 from tests.conftest import TINY, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models import LanguageModel, register_model
-from lmlab.schema import PositiveInt
+from lmlab.config.schema import PositiveInt
 
 
 @register_model("bigram")
@@ -130,7 +130,9 @@ def test_checkpoints_never_build_what_they_name(attack, trained, tmp_path, compo
     with pytest.raises(CheckpointError, match="refused to build the model stored in|has checkpoint version 1"):
         model_from_checkpoint(best)  # what generate and evaluate call
     with pytest.raises(CheckpointError):  # resume
-        train_and_report(compose_cfg([*overrides, "trainer.epochs=2", f"trainer.resume={last}"]), tmp_path / "run")
+        train_and_report(
+            compose_cfg([*overrides, "trainer.epochs=2", f"hooks.checkpoint.resume={last}"]), tmp_path / "run"
+        )
     assert not marker.exists()
 
 
@@ -155,15 +157,15 @@ def test_missing_checkpoint_key_is_one_line():
 def test_bf16_is_refused_where_missing_and_auto_picks_it_only_where_fast(
     monkeypatch, corpus_dir, tmp_path, compose_cfg
 ):
-    import lmlab.device
-    from lmlab.device import resolve_precision
+    import lmlab.runtime.devices
+    from lmlab.runtime.devices import resolve_precision
 
     cpu = torch.device("cpu")
     for support, auto in ((None, "fp32"), ("emulated", "fp32"), ("fast", "bf16")):
-        monkeypatch.setattr(lmlab.device, "bf16_support", lambda device, s=support: s)
+        monkeypatch.setattr(lmlab.runtime.devices, "bf16_support", lambda device, s=support: s)
         assert resolve_precision("auto", cpu) == auto
         assert resolve_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(lmlab.device, "bf16_support", lambda device: None)
+    monkeypatch.setattr(lmlab.runtime.devices, "bf16_support", lambda device: None)
     cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.precision=bf16"])
     with pytest.raises(ConfigError, match="trainer.precision=bf16 needs bf16 support.*trainer.precision=auto"):
         train_and_report(cfg, tmp_path / "run")
@@ -174,7 +176,8 @@ def test_bench_runs_a_fresh_trainer_with_checkpoint_options(corpus_dir, tmp_path
     out = tmp_path / "bench"
     proc = _cli(
         "lmlab.bench", *TINY, f"dataset.path={corpus_dir}", "bench.steps=3", "bench.warmup=1",
-        "bench.matmul_size=128", "trainer.save_every_steps=1", "trainer.on_nan=skip_batch", f"hydra.run.dir={out}",
+        "bench.matmul_size=128", "hooks.checkpoint.save_every_steps=1", "hooks.non_finite.on_nan=skip_batch",
+        f"hydra.run.dir={out}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "bench.json").read_text())["train"]["tokens_per_sec"] > 0

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import write_corpus
 
-from lmlab.batching import TokenStream, batchify
-from lmlab.corpus import PIECE_BYTES, SPLITS, read_pieces, tokenize
-from lmlab.data import EOS, UNK, Corpus, LanguageModelData
+from lmlab.data.batching import TokenStream, batchify
+from lmlab.data.corpus import PIECE_BYTES, SPLITS, read_pieces, tokenize
+from lmlab.data.datasets import EOS, UNK, Corpus, LanguageModelData
 from lmlab.errors import ConfigError, DataError
 
 
@@ -114,7 +114,7 @@ def test_fast_tokeniser_equals_the_obvious_one(tmp_path, monkeypatch, piece_byte
     texts["valid"] += "never seen in train\n"
     for split, text in texts.items():
         (tmp_path / f"{split}.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr("lmlab.corpus.PIECE_BYTES", piece_bytes or PIECE_BYTES)
+    monkeypatch.setattr("lmlab.data.corpus.PIECE_BYTES", piece_bytes or PIECE_BYTES)
     corpus = Corpus.from_files({s: tmp_path / f"{s}.txt" for s in SPLITS}, cache=False)
     vocab, ids = _reference_corpus(texts)
     assert corpus.vocab.words == vocab
@@ -127,19 +127,19 @@ def test_fast_tokeniser_equals_the_obvious_one(tmp_path, monkeypatch, piece_byte
 def test_cache_is_memory_mapped_and_goes_to_the_cache_folder_when_data_is_read_only(tmp_path, monkeypatch):
     import errno
 
-    import lmlab.corpus
+    import lmlab.data.corpus
 
     data = write_corpus(tmp_path / "ro")
     files = {s: data / f"{s}.txt" for s in SPLITS}
     monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path / "cache"))
-    save = lmlab.corpus.atomic_save
+    save = lmlab.data.corpus.atomic_save
 
     def read_only_data_folder(obj, path):  # (chmod does not stop root, who runs CI here)
         if Path(path).parent == data:
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         save(obj, path)
 
-    monkeypatch.setattr(lmlab.corpus, "atomic_save", read_only_data_folder)
+    monkeypatch.setattr(lmlab.data.corpus, "atomic_save", read_only_data_folder)
     first = Corpus.from_files(files)
     assert not list(data.glob(".lmlab-cache-*"))  # nothing written beside read-only data
     cached = list((tmp_path / "cache").glob(".lmlab-cache-*.pt"))
@@ -177,7 +177,7 @@ def test_a_100_mb_single_line_is_read_in_bounded_pieces(tmp_path):
 
 
 def test_rank_shards_together_read_exactly_the_full_batch(monkeypatch):
-    from lmlab import distributed
+    from lmlab.runtime import distributed
 
     stream = TokenStream(torch.arange(203, dtype=torch.int32), batch_size=6, bptt=4)
     shards = [stream.shard(rank, 3) for rank in range(3)]

@@ -89,7 +89,7 @@ def _children(pid: int) -> list[int]:
 def test_sigterm_on_every_rank_saves_one_last_pt_and_the_resumed_run_ends_with_the_same_figures(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", train=3000)
     args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=2", "model.dropout=0.3", "model.hidden_dim=64",
-            "trainer.log_interval=5"]  # fmt: skip
+            "hooks.progress.log_interval=5"]  # fmt: skip
     full = _run([*TORCHRUN, *args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
     assert "stopped" not in full.stderr
 
@@ -148,7 +148,7 @@ def _slurm_tasks(tmp_path: Path, code: str) -> list[list[str]]:
 def test_slurm_tasks_started_by_submitit_join_one_group(tmp_path):
     outputs = _slurm_tasks(
         tmp_path,
-        "import torch\nfrom lmlab import distributed\nplace = distributed.setup()\n"
+        "import torch\nfrom lmlab.runtime import distributed\nplace = distributed.setup()\n"
         "total = distributed.all_reduce_sum(torch.tensor([place.rank + 1.0]))\n"
         "print(place.rank, place.world_size, place.local_rank, int(total.item()))\n",
     )
@@ -163,7 +163,7 @@ def test_every_rank_leaves_its_group_before_the_interpreter_finalises(tmp_path):
         tmp_path,
         "import atexit, torch, torch.distributed as dist\n"
         "atexit.register(lambda: print('alive-at-exit', dist.is_initialized(), flush=True))\n"
-        "from lmlab import distributed\nplace = distributed.setup()\n"
+        "from lmlab.runtime import distributed\nplace = distributed.setup()\n"
         "distributed.all_reduce_sum(torch.ones(3))\nprint('gathered', len(distributed.gather(place.rank)))\n",
     )
     assert outputs == [["gathered", "2", "alive-at-exit", "False"]] * 2
@@ -191,7 +191,7 @@ def test_submitit_preemption_signal_saves_last_pt_before_submitit_requeues(tmp_p
         "signal.signal(signal.SIGUSR2, requeue)\n"
     )
     env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "PYTHONPATH": str(tmp_path)}
-    args = [*TINY, f"dataset.path={corpus}", "trainer.log_interval=5", "plugins=[fake_submitit]"]
+    args = [*TINY, f"dataset.path={corpus}", "hooks.progress.log_interval=5", "plugins=[fake_submitit]"]
     command = [sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in proc.stdout:

@@ -10,8 +10,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lmlab.data import WikiText2, WikiText103
-from lmlab.download import WIKITEXT2, WIKITEXT103, ensure_corpus
+from lmlab.data.datasets import WikiText2, WikiText103
+from lmlab.data.sources import WIKITEXT2, WIKITEXT103, ensure_corpus
 from lmlab.errors import DataError
 
 FAKE = {name: f"= {split} =\n a b c {split}\n".encode() * 50 for split, name in WIKITEXT2.files.items()}
@@ -118,7 +118,7 @@ def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(t
     import subprocess
     import sys
 
-    from lmlab.pipeline import train_and_report
+    from lmlab.job import train_and_report
 
     folder = tmp_path / "root" / "wikitext-103"
     folder.mkdir(parents=True)
@@ -127,7 +127,7 @@ def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(t
     cfg = compose_cfg([
         "+experiment=wt103_lstm", f"dataset.root={tmp_path / 'root'}", "dataset.mirrors=[]", "dataset.batch_size=4",
         "dataset.eval_batch_size=2", "dataset.bptt=8", "model.embed_dim=16", "model.hidden_dim=16",
-        "model.num_layers=1", "model.adaptive_cutoffs=[3,5]", "trainer.epochs=1", "trainer.progress=false",
+        "model.num_layers=1", "model.adaptive_cutoffs=[3,5]", "trainer.epochs=1", "hooks.progress.bar=false",
         "generate.num_words=3", "device=cpu", "device.num_threads=1",
     ])  # fmt: skip
     assert cfg.model.softmax == "adaptive" and cfg.dataset._target_ == "lmlab.data.WikiText103"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.batching import TokenStream
-from lmlab.eval_methods import cache_scores, dynamic_loss, gradient_rms, search_cache
+from lmlab.data.batching import TokenStream
+from lmlab.evaluation.methods import cache_scores, dynamic_loss, gradient_rms, search_cache
+from lmlab.job import train_and_report
 from lmlab.models import build_model
-from lmlab.pipeline import train_and_report
-from lmlab.train import Trainer
+from lmlab.training.trainer import Trainer
 from tests.conftest import TINY, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,10 +101,12 @@ def test_awd_finetuning_starts_from_the_given_weights_with_averaging(tmp_path, c
     base = train_and_report(compose_cfg([*tiny, "+experiment=awd_lstm", "trainer.epochs=2"]), tmp_path / "base")
     best = tmp_path / "base" / "checkpoints" / "best.pt"
     refused = compose_cfg([*tiny, "+experiment=awd_lstm_finetune"])
-    with pytest.raises(Exception, match="trainer.init_from=GIVE-trainer.init_from=PATH/TO/best.pt is not a file"):
+    with pytest.raises(
+        Exception, match="hooks.checkpoint.init_from=GIVE-hooks.checkpoint.init_from=PATH/TO/best.pt is not a file"
+    ):
         train_and_report(refused, tmp_path / "refused")
     tuned = train_and_report(
-        compose_cfg([*tiny, "+experiment=awd_lstm_finetune", f"trainer.init_from={best}"]), tmp_path / "tuned"
+        compose_cfg([*tiny, "+experiment=awd_lstm_finetune", f"hooks.checkpoint.init_from={best}"]), tmp_path / "tuned"
     )
     state = torch.load(tmp_path / "tuned" / "checkpoints" / "last.pt", weights_only=True)
     assert state["optimizer_state"]["nt_asgd"]["averaging"] and state["optimizer_state"]["nt_asgd"]["n_averaged"] > 0

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.batching import TokenStream
-from lmlab.device import bf16_support
+from lmlab.data.batching import TokenStream
 from lmlab.errors import ConfigError
+from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
 from lmlab.models.output import _softmax_and_summed_nll, linear_cross_entropy
-from lmlab.optim import NTASGD, clip_grad_norm
-from lmlab.pipeline import train_and_report
+from lmlab.runtime.devices import bf16_support
+from lmlab.training.optim import NTASGD, clip_grad_norm
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_sparse_embedding_with_adam_is_refused_early(corpus_dir, tmp_path, compo
 
 HEAP_PROBE = """
 import resource, sys, torch
-from lmlab.device import tune_cpu_heap
+from lmlab.runtime.devices import tune_cpu_heap
 assert tune_cpu_heap(sys.argv[1])
 for _ in range(10):  # warm up: glibc settles its heap over the first allocations
     torch.ones(4 << 20)  # 16 MB, freed at once
@@ -285,7 +285,7 @@ def test_bench_runs_and_writes_well_formed_figures(corpus_dir, tmp_path):
 
 
 def test_time_budget_stops_training_then_reports(corpus_dir, tmp_path, compose_cfg):
-    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=10000", "trainer.max_time_s=2"])
+    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=10000", "hooks.time_budget.max_time_s=2"])
     results = train_and_report(cfg, tmp_path / "run")
     assert 1 <= results["epochs_run"] < 10000 and results["wall_s"] < 30
     assert (tmp_path / "run" / "results.json").is_file() and results["test_ppl"] < 19

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from hydra import compose, initialize_config_dir
 import lmlab
-from lmlab.cli import CONF_DIR
+from lmlab.config import CONF_DIR
 
 assert Path(lmlab.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), lmlab.__file__
 conf = Path(CONF_DIR)

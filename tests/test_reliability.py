@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.checkpoint import load_checkpoint, model_from_checkpoint
-from lmlab.errors import CheckpointError, DiskFull
-from lmlab.files import atomic_save
-from lmlab.pipeline import train_and_report
-from lmlab.train import NonFiniteLoss, Trainer
+from lmlab.errors import CheckpointError, DiskFull, NonFiniteLoss
+from lmlab.job import train_and_report
+from lmlab.runtime.files import atomic_save
+from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint
+from lmlab.training.trainer import Trainer
 from tests.conftest import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(corpus_dir, tmp_path
     saved = load_checkpoint(interrupted / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["step"]) == (2, 12)
 
-    resumed = train_and_report(compose_cfg(overrides), interrupted)  # trainer.resume=auto
+    resumed = train_and_report(compose_cfg(overrides), interrupted)  # hooks.checkpoint.resume=auto
     assert _without_timing(resumed) == _without_timing(straight)
     lines = [(interrupted / "metrics.jsonl"), (tmp_path / "straight" / "metrics.jsonl")]
     a, b = ([_without_timing(json.loads(x)) for x in p.read_text().splitlines()] for p in lines)
@@ -70,7 +70,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(corpus_dir, tmp_path, comp
             f"dataset.path={corpus_dir}",
             "trainer.epochs=2",
             "model.hidden_dim=16",
-            f"trainer.resume={out / 'checkpoints' / 'last.pt'}",
+            f"hooks.checkpoint.resume={out / 'checkpoints' / 'last.pt'}",
         ]
     )
     with pytest.raises(CheckpointError, match="another vocabulary or model config"):
@@ -177,7 +177,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(corpus_dir, tmp_path, compose
 def test_non_finite_loss_can_skip_the_batch(corpus_dir, tmp_path, compose_cfg, monkeypatch):
     _inject_nan_at(monkeypatch, 5)
     results = train_and_report(
-        compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.on_nan=skip_batch"]), tmp_path / "run"
+        compose_cfg([*TINY, f"dataset.path={corpus_dir}", "hooks.non_finite.on_nan=skip_batch"]), tmp_path / "run"
     )
     epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs[0]["skipped_batches"] == 1 and "skipped_batches" not in epochs[1]
@@ -190,7 +190,7 @@ def _start_run(out: Path, corpus: Path) -> subprocess.Popen:
         *TINY,
         f"dataset.path={corpus}",
         "trainer.epochs=200",
-        "trainer.save_every_steps=20",
+        "hooks.checkpoint.save_every_steps=20",
         f"hydra.run.dir={out}",
     ]
     return subprocess.Popen(

@@ -11,8 +11,8 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from lmlab.errors import ConfigError
+from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
-from lmlab.pipeline import train_and_report
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.checkpoint import load_checkpoint
 from lmlab.errors import CheckpointError, NonFiniteLoss, RunFolderBusy
-from lmlab.files import RunLock, remove_stale_temp_files
-from lmlab.pipeline import train_and_report
-from lmlab.train import Trainer
+from lmlab.job import train_and_report
+from lmlab.runtime.files import RunLock, remove_stale_temp_files
+from lmlab.training.checkpoint import load_checkpoint
+from lmlab.training.trainer import Trainer
 from tests.conftest import TINY
 from tests.test_reliability import _inject_nan_at, _start_run, _wait_for
 
@@ -105,7 +105,12 @@ def test_divergence_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(
     """With a save after every step too: a last.pt is written only once a loss computed with its weights
     passed, so the named checkpoint never holds the update that exploded."""
     out = tmp_path / "run"
-    base = [*TINY, f"dataset.path={corpus_dir}", "trainer.clip_grad_norm=null", f"trainer.save_every_steps={every}"]
+    base = [
+        *TINY,
+        f"dataset.path={corpus_dir}",
+        "trainer.clip_grad_norm=null",
+        f"hooks.checkpoint.save_every_steps={every}",
+    ]
     train_and_report(compose_cfg([*base, "trainer.epochs=1"]), out)
     with pytest.raises(NonFiniteLoss, match=r"The last good checkpoint is .*last.pt; resume from it") as err:
         train_and_report(compose_cfg([*base, "trainer.epochs=3", "optimizer.lr=1e35"]), out)
@@ -130,7 +135,7 @@ def test_resume_refuses_changed_data_settings(tmp_path, corpus_dir, compose_cfg)
 def test_skip_batch_stops_once_too_many_batches_were_skipped(monkeypatch, tmp_path, corpus_dir, compose_cfg):
     for step in range(3, 40):
         _inject_nan_at(monkeypatch, step)
-    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.on_nan=skip_batch"])
+    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "hooks.non_finite.on_nan=skip_batch"])
     with pytest.raises(NonFiniteLoss, match=r"skipped 9 of 88 batches of epoch 1 .*max_skipped_fraction=0.1"):
         train_and_report(cfg, tmp_path / "run")
 

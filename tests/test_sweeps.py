@@ -48,7 +48,7 @@ def test_sequential_grid_with_wandb_offline_and_compare(tmp_path, corpus_dir, ca
         "dataset.batch_size=4,8",
         "model.hidden_dim=16,32",
         "logger=wandb",
-        "trainer.log_interval=20",
+        "hooks.progress.log_interval=20",
     )
     jobs = job_dirs(sweep)
     assert len(jobs) == 4

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lmlab.checkpoint import model_from_checkpoint
+from lmlab.job import train_and_report
 from lmlab.models import TransformerLanguageModel, build_model
-from lmlab.pipeline import train_and_report
-from lmlab.train import Trainer
+from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.training.trainer import Trainer
 from tests.conftest import TINY
 
 TRANSFORMER = [

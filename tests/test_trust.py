@@ -45,7 +45,7 @@ def finished_run(tmp_path_factory) -> tuple[Path, list[str]]:
     [
         (["model.hidden_dim=-1"], 2),  # refused by validation
         (["model.hidden_dim=48"], 4),  # another model: its last.pt cannot be resumed
-        (["trainer.resume=/nonexistent/last.pt"], 2),
+        (["hooks.checkpoint.resume=/nonexistent/last.pt"], 2),
         (["+epochs=3"], 2),  # a key nothing reads
     ],
 )
@@ -234,7 +234,7 @@ RESUME_DAMAGE = {
 @pytest.mark.parametrize("field", list(RESUME_DAMAGE))
 def test_a_damaged_field_of_a_resumed_last_pt_is_one_line_naming_file_and_field(tiny_run, tmp_path, compose_cfg, field):
     from lmlab.errors import CheckpointError
-    from lmlab.pipeline import train_and_report
+    from lmlab.job import train_and_report
 
     folder, overrides = tiny_run
     last = _edited(folder / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", RESUME_DAMAGE[field])
@@ -263,8 +263,8 @@ LOAD_DAMAGE = {
 
 @pytest.mark.parametrize("case", list(LOAD_DAMAGE))
 def test_a_damaged_checkpoint_is_refused_in_one_line(tiny_run, tmp_path, case):
-    from lmlab.checkpoint import model_from_checkpoint
     from lmlab.errors import CheckpointError
+    from lmlab.training.checkpoint import model_from_checkpoint
 
     edit, expected = LOAD_DAMAGE[case]
     best = _edited(tiny_run[0] / "best.pt", tmp_path / "best.pt", edit)
@@ -340,7 +340,7 @@ def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(
 
     corpus = write_corpus(tmp_path / "corpus", valid=6000)
     args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=1", "trainer.limit_train_batches=3",
-            "dataset.eval_batch_size=1", "trainer.log_interval=1"]  # fmt: skip
+            "dataset.eval_batch_size=1", "hooks.progress.log_interval=1"]  # fmt: skip
     full = _cli("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr
     cut = tmp_path / "cut"
@@ -364,7 +364,7 @@ def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(
 def test_the_config_stored_in_a_last_pt_sets_nothing_and_prints_no_control_characters(
     tiny_run, tmp_path, compose_cfg, capsys
 ):
-    from lmlab.pipeline import train_and_report
+    from lmlab.job import train_and_report
 
     folder, overrides = tiny_run
 

@@ -18,7 +18,9 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_a_redirected_run_reports_progress_and_where_its_results_are(tmp_path, corpus_dir):
     out = tmp_path / "run"
-    run = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "trainer.log_interval=20", f"hydra.run.dir={out}")
+    run = _cli(
+        "lmlab.run", *TINY, f"dataset.path={corpus_dir}", "hooks.progress.log_interval=20", f"hydra.run.dir={out}"
+    )
     assert run.returncode == 0, run.stderr
     progress = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
     assert len(progress) == 3 * 4  # 88 steps per epoch: steps 20, 40, 60, 80

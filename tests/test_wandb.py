@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 
-from lmlab.pipeline import train_and_report
-from lmlab.wandb_logger import WandbLogger, flatten
+from lmlab.job import train_and_report
+from lmlab.loggers.wandb import WandbLogger, flatten
 from tests.conftest import TINY
 from tests.test_reliability import _stop_at_step
 from tests.wandb_records import summarize
@@ -31,7 +31,7 @@ def test_failing_wandb_warns_once_and_training_goes_on(failure, corpus_dir, tmp_
         monkeypatch.setattr(wandb, "init", broken)
     else:
         monkeypatch.setattr(wandb.Run, "log", broken)
-    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "logger=wandb", "trainer.log_interval=10"])
+    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "logger=wandb", "hooks.progress.log_interval=10"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = train_and_report(cfg, tmp_path / "run")
@@ -42,7 +42,7 @@ def test_failing_wandb_warns_once_and_training_goes_on(failure, corpus_dir, tmp_
 
 
 def test_resumed_run_reattaches_the_same_wandb_run(corpus_dir, tmp_path, compose_cfg, monkeypatch):
-    overrides = [*TINY, f"dataset.path={corpus_dir}", "logger=wandb", "trainer.log_interval=10"]
+    overrides = [*TINY, f"dataset.path={corpus_dir}", "logger=wandb", "hooks.progress.log_interval=10"]
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _stop_at_step(patch, 100)

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lmlab.config.schema import check_arguments
 from lmlab.errors import ConfigError
-from lmlab.schema import check_arguments
 
 State = Any  # None, a tensor, or lists/tuples of them: must survive torch.load(weights_only=True)
 
@@ -33,7 +33,7 @@ class LanguageModel(nn.Module):
     """Base class of every lmlab model: next-token prediction over a fixed vocabulary.
 
     Subclasses take ``vocab_size`` first, then keyword arguments with plain values (numbers, strings,
-    booleans, lists) annotated with their types (see :mod:`lmlab.schema`): those annotations validate the
+    booleans, lists) annotated with their types (see :mod:`lmlab.config.schema`): those annotations validate the
     config group and a checkpoint's stored arguments alike. They must implement :meth:`forward`,
     :meth:`loss`, :meth:`log_probs` and :meth:`flops_per_token`; the rest has defaults.
     """

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.config.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModel, register_model
 from lmlab.models.output import linear_cross_entropy
-from lmlab.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 Hidden = list[LayerState]

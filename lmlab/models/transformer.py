@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.config.schema import PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModel, register_model
 from lmlab.models.output import linear_cross_entropy
-from lmlab.schema import PositiveInt, Probability
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, heads, positions, head_dim)
 

@@ -11,8 +11,8 @@ from typing import Literal
 
 import torch
 
+from lmlab.config.schema import PositiveInt
 from lmlab.errors import ConfigError
-from lmlab.schema import PositiveInt
 
 
 def select_device(

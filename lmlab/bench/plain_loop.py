@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.batching import TokenStream
-from lmlab.device import synchronize
+from lmlab.data.batching import TokenStream
+from lmlab.runtime.devices import synchronize
 
 
 class PlainRNN(nn.Module):

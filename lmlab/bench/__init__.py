@@ -2,7 +2,7 @@
 
 Measures this machine's matmul peak (fp32, and bf16 where supported), then times ``bench.steps``
 training steps and evaluation steps of the configured model after ``bench.warmup`` steps, through the
-same :class:`~lmlab.train.Trainer` code a run uses. Model FLOPs per token are counted from the layer
+same :class:`~lmlab.training.trainer.Trainer` code a run uses. Model FLOPs per token are counted from the layer
 shapes (forward; training = 3× forward), so "achieved GFLOP/s" is useful work, not hardware counters.
 Prints a summary and writes ``bench.json`` to the run folder.
 """
@@ -19,14 +19,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lmlab.baseline import BASELINES, time_plain_loop
-from lmlab.batching import TokenStream
-from lmlab.cli import CONF_DIR
-from lmlab.config import model_arguments
-from lmlab.device import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
+from lmlab.bench.plain_loop import BASELINES, time_plain_loop
+from lmlab.config import CONF_DIR
+from lmlab.config.validation import model_arguments
+from lmlab.data.batching import TokenStream
 from lmlab.factory import build, build_training_objects
-from lmlab.files import atomic_write_text
-from lmlab.jobs import task_wrapper, write_run_record
+from lmlab.runtime.devices import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
+from lmlab.runtime.files import atomic_write_text
+from lmlab.runtime.records import task_wrapper, write_run_record
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
@@ -46,10 +46,12 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seco
 
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     steps, warmup = cfg.bench.steps, cfg.bench.warmup
-    objects = build_training_objects(cfg, limit_train_batches=warmup, limit_eval_batches=warmup, progress=False)
+    objects = build_training_objects(cfg)
     device, data, model, optimizer, trainer = (
         objects.device, objects.data, objects.model, objects.optimizer, objects.trainer
     )  # fmt: skip
+    # A step as a run takes it, guarded by the run's non-finite policy; no checkpoints, no progress.
+    step_hooks = [objects.hooks["non_finite"]] if "non_finite" in objects.hooks else []
     train_stream, eval_stream = data.stream("train").to(device), data.stream("valid").to(device)
 
     peak = {"fp32": matmul_peak_gflops(device, torch.float32, cfg.bench.matmul_size)}
@@ -57,16 +59,14 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         peak["bf16"] = matmul_peak_gflops(device, torch.bfloat16, cfg.bench.matmul_size)
 
     def timed_train(n: int) -> tuple[float, int]:
-        trainer.limit_train_batches = n
         start = time.perf_counter()
-        tokens = trainer.train_steps(model, train_stream, optimizer, device)
+        tokens = trainer.train_steps(model, train_stream, optimizer, device, n, step_hooks)
         synchronize(device)
         return time.perf_counter() - start, tokens
 
     def timed_eval(n: int) -> tuple[float, int]:
-        trainer.limit_eval_batches = n
         start = time.perf_counter()
-        trainer.evaluate(model, eval_stream, device)
+        trainer.evaluate(model, eval_stream, device, limit=n)
         synchronize(device)
         return time.perf_counter() - start, sum(w.targets.numel() for w in eval_stream.windows(limit=n))
 

@@ -2,7 +2,7 @@
 
 The file is data, checked field by field before anything trusts it: every progress value has a rule
 (``PROGRESS``), every restored state (optimizer, scheduler, scaler, RNG, hidden state, per-rank shares)
-fails as one line naming the file and the field (:func:`lmlab.checkpoint.damaged`), and the run config
+fails as one line naming the file and the field (:func:`lmlab.training.checkpoint.damaged`), and the run config
 stored in it only tells which of this run's settings changed — none of its own values is applied.
 """
 
@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from lmlab import distributed
-from lmlab.checkpoint import TrainState, damaged, load_checkpoint, load_weights
 from lmlab.errors import CheckpointError, LmlabError, printable
 from lmlab.models import map_tensors
-from lmlab.rng import set_rng_state
+from lmlab.runtime import distributed
+from lmlab.training.checkpoint import TrainState, damaged, load_checkpoint, load_weights
+from lmlab.training.rng import set_rng_state
 
 
 def restore_training(
@@ -34,7 +34,7 @@ def restore_training(
     if not _same_model(ckpt, meta):
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with another vocabulary or model "
-            "config; use trainer.resume=null or a fresh hydra.run.dir"
+            "config; use hooks.checkpoint.resume=null or a fresh hydra.run.dir"
         )
     if "optimizer_state" not in ckpt:
         raise CheckpointError(f"cannot resume from {path}: it holds weights only (a best.pt); use last.pt")
@@ -125,13 +125,13 @@ def initial_weights(path: str | os.PathLike, meta: dict[str, Any], model: torch.
     """Load another run's weights (not its progress or optimizer) into ``model``: fine-tuning."""
     if not Path(path).is_file():
         raise CheckpointError(
-            f"trainer.init_from={path} is not a file; give the checkpoint whose weights this run starts from, "
-            "e.g. trainer.init_from=outputs/DAY/TIME/checkpoints/best.pt"
+            f"hooks.checkpoint.init_from={path} is not a file; give the checkpoint whose weights this run starts from, "
+            "e.g. hooks.checkpoint.init_from=outputs/DAY/TIME/checkpoints/best.pt"
         )
     ckpt = load_checkpoint(path)
     if not _same_model(ckpt, meta):
         raise CheckpointError(
-            f"trainer.init_from={path} holds another model or vocabulary than this run's; give a checkpoint "
+            f"hooks.checkpoint.init_from={path} holds another model or vocabulary than this run's; give a checkpoint "
             "of the same model and data"
         )
     load_weights(path, model, ckpt["model_state"])
@@ -162,7 +162,7 @@ def apply_changed_settings(
     if refused:
         raise CheckpointError(
             f"cannot resume from {path} with these changed settings: {'; '.join(refused[:5])}. Restore them, or "
-            "start afresh with trainer.resume=null (or a new hydra.run.dir)"
+            "start afresh with hooks.checkpoint.resume=null (or a new hydra.run.dir)"
         )
     lines = []
     for key, old, new in changes:

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lmlab.cli import launched_processes, under_torchrun
 from lmlab.errors import ConfigError
+from lmlab.runtime.launch import launched_processes, under_torchrun
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.data import EOS, Vocabulary
+from lmlab.config.schema import NonNegativeInt, PositiveFloat, PositiveInt
+from lmlab.data.datasets import EOS, Vocabulary
 from lmlab.models import LanguageModel
-from lmlab.schema import NonNegativeInt, PositiveFloat, PositiveInt
 
 
 def sample_words(

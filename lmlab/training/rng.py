@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmlab import distributed
+from lmlab.runtime import distributed
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import DataError
-from lmlab.files import atomic_save, remove_stale_temp_files
+from lmlab.runtime.files import atomic_save, remove_stale_temp_files
 
 EOS = "<eos>"
 UNK = "<unk>"

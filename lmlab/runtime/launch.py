@@ -1,26 +1,15 @@
-"""What every ``python -m lmlab.*`` entry point shares: the config folder and job-folder naming."""
+"""How this process was launched (torchrun, a submitit SLURM task, or alone), read from the environment
+before torch is imported, and how a multirun job's folder is named."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-
-def _find_conf_dir() -> str:
-    """``conf/`` ships inside the installed package; in a source checkout it sits beside ``lmlab/``."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(f"lmlab's conf/ folder is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
-
-
-CONF_DIR = _find_conf_dir()
 MAX_DIRNAME = 120
-# Set by lmlab.jobs.JobRecorder when a multirun starts (the environment reaches every launcher's jobs):
+# Set by lmlab.runtime.records.JobRecorder when a multirun starts (the environment reaches every launcher's jobs):
 # the keys that vary between the sweep's jobs, comma-separated.
 SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
 

@@ -2,8 +2,8 @@
 value and fix.
 
 Hydra rejects unknown keys (struct mode) and unknown group options. The values are checked here against
-the annotated signature of whatever each group builds (:mod:`lmlab.schema`): the registered model's
-constructor for ``model``, the ``_target_`` for the other groups, :func:`lmlab.sampling.sample_words`
+the annotated signature of whatever each group builds (:mod:`lmlab.config.schema`): the registered model's
+constructor for ``model``, the ``_target_`` for the other groups, :func:`lmlab.evaluation.sampling.sample_words`
 for ``generate``. Third-party targets (torch optimizers and schedulers) get the few rules below.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check_arguments, check_value
 from lmlab.errors import ConfigError
+from lmlab.evaluation.sampling import sample_words
 from lmlab.models import check_model_arguments
-from lmlab.optim import Schedule
-from lmlab.sampling import sample_words
-from lmlab.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check_arguments, check_value
+from lmlab.training.optim import Schedule
 
 # Rules for arguments whose target does not annotate them usefully (torch's own classes).
 OPTIMIZER_HINTS = {"lr": PositiveFloat, "weight_decay": NonNegativeFloat}
@@ -40,6 +40,9 @@ def validate_config(cfg: DictConfig) -> None:
         if isinstance(node, dict) and "_target_" in node:
             extra = OPTIMIZER_HINTS if group == "optimizer" else None
             check_arguments(get_object(node["_target_"]), node, group, extra)
+    for name, node in (_plain(cfg.get("hooks")) or {}).items():
+        if isinstance(node, dict) and "_target_" in node:
+            check_arguments(get_object(node["_target_"]), node, f"hooks.{name}")
     if cfg.get("scheduler"):
         node = _plain(cfg.scheduler)
         check_arguments(Schedule, {"interval": node.get("interval", "epoch")}, "scheduler")

@@ -22,7 +22,7 @@ from typing import IO
 import pooch
 
 from lmlab.errors import DataError
-from lmlab.files import first_missing, remove_made_folders
+from lmlab.runtime.files import first_missing, remove_made_folders
 
 _BLOCK = 1 << 20
 

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lmlab import distributed
-from lmlab.checkpoint import load_checkpoint
-from lmlab.cli import process_rank
-from lmlab.device import peak_gpu_mb, peak_rss_mb
+from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
-from lmlab.files import RunLock, atomic_write_text
-from lmlab.interrupt import StopSignals, TrainingInterrupted
-from lmlab.loggers import Logger, perplexity
-from lmlab.sampling import format_words, sample_words
-from lmlab.train import EvaluationStopped
+from lmlab.loggers.base import Logger, perplexity
+from lmlab.runtime import distributed
+from lmlab.runtime.devices import peak_gpu_mb, peak_rss_mb
+from lmlab.runtime.files import RunLock, atomic_write_text
+from lmlab.runtime.launch import process_rank
+from lmlab.runtime.signals import StopSignals, TrainingInterrupted
+from lmlab.training.checkpoint import load_checkpoint
+from lmlab.training.trainer import EvaluationStopped
 
 
 def train_and_report(

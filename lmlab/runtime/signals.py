@@ -12,7 +12,7 @@ import signal
 import threading
 from types import FrameType
 
-from lmlab.cli import under_submitit
+from lmlab.runtime.launch import under_submitit
 
 
 def stop_signals() -> tuple[int, ...]:
@@ -63,7 +63,7 @@ class StopSignals:
 
     def agreed(self) -> bool:
         """Whether a stop signal reached this process or, under several processes, any rank."""
-        from lmlab import distributed  # torch.distributed: only where a signal is polled
+        from lmlab.runtime import distributed  # torch.distributed: only where a signal is polled
 
         return distributed.agree_max(float(self.received or 0)) > 0
 

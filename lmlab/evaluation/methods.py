@@ -1,10 +1,10 @@
 """Evaluation-time methods on a trained model: static, neural cache, dynamic evaluation.
 
-All read a :class:`~lmlab.batching.TokenStream` window by window through the model contract
+All read a :class:`~lmlab.data.batching.TokenStream` window by window through the model contract
 (``forward``/``log_probs``/``loss``), so they work for every registered model; each returns the mean
 loss in nats per token of the stream's targets.
 
-- **static**: the model as trained (:meth:`lmlab.train.Trainer.evaluate`).
+- **static**: the model as trained (:meth:`lmlab.training.trainer.Trainer.evaluate`).
 - **cache** (Grave et al. 2017, "Improving neural language models with a continuous cache"): the last
   ``size`` (feature, next word) pairs of each column form a cache; the cache distribution puts weight
   ``exp(theta · h_t · h_i)`` on the word that followed ``h_i``, and is mixed with the model's:
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lmlab.batching import TokenStream
+from lmlab.config.schema import NonNegativeFloat, PositiveInt, Probability
+from lmlab.data.batching import TokenStream
 from lmlab.errors import NonFiniteLoss
 from lmlab.models import LanguageModel, diverged
-from lmlab.schema import NonNegativeFloat, PositiveInt, Probability
 
 
 # ------------------------------------------------------------------------------------------- cache

@@ -7,22 +7,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lmlab import distributed
-from lmlab.hooks import FitContext, Hook
+from lmlab.config.schema import PositiveInt
+from lmlab.runtime import distributed
+from lmlab.training.hooks import FitContext, Hook
 
 
 class Progress(Hook):
-    """Progress every ``log_interval`` steps: a bar on a terminal (``progress`` null) or when asked
+    """Progress every ``log_interval`` steps: a bar on a terminal (``bar`` null) or when asked
     (true); otherwise — output redirected, as on a cluster — a plain line with step, ms/step, tokens/s,
     loss, perplexity, lr and the epoch's ETA. The running loss goes to the logger either way, and the
     epoch's metrics at its end."""
 
-    def __init__(self, log_interval: int, progress: bool | None) -> None:
-        self.log_interval, self.progress = log_interval, progress
+    def __init__(self, log_interval: PositiveInt = 200, bar: bool | None = None) -> None:
+        self.log_interval, self.show_bar = log_interval, bar
         self.bar: Any = None
 
-    def on_epoch_start(self, trainer: Any, ctx: FitContext) -> None:
-        disable = None if self.progress is None else not self.progress
+    def on_epoch_start(self, ctx: FitContext) -> None:
+        disable = None if self.show_bar is None else not self.show_bar
         disable = disable if distributed.place().is_main else True
         self.bar = tqdm(
             total=ctx.num_windows, initial=ctx.state.step, desc=f"epoch {ctx.state.epoch}", leave=False,
@@ -30,7 +31,7 @@ class Progress(Hook):
         )  # fmt: skip
         self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
 
-    def on_step_end(self, trainer: Any, ctx: FitContext) -> None:
+    def on_step_end(self, ctx: FitContext) -> None:
         self.bar.update(1)
         self.steps_since += 1
         self.tokens_since += ctx.tokens_this_step
@@ -51,10 +52,10 @@ class Progress(Hook):
             )  # fmt: skip
             self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
 
-    def on_epoch_end(self, trainer: Any, ctx: FitContext, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, ctx: FitContext, metrics: dict[str, Any]) -> None:
         self.bar.close()
         ctx.logger.log_epoch(metrics)
 
-    def on_fit_end(self, trainer: Any, ctx: FitContext) -> None:
+    def on_fit_end(self, ctx: FitContext) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -31,10 +31,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.cli import SWEPT_KEYS_ENV, process_rank
 from lmlab.errors import DiskFull, LmlabError, RunFolderBusy
-from lmlab.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
-from lmlab.results import find_runs, render, rows
+from lmlab.runtime.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
+from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
+from lmlab.runtime.results import find_runs, render, rows
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Weights & Biases behind lmlab's :class:`~lmlab.loggers.Logger` interface (``logger=wandb``).
+"""Weights & Biases behind lmlab's :class:`~lmlab.loggers.base.Logger` interface (``logger=wandb``).
 
 Offline by default (``WANDB_MODE=offline``): files go to ``<run dir>/wandb`` and ``wandb sync`` uploads
 them later, so nobody needs an account to train. A failing W&B (no network, bad key, full disk) warns
@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmlab.loggers import Logger
-from lmlab.schema import PositiveFloat
+from lmlab.config.schema import PositiveFloat
+from lmlab.loggers.base import Logger
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

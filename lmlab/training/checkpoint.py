@@ -1,5 +1,5 @@
 """The checkpoint format: what a checkpoint holds, and safe reads (writes go through
-:func:`lmlab.files.atomic_save`; resuming is :mod:`lmlab.resume`, RNG state :mod:`lmlab.rng`).
+:func:`lmlab.runtime.files.atomic_save`; resuming is :mod:`lmlab.training.resume`, RNG state :mod:`lmlab.training.rng`).
 
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
 ``torch.load(path, weights_only=True)`` and never runs code. It carries the vocabulary and the model as
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from lmlab.data import Vocabulary
+from lmlab.data.datasets import Vocabulary
 from lmlab.errors import CheckpointError, LmlabError, printable
 from lmlab.models import LanguageModel, build_model, check_model_arguments
-from lmlab.rng import rng_state
+from lmlab.training.rng import rng_state
 
 FORMAT = "lmlab-checkpoint"
 VERSION = 2
@@ -130,7 +130,7 @@ def damaged(path: str | os.PathLike, field: str, what: str) -> CheckpointError:
     """The one message for a checkpoint field that is missing or wrong: the file, the field, what to do."""
     return CheckpointError(
         f"{path} is damaged: its field '{field}' {what}; use another checkpoint (or start afresh with "
-        "trainer.resume=null)"
+        "hooks.checkpoint.resume=null)"
     )
 
 

@@ -1,10 +1,10 @@
 """The training loop: epochs of windowed training, validation, and the LR schedule — nothing else.
 
 The trainer takes plain objects (a :class:`~lmlab.models.LanguageModel`, a data object that hands out
-:class:`~lmlab.batching.TokenStream` splits, optimizer, schedule, device, logger) and knows nothing
-about Hydra. Checkpoints, the time budget, stop signals, the non-finite policy, weight averaging and
-progress are :mod:`lmlab.hooks`; the trainer builds the standard ones from its options and runs any
-extra ``hooks`` after them.
+:class:`~lmlab.data.batching.TokenStream` splits, optimizer, schedule, device, logger) and knows nothing
+about Hydra. Its options are the loop's own; checkpoints, the time budget, stop signals, the non-finite
+policy, weight averaging and progress are hooks (:mod:`lmlab.training.hooks`), each with its own options,
+handed to it ready-made.
 """
 
 from __future__ import annotations
@@ -18,29 +18,18 @@ from typing import Any, Literal
 
 import torch
 
-from lmlab import distributed
-from lmlab.batching import TokenStream
-from lmlab.checkpoint import damaged
-from lmlab.device import resolve_precision
-from lmlab.hooks import (
-    Checkpointing,
-    FitContext,
-    Hook,
-    NonFiniteLoss,
-    NonFinitePolicy,
-    StopOnSignal,
-    TimeBudget,
-    WeightAveraging,
-    evaluation_weights,
-)
-from lmlab.interrupt import TrainingInterrupted
-from lmlab.loggers import Logger, perplexity
+from lmlab.config.schema import PositiveFloat, PositiveInt
+from lmlab.data.batching import TokenStream
+from lmlab.loggers.base import Logger, perplexity
 from lmlab.models import LanguageModel
-from lmlab.optim import Schedule, clip_grad_norm
-from lmlab.progress import Progress
-from lmlab.schema import PositiveFloat, PositiveInt, Probability
+from lmlab.runtime import distributed
+from lmlab.runtime.devices import resolve_precision
+from lmlab.runtime.signals import TrainingInterrupted
+from lmlab.training.checkpoint import damaged
+from lmlab.training.hooks import FitContext, Hook, evaluation_weights
+from lmlab.training.optim import Schedule, clip_grad_norm
 
-__all__ = ["EvaluationStopped", "FitResult", "NonFiniteLoss", "Trainer", "perplexity"]
+__all__ = ["EvaluationStopped", "FitResult", "Trainer"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,24 +72,13 @@ class Trainer:
         clip_grad_norm: PositiveFloat | None = 0.25,
         limit_train_batches: PositiveInt | None = None,
         limit_eval_batches: PositiveInt | None = None,
-        log_interval: PositiveInt = 200,
-        progress: bool | None = None,
         precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32",
-        save_every_steps: PositiveInt | None = None,
-        resume: str | None = "auto",
-        init_from: str | None = None,
-        on_nan: Literal["stop", "skip_batch"] = "stop",
-        max_skipped_fraction: Probability = 0.1,
         compile: bool = False,
-        max_time_s: PositiveFloat | None = None,
         hooks: list[Hook] | None = None,
     ) -> None:
-        self.epochs, self.clip_grad_norm = epochs, clip_grad_norm
+        self.epochs, self.clip_grad_norm, self.precision, self.compile = epochs, clip_grad_norm, precision, compile
         self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
-        self.log_interval, self.progress, self.precision = log_interval, progress, precision
-        self.save_every_steps, self.resume, self.on_nan = save_every_steps, resume, on_nan
-        self.max_skipped_fraction, self.init_from = max_skipped_fraction, init_from
-        self.compile, self.max_time_s, self.extra_hooks = compile, max_time_s, list(hooks or [])
+        self.hooks = list(hooks or [])  # run in this order (lmlab.factory.build_hooks: conf/hooks/)
         self._dtype: torch.dtype | None = None
 
     # ----------------------------------------------------------------------------------------- fit
@@ -118,19 +96,9 @@ class Trainer:
     ) -> FitResult:
         """Train, validating after each epoch; returns the best validation loss and where it is saved.
         ``on_started`` is called once the hooks have started (a ``last.pt`` resumed), before the first step."""
-        checkpoints = Checkpointing(
-            Path(out_dir) / "checkpoints", checkpoint_meta, self.save_every_steps, self.resume, self.init_from
-        )
-        hooks: list[Hook] = [
-            StopOnSignal(),
-            *([TimeBudget(self.max_time_s)] if self.max_time_s else []),
-            NonFinitePolicy(self.on_nan, self.log_interval, self.max_skipped_fraction),
-            WeightAveraging(),
-            checkpoints,
-            Progress(self.log_interval, self.progress),
-            *self.extra_hooks,
-        ]
+        hooks = self.hooks
         ctx = self._context(model, optimizer, schedule, device, logger)
+        ctx.out_dir, ctx.checkpoint_meta = Path(out_dir), checkpoint_meta
         where = distributed.place()
         train = data.stream("train").shard(where.rank, where.world_size).to(device)
         valid = data.stream("valid").to(device)
@@ -152,18 +120,24 @@ class Trainer:
         finally:
             self._call(hooks, "on_fit_end", ctx)
         speed = tokens_seen / train_seconds if train_seconds else 0.0
-        return FitResult(ctx.state.best_val_loss, len(ctx.state.history), speed, checkpoints.best, checkpoints.last)
+        return FitResult(
+            ctx.state.best_val_loss, len(ctx.state.history), speed, ctx.best_checkpoint, ctx.last_checkpoint
+        )
 
     def train_steps(
-        self, model: LanguageModel, stream: TokenStream, optimizer: torch.optim.Optimizer, device: torch.device
+        self,
+        model: LanguageModel,
+        stream: TokenStream,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        steps: int,
+        hooks: list[Hook] = (),
     ) -> int:
-        """Up to ``limit_train_batches`` training steps outside :meth:`fit` (benchmarks): the same step
-        code and non-finite policy, no checkpoints or logging. Returns the number of tokens trained on."""
+        """``steps`` training steps outside :meth:`fit` (benchmarks): the same step code, with only the
+        given ``hooks`` (e.g. the non-finite policy; no checkpoints or logging). Returns the tokens trained on."""
         ctx = self._context(model, optimizer, None, device, Logger())
         self._step = self._step_module(model, device)
-        return self.train_epoch(
-            ctx, stream, [NonFinitePolicy(self.on_nan, self.log_interval, self.max_skipped_fraction)]
-        )
+        return self.train_epoch(ctx, stream, list(hooks), limit=steps)
 
     def _context(self, model, optimizer, schedule, device, logger) -> FitContext:
         self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
@@ -180,25 +154,27 @@ class Trainer:
         return torch.compile(step) if self.compile else step
 
     # ------------------------------------------------------------------------------------- epochs
-    def train_epoch(self, ctx: FitContext, stream: TokenStream, hooks: list[Hook]) -> int:
-        """One pass over ``stream`` (resuming after ``ctx.state.step``); returns the tokens trained on."""
+    def train_epoch(self, ctx: FitContext, stream: TokenStream, hooks: list[Hook], limit: int | None = None) -> int:
+        """One pass over ``stream`` (resuming after ``ctx.state.step``; at most ``limit`` windows, default
+        ``limit_train_batches``); returns the tokens trained on."""
+        limit = limit or self.limit_train_batches
         model, state = ctx.model, ctx.state
         model.train()
         if state.hidden is not None and not model.state_fits(state.hidden, stream.batch_size):
             raise damaged(ctx.last_saved, "hidden", f"does not fit {stream.batch_size} columns of this model")
         carry = state.hidden if state.hidden is not None else model.init_state(stream.batch_size, ctx.device)
         ctx.loss_sum = torch.tensor(state.loss_sum, device=ctx.device)
-        ctx.num_windows = stream.num_windows(self.limit_train_batches)
+        ctx.num_windows = stream.num_windows(limit)
         self._call(hooks, "on_epoch_start", ctx)
         tokens, world = 0, distributed.place().world_size
-        for step, window in enumerate(stream.windows(state.epoch, self.limit_train_batches), start=1):
+        for step, window in enumerate(stream.windows(state.epoch, limit), start=1):
             if step <= state.step:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
             carry = model.detach_state(carry)
             with self._autocast(ctx.device):
                 loss, objective, carry = self._step(window.inputs, carry, window.targets)
             loss = distributed.mean(loss.detach())  # every rank judges (and logs) the same loss
-            if all(hook.before_backward(self, ctx, loss) for hook in hooks):
+            if all(hook.before_backward(ctx, loss) for hook in hooks):
                 self._backward_and_step(ctx, objective, window.lr_scale)
                 ctx.loss_sum += loss
             else:  # a skipped batch: its state is not trusted either
@@ -271,10 +247,15 @@ class Trainer:
     # -------------------------------------------------------------------------------- evaluation
     @torch.inference_mode()
     def evaluate(
-        self, model: LanguageModel, stream: TokenStream, device: torch.device, stop: Callable[[], bool] | None = None
+        self,
+        model: LanguageModel,
+        stream: TokenStream,
+        device: torch.device,
+        stop: Callable[[], bool] | None = None,
+        limit: int | None = None,
     ) -> float:
-        """Mean loss per token over ``stream`` (at most ``limit_eval_batches`` windows). Under several
-        processes each evaluates its share of the columns and the sums are added up: the exact figure
+        """Mean loss per token over ``stream`` (at most ``limit`` windows, default ``limit_eval_batches``).
+        Under several processes each evaluates its share of the columns and the sums are added up: the exact figure
         one process would get. ``stop`` is asked before each window (a stop signal: every rank must
         give the same answer); True raises :class:`EvaluationStopped`."""
         if self._dtype is None:
@@ -285,7 +266,7 @@ class Trainer:
         state = model.init_state(stream.batch_size, device)
         total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
         count = 0
-        for window in stream.windows(limit=self.limit_eval_batches):
+        for window in stream.windows(limit=limit or self.limit_eval_batches):
             if stop is not None and stop():
                 raise EvaluationStopped
             with self._autocast(device):
@@ -301,6 +282,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self._dtype)
 
-    def _call(self, hooks: list[Hook], event: str, *args: Any) -> None:
+    @staticmethod
+    def _call(hooks: list[Hook], event: str, *args: Any) -> None:
         for hook in hooks:
-            getattr(hook, event)(self, *args)
+            getattr(hook, event)(*args)

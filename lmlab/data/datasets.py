@@ -1,6 +1,6 @@
-"""Datasets: a corpus (:mod:`lmlab.corpus`) plus how it is batched, and the named corpora lmlab
+"""Datasets: a corpus (:mod:`lmlab.data.corpus`) plus how it is batched, and the named corpora lmlab
 downloads (WikiText-2, WikiText-103). A dataset hands the trainer each split as a
-:class:`~lmlab.batching.TokenStream`.
+:class:`~lmlab.data.batching.TokenStream`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from lmlab.batching import TokenStream
-from lmlab.corpus import EOS, SPLITS, UNK, Corpus, Vocabulary, tokenize
-from lmlab.download import WIKITEXT2, WIKITEXT103, CorpusSource, ensure_corpus
+from lmlab.config.schema import PositiveInt
+from lmlab.data.batching import TokenStream
+from lmlab.data.corpus import EOS, SPLITS, UNK, Corpus, Vocabulary, tokenize
+from lmlab.data.sources import WIKITEXT2, WIKITEXT103, CorpusSource, ensure_corpus
 from lmlab.errors import ConfigError, DataError
-from lmlab.schema import PositiveInt
 
 __all__ = ["DATASETS", "EOS", "UNK", "Corpus", "LanguageModelData", "Vocabulary", "tokenize"]
 
@@ -110,7 +110,7 @@ class WikiText2(LanguageModelData):
 
 class WikiText103(WikiText2):
     """WikiText-103 (v1, tokenised: 103 M train tokens, vocabulary 267,735) under ``<root>/wikitext-103``.
-    Its ids are cached memory-mapped (:mod:`lmlab.corpus`); pair it with ``model.softmax=adaptive``."""
+    Its ids are cached memory-mapped (:mod:`lmlab.data.corpus`); pair it with ``model.softmax=adaptive``."""
 
     source = WIKITEXT103
 

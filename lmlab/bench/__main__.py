@@ -1,0 +1,5 @@
+"""``python -m lmlab.bench``: see :mod:`lmlab.bench`."""
+
+from lmlab.bench import main
+
+main()

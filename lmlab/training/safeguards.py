@@ -1,0 +1,107 @@
+"""Hooks that guard a run: stop signals, the time budget, and diverged (non-finite or exploding) losses."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+
+from lmlab.config.schema import PositiveFloat, PositiveInt, Probability
+from lmlab.errors import NonFiniteLoss
+from lmlab.runtime import distributed
+from lmlab.runtime.signals import StopSignals
+from lmlab.training.hooks import FitContext, Hook
+
+
+class StopOnSignal(Hook):
+    """SIGINT/SIGTERM finish the current step; the checkpoint hook then saves and the loop stops. Under
+    several processes a signal that reached any rank stops every rank after the same step."""
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        self.signals = StopSignals().__enter__()
+        ctx.poll_interrupt = self._agreed  # validation stops at its next window too
+
+    def on_step_end(self, ctx: FitContext) -> None:
+        ctx.interrupt = self._agreed()
+
+    def on_epoch_end(self, ctx: FitContext, metrics: dict[str, Any]) -> None:
+        ctx.interrupt = self._agreed()  # one after validation's last window: last.pt is saved next, then stop
+
+    def _agreed(self) -> int | None:
+        return int(distributed.agree_max(self.signals.received or 0)) or None
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        self.signals.__exit__()
+
+
+class TimeBudget(Hook):
+    """End training after the step that crosses ``max_time_s``; that epoch is validated as usual."""
+
+    def __init__(self, max_time_s: PositiveFloat | None = None) -> None:
+        self.max_time_s = max_time_s
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        self.deadline = time.perf_counter() + (self.max_time_s or 0)
+
+    def on_step_end(self, ctx: FitContext) -> None:
+        if self.max_time_s is None:
+            return
+        late = distributed.agree_max(float(time.perf_counter() > self.deadline))  # the slowest clock counts
+        ctx.stop_training = ctx.stop_training or late > 0
+
+
+class NonFinitePolicy(Hook):
+    """A batch whose loss diverged (:meth:`FitContext.diverged`: not finite, or exploded) is never
+    stepped on. ``stop``: raise :class:`NonFiniteLoss`; ``skip_batch``: drop the batch and restart the
+    state, and raise once more than ``max_skipped_fraction`` of an epoch's batches were dropped.
+
+    On the CPU (reading a value is free) and for ``skip_batch`` every loss is checked; on a GPU the
+    running loss is checked every ``check_every`` steps, so the step never waits for the device."""
+
+    def __init__(
+        self,
+        on_nan: Literal["stop", "skip_batch"] = "stop",
+        max_skipped_fraction: Probability = 0.1,
+        check_every: PositiveInt = 200,
+    ) -> None:
+        self.on_nan, self.check_every, self.max_skipped_fraction = on_nan, check_every, max_skipped_fraction
+
+    def before_backward(self, ctx: FitContext, loss: torch.Tensor) -> bool:
+        if not (self.on_nan == "skip_batch" or ctx.device.type == "cpu") or not ctx.diverged(loss.item()):
+            return True
+        if self.on_nan == "skip_batch":
+            ctx.state.skipped_batches += 1
+            if ctx.state.skipped_batches > self.max_skipped_fraction * ctx.num_windows:
+                raise NonFiniteLoss(
+                    f"skipped {ctx.state.skipped_batches} of {ctx.num_windows} batches of epoch {ctx.state.epoch} "
+                    "for diverged (non-finite or exploding) losses, more than "
+                    f"hooks.non_finite.max_skipped_fraction={self.max_skipped_fraction}: training has diverged. "
+                    f"{good_checkpoint(ctx)} Try a lower optimizer.lr or trainer.clip_grad_norm"
+                )
+            return False
+        self._raise(ctx, ctx.state.step + 1)
+
+    def on_step_end(self, ctx: FitContext) -> None:
+        step = ctx.state.step
+        if ctx.device.type != "cpu" and (step % self.check_every == 0 or step == ctx.num_windows):
+            if ctx.diverged(ctx.running_loss()):
+                self._raise(ctx, step, window=self.check_every)
+
+    def _raise(self, ctx: FitContext, step: int, window: int = 1) -> None:
+        where = f"step {step}" if window == 1 else f"the {window} steps up to step {step}"
+        raise NonFiniteLoss(
+            f"training diverged (non-finite or exploding loss) in epoch {ctx.state.epoch}, {where}. "
+            f"{good_checkpoint(ctx)} Try a lower "
+            "optimizer.lr (resume applies it), a smaller trainer.clip_grad_norm, trainer.precision=fp32, "
+            "or hooks.non_finite.on_nan=skip_batch"
+        )
+
+
+def good_checkpoint(ctx: FitContext) -> str:
+    """Checkpoints are only written from finite weights after losses that did not diverge."""
+    if ctx.last_saved is None:
+        return "No checkpoint was written yet."
+    return (
+        f"The last good checkpoint is {ctx.last_saved}; resume from it with hooks.checkpoint.resume={ctx.last_saved}."
+    )
