@@ -27,7 +27,7 @@ from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Pr
 from lmlab.config.validation import validate_config
 from lmlab.data.corpus import encode_file
 from lmlab.evaluation.methods import CACHE_THETAS, cache_scores, dynamic_loss, gradient_rms, search_cache
-from lmlab.factory import build, dataset_from_record, import_plugins, require_checkpoint
+from lmlab.factory import build, build_dataset, dataset_from_record, import_plugins, require_checkpoint
 from lmlab.loggers.base import perplexity
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.records import task_wrapper
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)
     config = state.get("config")
     record = config.get("dataset") if isinstance(config, dict) else None
-    data = build(cfg.dataset) if overridden or record is None else dataset_from_record(record, checkpoint)
+    data = build_dataset(cfg.dataset) if overridden or record is None else dataset_from_record(record, checkpoint)
 
     def stream(split: str, bptt: int | None = None):
         return data.eval_stream(encode_file(data.files[split], vocab), bptt).to(device)

@@ -7,6 +7,7 @@ Models are built through the registry (:func:`lmlab.models.build_model`), not in
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.config import CONF_DIR
+from lmlab.config.schema import check_arguments
 from lmlab.config.validation import model_arguments, validate_config
-from lmlab.data.datasets import DATASETS, LanguageModelData
+from lmlab.data.datasets import DATASETS, RECORDED_TARGETS, LanguageModelData
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
-from lmlab.loggers.base import ConsoleLogger, Logger, MultiLogger
+from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
 from lmlab.models import LanguageModel, build_model
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import resolve_precision
@@ -100,7 +102,7 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
     if where.world_size > 1 and device.type == "mps":
         raise ConfigError("several processes on Apple MPS are not supported; run one process, or device=cpu")
     resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
-    data = build(cfg.dataset)
+    data = build_dataset(cfg.dataset)
     model = build_model(cfg.model.name, len(data.vocab), **model_arguments(cfg.model)).to(device)
     if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:
         print(
@@ -173,36 +175,49 @@ def build_schedule(node: DictConfig | None, optimizer: torch.optim.Optimizer) ->
 def build_logger(
     cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None, prefix: str = ""
 ) -> Logger:
-    """Console (+ run.log) and metrics.jsonl always; plus the ``logger`` group's backend, named after the job."""
+    """Console (+ run.log) and metrics.jsonl always; plus every registered backend the ``logger`` group
+    names (``logger.<name>: {options}``), each labelled with the job unless its options say otherwise."""
     loggers: list[Logger] = [ConsoleLogger(out_dir, prefix)]
-    if cfg.get("logger") and cfg.logger.get("_target_"):
-        naming = {"group": cfg.logger.get("group") or group, "name": cfg.logger.get("name") or name}
-        config = OmegaConf.to_container(cfg, resolve=True)
-        loggers.append(build(cfg.logger, _recursive_=False, out_dir=str(out_dir), run_config=config, **naming))
+    chosen = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
+    config = OmegaConf.to_container(cfg, resolve=True) if chosen else {}
+    for backend, options in chosen.items():
+        options = dict(options or {})
+        labels = {"group": options.pop("group", None) or group, "name": options.pop("name", None) or name}
+        loggers.append(LOGGERS.lookup(backend)(out_dir=str(out_dir), run_config=config, **labels, **options))
     return MultiLogger(loggers)
 
 
-# What a checkpoint's dataset record may decide besides which registered dataset: how windows are cut.
-# Never where the data is (path, root, file names, mirrors, cache): that is the user's to say.
+def build_dataset(node: Any) -> LanguageModelData:
+    """The ``dataset`` group's registered dataset (``name``) built from its other keys."""
+    settings = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    cls = DATASETS.lookup(settings.pop("name", None))
+    return cls(**settings)
+
+
+# What a checkpoint's dataset record may decide besides which registered dataset: how windows are cut
+# (and a dataset class's own ``record_fields``). Never where the data is unless the class says so.
 RECORD_BATCHING = {"batch_size": int, "eval_batch_size": int, "bptt": int, "variable_bptt": bool}
 
 
-def dataset_from_record(record: Any, checkpoint: str) -> Any:
+def dataset_from_record(record: Any, checkpoint: str) -> LanguageModelData:
     """The dataset a checkpoint's run used, rebuilt from its stored config (``config.dataset``) for
-    ``lmlab.evaluate``. The record is a file lmlab is handed, so it chooses only a registered dataset
-    and plain batching values (``RECORD_BATCHING``); where the data is comes from the user:
-
-    - WikiText-2/103: the installed ``conf/dataset`` option of that class (its root is
-      ``$LMLAB_DATA_DIR`` or the user's cache folder, its mirrors the official ones);
-    - a text folder: the recorded folder's standard ``train.txt``/``valid.txt``/``test.txt`` only,
-      printed before use and read without writing a cache beside them."""
-    target = record.get("_target_") if isinstance(record, dict) else None
-    if not isinstance(target, str) or target not in DATASETS:
+    ``lmlab.evaluate``, through the registry like a model. The record is a file lmlab is handed, so it
+    chooses only a registered dataset (``name``), plain batching values (``RECORD_BATCHING``) and the
+    class's ``record_fields`` (printed before use); everything else comes from the installed
+    ``conf/dataset`` option of that name (WikiText's root is ``$LMLAB_DATA_DIR`` or the user's cache
+    folder, its mirrors the official ones), else from the class's defaults. Nothing is cached beside
+    the data."""
+    record = record if isinstance(record, dict) else {}
+    target = record.get("_target_")  # checkpoints from before datasets were named stored a class path
+    name = record.get("name", RECORDED_TARGETS.get(target) if isinstance(target, str) else None)
+    if not isinstance(name, str) or name not in DATASETS:
+        shown = name if name is not None else record.get("_target_")
         raise ConfigError(
-            f"the checkpoint's dataset ({printable(target)}) is not one lmlab rebuilds; name the data, e.g. "
-            "dataset=text_dir dataset.path=DIR"
+            f"the checkpoint's dataset ({printable(shown)}) is not one lmlab rebuilds (registered: {sorted(DATASETS)}; "
+            "a dataset of your own: plugins=[module]); or name the data, e.g. dataset=text_dir dataset.path=DIR"
         )
-    batching = {}
+    cls = DATASETS[name]
+    chosen = {}
     for key, kind in RECORD_BATCHING.items():
         value = record.get(key)
         if value is None:
@@ -212,24 +227,20 @@ def dataset_from_record(record: Any, checkpoint: str) -> Any:
                 f"{checkpoint} has a damaged dataset record (dataset.{key}={printable(value)}); name the data "
                 "instead, e.g. dataset=text_dir dataset.path=DIR"
             )
-        batching[key] = value
-    if DATASETS[target] is LanguageModelData:
-        folder = record.get("path")
-        if not isinstance(folder, str) or not folder:
-            raise ConfigError("the checkpoint names no text folder; give one with dataset=text_dir dataset.path=DIR")
-        print(
-            f"data: {printable(folder)}/{{train,valid,test}}.txt, the checkpoint's own (other data: "
-            "dataset=text_dir dataset.path=DIR)",
-            flush=True,
-        )
-        return LanguageModelData(folder, cache=False, **batching)
-    node = next(
-        n
-        for n in (OmegaConf.load(f) for f in sorted(Path(CONF_DIR, "dataset").glob("*.yaml")))
-        if n.get("_target_") == target
-    )
-    node.merge_with(batching)
-    return build(node)
+        chosen[key] = value
+    own = {key: record[key] for key in cls.record_fields if record.get(key) is not None}
+    if not all(isinstance(value, (str, int, float, bool)) for value in own.values()):
+        raise CheckpointError(f"{checkpoint} has a damaged dataset record; name the data, e.g. dataset=text_dir ...")
+    check_arguments(cls, own, "dataset", hydra_keys=False)
+    for key, value in own.items():
+        shown = f"{printable(value)}/{{train,valid,test}}.txt" if key == "path" else printable(value)
+        print(f"data: {shown}, the checkpoint's own (other data: dataset=... on the command line)", flush=True)
+    installed = [OmegaConf.load(f) for f in sorted(Path(CONF_DIR, "dataset").glob("*.yaml"))]
+    node = next((n for n in installed if n.get("name") == name), OmegaConf.create({"name": name}))
+    node.merge_with({**chosen, **own})
+    if "cache" in inspect.signature(cls).parameters:
+        node.merge_with({"cache": False})
+    return build_dataset(node)
 
 
 def checkpoint_meta(cfg: DictConfig, vocab_words: list[str]) -> dict[str, Any]:

@@ -15,8 +15,10 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check_arguments, check_value
+from lmlab.data.datasets import DATASETS
 from lmlab.errors import ConfigError
 from lmlab.evaluation.sampling import sample_words
+from lmlab.loggers import LOGGERS
 from lmlab.models import check_model_arguments
 from lmlab.training.optim import Schedule
 
@@ -35,7 +37,14 @@ def validate_config(cfg: DictConfig) -> None:
     for key, hint in TOP_LEVEL_HINTS.items():
         if key in cfg:
             check_value(key, _plain(cfg[key]), hint)
-    for group in ("dataset", "device", "trainer", "optimizer", "logger"):
+    if cfg.get("dataset") is not None:
+        dataset = _plain(cfg.dataset)
+        check_arguments(
+            DATASETS.lookup(dataset.get("name")), {k: v for k, v in dataset.items() if k != "name"}, "dataset"
+        )
+    for backend, options in (_plain(cfg.get("logger")) or {}).items():
+        check_arguments(LOGGERS.lookup(backend), options or {}, f"logger.{backend}")
+    for group in ("device", "trainer", "optimizer"):
         node = _plain(cfg.get(group))
         if isinstance(node, dict) and "_target_" in node:
             extra = OPTIMIZER_HINTS if group == "optimizer" else None

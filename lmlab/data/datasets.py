@@ -1,6 +1,10 @@
 """Datasets: a corpus (:mod:`lmlab.data.corpus`) plus how it is batched, and the named corpora lmlab
 downloads (WikiText-2, WikiText-103). A dataset hands the trainer each split as a
 :class:`~lmlab.data.batching.TokenStream`.
+
+Datasets are a registry (:data:`DATASETS`, like models): ``conf/dataset/<option>.yaml`` names one with
+``name:`` and gives its arguments; a dataset of your own is a :class:`LanguageModelData` subclass
+registered with ``@register_dataset("mine")`` in a module given as ``plugins=[module]``.
 """
 
 from __future__ import annotations
@@ -15,17 +19,27 @@ from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import EOS, SPLITS, UNK, Corpus, Vocabulary, tokenize
 from lmlab.data.sources import WIKITEXT2, WIKITEXT103, CorpusSource, ensure_corpus
 from lmlab.errors import ConfigError, DataError
+from lmlab.registry import Registry
 
-__all__ = ["DATASETS", "EOS", "UNK", "Corpus", "LanguageModelData", "Vocabulary", "tokenize"]
+__all__ = ["DATASETS", "EOS", "UNK", "Corpus", "LanguageModelData", "Vocabulary", "register_dataset", "tokenize"]
 
 
 class LanguageModelData:
-    """A corpus plus how it is batched: hands the trainer each split as a :class:`TokenStream`.
+    """A corpus plus how it is batched — the dataset contract (``dataset=text_dir``).
 
     Reads ``train.txt``/``valid.txt``/``test.txt`` (or other names) from ``path``. Training windows
     are ``bptt`` steps of ``batch_size`` columns (``variable_bptt``: lengths drawn around ``bptt``),
     evaluation windows ``bptt`` steps of ``eval_batch_size`` columns.
+
+    What the trainer and the tools use: ``vocab`` (a :class:`Vocabulary`), ``files`` (split → text file),
+    :meth:`stream` and :meth:`eval_stream`. A subclass takes ``batch_size``, ``eval_batch_size``, ``bptt``
+    and ``variable_bptt`` like this one. ``record_fields`` names the arguments besides those that a
+    checkpoint's stored config may decide when ``lmlab.evaluate`` rebuilds the dataset from it (printed
+    first; every other argument comes from the installed config): a checkpoint is a file lmlab is
+    handed, so by default it decides no path, root, mirror or file name.
     """
+
+    record_fields: tuple[str, ...] = ("path",)  # the run's own text folder (its standard file names only)
 
     def __init__(
         self,
@@ -93,6 +107,7 @@ class WikiText2(LanguageModelData):
     """WikiText-2 (v1, tokenised) under ``<root>/wikitext-2``, downloaded from ``mirrors`` if missing."""
 
     source: CorpusSource = WIKITEXT2
+    record_fields = ()  # root and mirrors: always the installed config's
 
     def __init__(
         self,
@@ -115,10 +130,15 @@ class WikiText103(WikiText2):
     source = WIKITEXT103
 
 
-# The dataset classes a checkpoint's stored run config may name (lmlab.factory.dataset_from_record): a
-# record is rebuilt only through this table — never by importing what the file says.
-DATASETS: dict[str, type[LanguageModelData]] = {
-    "lmlab.data.LanguageModelData": LanguageModelData,
-    "lmlab.data.WikiText2": WikiText2,
-    "lmlab.data.WikiText103": WikiText103,
+DATASETS = Registry("dataset", "dataset.name", LanguageModelData)
+register_dataset = DATASETS.register  # class decorator: make a dataset buildable as dataset.name: <name>
+register_dataset("text_dir")(LanguageModelData)
+register_dataset("wikitext2")(WikiText2)
+register_dataset("wikitext103")(WikiText103)
+
+# Checkpoints written before datasets were named stored a class path (``_target_``) instead.
+RECORDED_TARGETS = {
+    "lmlab.data.LanguageModelData": "text_dir",
+    "lmlab.data.WikiText2": "wikitext2",
+    "lmlab.data.WikiText103": "wikitext103",
 }

@@ -1,6 +1,8 @@
-"""Where metrics go: the :class:`~lmlab.loggers.base.Logger` contract, the console + ``metrics.jsonl``
-logger every run has, and the optional backends chosen with ``logger=...``."""
+"""Where metrics go: the :class:`~lmlab.loggers.base.Logger` contract and registry, the console +
+``metrics.jsonl`` logger every run has, and the backends chosen with ``logger=...`` (several at once:
+``logger=[wandb,tensorboard]``). Each backend imports its library only when a run uses it."""
 
-from lmlab.loggers.base import ConsoleLogger, Logger, MultiLogger, perplexity
+from lmlab.loggers import tensorboard, wandb  # noqa: F401 - the built-in backends register themselves
+from lmlab.loggers.base import LOGGERS, ConsoleLogger, Logger, MultiLogger, perplexity, register_logger
 
-__all__ = ["ConsoleLogger", "Logger", "MultiLogger", "perplexity"]
+__all__ = ["LOGGERS", "ConsoleLogger", "Logger", "MultiLogger", "perplexity", "register_logger"]

@@ -1,4 +1,5 @@
-"""Where metrics go: the console and ``metrics.jsonl`` always, W&B when ``logger=wandb``.
+"""Where metrics go: the console and ``metrics.jsonl`` always, plus any registered backends chosen with
+``logger=wandb``, ``logger=tensorboard`` or several at once, ``logger=[wandb,tensorboard]``.
 
 Every logger has the same small interface (:class:`Logger`); the trainer and runner call it and never
 know which backends are behind it.
@@ -12,9 +13,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmlab.registry import Registry
+
 
 class Logger:
-    """The interface; the base class ignores everything, so a backend overrides only what it needs."""
+    """The interface; the base class ignores everything, so a backend overrides only what it needs.
+
+    A backend is registered under a name (``@register_logger("mine")``) and configured by the node
+    ``logger.<name>`` (``conf/logger/<name>.yaml`` holds ``<name>: {options}``). It is built as
+    ``cls(out_dir=..., run_config=..., group=..., name=..., **options)``: the run folder, the resolved run
+    config (a plain dict), and labels for the job (a multirun's folder, the job's overrides; None for a
+    single run, unless the options set them). Options are checked against the constructor's annotations
+    before any work starts. A backend must never stop training: it warns once and goes quiet on failure.
+    """
 
     def start(self) -> None:
         """Connect or open what the backend needs; called before training is timed."""
@@ -161,3 +172,7 @@ def _duration(seconds: float) -> str:
 def format_ppl(value: float) -> str:
     """A loss or perplexity for people: 2 decimals up to a million, then scientific (a diverged 1.01e+304)."""
     return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
+
+
+LOGGERS = Registry("logger", "logger", Logger)
+register_logger = LOGGERS.register  # class decorator: make a backend selectable as logger=<name>

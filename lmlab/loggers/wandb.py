@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config.schema import PositiveFloat
-from lmlab.loggers.base import Logger
+from lmlab.loggers.base import Logger, register_logger
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -31,6 +31,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@register_logger("wandb")
 class WandbLogger(Logger):
     """Logs the flattened config, per-step train loss/lr, per-epoch validation figures, test summary,
     generated samples (a table) and optionally the best checkpoint (an artifact)."""

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from lmlab.config.schema import check_arguments
 from lmlab.errors import ConfigError
+from lmlab.registry import Registry
 
 State = Any  # None, a tensor, or lists/tuples of them: must survive torch.load(weights_only=True)
 
@@ -130,31 +131,12 @@ def map_tensors(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> Sta
 
 
 # ------------------------------------------------------------------------------------------ registry
-MODELS: dict[str, type[LanguageModel]] = {}
-M = TypeVar("M", bound=type[LanguageModel])
-
-
-def register_model(name: str) -> Callable[[M], M]:
-    """Class decorator: make a :class:`LanguageModel` buildable as ``model.name: <name>``."""
-
-    def register(cls: M) -> M:
-        if not (isinstance(cls, type) and issubclass(cls, LanguageModel)):
-            raise TypeError(f"register_model({name!r}) needs a LanguageModel subclass, got {cls!r}")
-        if MODELS.get(name, cls) is not cls:
-            raise ValueError(f"model name {name!r} is already registered to {MODELS[name].__qualname__}")
-        MODELS[name] = cls
-        return cls
-
-    return register
+MODELS = Registry("model", "model.name", LanguageModel)
+register_model = MODELS.register  # class decorator: make a LanguageModel buildable as model.name: <name>
 
 
 def model_class(name: Any) -> type[LanguageModel]:
-    if not isinstance(name, str) or name not in MODELS:
-        raise ConfigError(
-            f"model.name={name!r} is not a registered model; registered: {sorted(MODELS)} "
-            "(a model of your own: import the module that registers it with plugins=[module])"
-        )
-    return MODELS[name]
+    return MODELS.lookup(name)
 
 
 def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[LanguageModel]:

@@ -1,0 +1,97 @@
+"""TensorBoard behind lmlab's :class:`~lmlab.loggers.base.Logger` interface (``logger=tensorboard``).
+
+Event files go to ``<run dir>/tensorboard``; ``tensorboard --logdir multirun/DAY/TIME`` then compares a
+sweep's jobs side by side (each under its own folder name), ``--logdir outputs`` every run. Scalars share
+one step axis, the global training step, so that a resumed run drops (``purge_step``) what was logged
+after its checkpoint instead of drawing it twice. Needs the ``tensorboard`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lmlab.config.schema import PositiveInt
+from lmlab.errors import ConfigError
+from lmlab.loggers.base import Logger, register_logger
+
+
+@register_logger("tensorboard")
+class TensorBoardLogger(Logger):
+    """Per-step train loss and lr, per-epoch validation figures and speed, the test figures, the run
+    config and the generated sample (as text)."""
+
+    def __init__(
+        self,
+        out_dir: str,
+        run_config: dict[str, Any],
+        group: str | None = None,
+        name: str | None = None,
+        flush_secs: PositiveInt = 30,
+    ) -> None:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
+        self.log_dir, self.run_config, self.flush_secs = Path(out_dir) / "tensorboard", run_config, flush_secs
+        self.labels = {"group": group, "name": name}
+        self.writer: Any = None
+        self.step = 0  # the last global step logged
+        self.purge_step: int | None = None
+        self.failed = False
+
+    def _write(self, action: Any) -> None:
+        if self.failed or self.writer is None:
+            return
+        try:
+            action(self.writer)
+        except Exception as err:  # a full disk must not take training down with it
+            self.failed = True
+            warnings.warn(f"TensorBoard write failed ({err}); continuing without it", RuntimeWarning, stacklevel=3)
+
+    def start(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step, flush_secs=self.flush_secs)
+        if self.purge_step is None:  # a new run: its config once, as text
+            config = json.dumps({**self.labels, **self.run_config}, indent=2, default=str)
+            self._write(lambda w: w.add_text("config", f"```\n{config}\n```", 0))
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.step = step
+        self._write(lambda w: [w.add_scalar(key, value, step) for key, value in metrics.items()])
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        rows = {
+            "epoch": metrics["epoch"],
+            "val/loss": metrics["val_loss"],
+            "val/ppl": metrics["val_ppl"],
+            "train/epoch_loss": metrics["train_loss"],
+            "throughput/tokens_per_sec": metrics["tokens_per_sec"],
+        }
+        rows = {key: value for key, value in rows.items() if value is not None}
+        self._write(lambda w: [w.add_scalar(key, value, self.step) for key, value in rows.items()])
+
+    def log_summary(self, results: dict[str, Any]) -> None:
+        figures = {f"test/{key[5:]}": results[key] for key in ("test_loss", "test_ppl") if key in results}
+        self._write(lambda w: [w.add_scalar(key, value, self.step) for key, value in figures.items()])
+
+    def log_samples(self, text: str) -> None:
+        self._write(lambda w: w.add_text("samples", text, self.step))
+
+    def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
+        step = state.get("step") if isinstance(state, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            self.step, self.purge_step = step, step + 1  # events past the checkpoint are dropped
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except Exception as err:
+                warnings.warn(f"TensorBoard close failed ({err})", RuntimeWarning, stacklevel=2)
