@@ -81,7 +81,7 @@ def test_the_cli_reports_each_method_and_leaves_the_checkpoint_untouched(checkpo
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method=magic"], "method='magic' is invalid: it must be one of ['static', 'cache', 'dynamic']"),
+        (["method=magic"], "method='magic' is not a registered evaluation method; registered: ['cache', 'dynamic'"),
         (["method=cache", "cache.lambda=1.5"], "cache.lambda=1.5 is invalid: it must be a number in [0, 1]"),
         (["method=dynamic", "dynamic.lr=-1"], "dynamic.lr=-1 is invalid: it must be a number >= 0"),
         (["method=cache", "cache.size=0"], "cache.size=0 is invalid: it must be a positive integer"),

@@ -4,6 +4,12 @@ All read a :class:`~lmlab.data.batching.TokenStream` window by window through th
 (``forward``/``log_probs``/``loss``), so they work for every registered model; each returns the mean
 loss in nats per token of the stream's targets.
 
+Methods are a registry (:data:`METHODS`): ``python -m lmlab.evaluate method=<name>`` runs the function
+registered under that name with ``@register_method``. Its first argument is an :class:`EvaluationInputs`;
+the others are its settings, and their annotations are their schema: ``<name>.<setting>=value`` on the
+command line (a setting named like a Python keyword takes a trailing ``_``: ``cache.lambda`` →
+``lambda_``). It returns a :class:`Scored`.
+
 - **static**: the model as trained (:meth:`lmlab.training.trainer.Trainer.evaluate`).
 - **cache** (Grave et al. 2017, "Improving neural language models with a continuous cache"): the last
   ``size`` (feature, next word) pairs of each column form a cache; the cache distribution puts weight
@@ -18,14 +24,28 @@ loss in nats per token of the stream's targets.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import keyword
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from lmlab.config.schema import NonNegativeFloat, PositiveInt, Probability
+from lmlab.config.schema import (
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    UnitInterval,
+    argument_hints,
+    check_value,
+)  # fmt: skip
 from lmlab.data.batching import TokenStream
-from lmlab.errors import NonFiniteLoss
+from lmlab.errors import ConfigError, NonFiniteLoss
+from lmlab.loggers.base import perplexity
 from lmlab.models import LanguageModel, diverged
+from lmlab.registry import Registry
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -147,3 +167,88 @@ def dynamic_loss(
                     p -= lr * (p.grad.to_dense() if p.grad.is_sparse else p.grad) / s
                 p += d * (p0 - p)
     return total / count
+
+
+# ---------------------------------------------------------------------------------------- registry
+@dataclass
+class EvaluationInputs:
+    """What every method is handed: the model, the split to score, and the data's other splits."""
+
+    model: LanguageModel
+    split: str  # the split to score
+    stream: Callable[..., TokenStream]  # stream(split, bptt=None): a split as evaluation windows on the device
+    static_loss: Callable[[TokenStream], float]  # the plain evaluation (lmlab.training.Trainer.evaluate)
+    limit: int | None = None  # at most this many windows of the scored split
+
+
+@dataclass
+class Scored:
+    """A method's result: the loss in nats per token of ``stream``'s targets, and the settings it used
+    (with anything it chose or measured, e.g. a searched theta)."""
+
+    loss: float
+    stream: TokenStream  # what was scored (its windows count the tokens)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS = Registry("evaluation method", "method")
+register_method = METHODS.register  # function decorator: make a method selectable as method=<name>
+
+
+def method_settings(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Check ``<name>.<key>`` values against the method's annotated signature (one line per bad value);
+    returns its keyword arguments."""
+    method = METHODS.lookup(name)
+    hints = argument_hints(method)
+    accepted = [p for p in hints if p != "inputs"]
+    arguments = {}
+    for key, value in values.items():
+        param = f"{key}_" if keyword.iskeyword(key) else key
+        if param not in accepted:
+            valid = ", ".join(p.rstrip("_") for p in accepted) or "none"
+            raise ConfigError(f"{name}.{key} is not a setting of method {name}; valid keys: {valid}")
+        check_value(f"{name}.{key}", value, hints[param])
+        arguments[param] = value
+    return arguments
+
+
+@register_method("static")
+def static(inputs: EvaluationInputs) -> Scored:
+    """The model as trained."""
+    target = inputs.stream(inputs.split)
+    return Scored(inputs.static_loss(target), target)
+
+
+@register_method("cache")
+def cache(
+    inputs: EvaluationInputs,
+    size: PositiveInt = 2000,
+    theta: PositiveFloat = 0.3,
+    lambda_: UnitInterval = 0.1,
+    search: bool = False,
+) -> Scored:
+    """A neural cache mixed in; ``search``: theta and lambda picked on the validation split first."""
+    settings: dict[str, Any] = {"size": size, "theta": theta, "lambda": lambda_, "search": search}
+    if search:
+        started = time.perf_counter()
+        scores = cache_scores(inputs.model, inputs.stream("valid"), size, CACHE_THETAS, inputs.limit)
+        best, settings["theta"], settings["lambda"] = search_cache(scores)
+        settings.update(valid_ppl=perplexity(best), search_seconds=time.perf_counter() - started)
+    target = inputs.stream(inputs.split)
+    scores = cache_scores(inputs.model, target, size, [settings["theta"]], inputs.limit)
+    return Scored(scores.loss(settings["theta"], settings["lambda"]), target, settings)
+
+
+@register_method("dynamic")
+def dynamic(
+    inputs: EvaluationInputs,
+    lr: NonNegativeFloat = 5e-4,
+    decay: Probability = 0.02,
+    bptt: PositiveInt = 20,
+    stat_batches: PositiveInt = 200,
+) -> Scored:
+    """A copy of the model adapted to the text as it reads it, in windows of ``bptt``."""
+    rms = gradient_rms(inputs.model, inputs.stream("train", bptt), stat_batches)
+    target = inputs.stream(inputs.split, bptt)
+    loss = dynamic_loss(inputs.model, target, rms, lr, decay, inputs.limit)
+    return Scored(loss, target, {"lr": lr, "decay": decay, "bptt": bptt, "stat_batches": stat_batches})
