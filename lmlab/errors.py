@@ -29,7 +29,13 @@ class LmlabError(Exception):
 
 
 class ConfigError(LmlabError, ValueError):
-    """A config value is invalid (names the key, the value and the fix)."""
+    """A config value is invalid (names the key, the value and the fix). Raised by the schema checks with
+    the parts as fields too, so that a caller can say it its own way without parsing the message:
+    ``problem`` ("model.dropout=1.5 is invalid: it must be a number in [0, 1)") and ``fix``."""
+
+    def __init__(self, message: str, *, key: str | None = None, problem: str | None = None, fix: str | None = None):
+        super().__init__(message)
+        self.key, self.problem, self.fix = key, problem or message, fix
 
 
 class DataError(LmlabError):

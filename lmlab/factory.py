@@ -25,7 +25,7 @@ from lmlab.config.validation import model_arguments, validate_config
 from lmlab.data.datasets import DATASETS, RECORDED_TARGETS, LanguageModelData
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
 from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
-from lmlab.models import LanguageModel, build_model
+from lmlab.models import LanguageModel, model_class
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import resolve_precision
 from lmlab.training.hooks import Hook
@@ -103,7 +103,7 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
         raise ConfigError("several processes on Apple MPS are not supported; run one process, or device=cpu")
     resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
     data = build_dataset(cfg.dataset)
-    model = build_model(cfg.model.name, len(data.vocab), **model_arguments(cfg.model)).to(device)
+    model = model_class(cfg.model.name)(len(data.vocab), **model_arguments(cfg.model)).to(device)  # validated
     if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:
         print(
             f"note: a full softmax over {len(data.vocab):,} words makes the output layer most of the model's cost; "

@@ -99,10 +99,9 @@ def describe(hint: Any) -> str:
 
 def check_value(key: str, value: Any, hint: Any) -> None:
     if not conforms(value, hint):
-        raise ConfigError(
-            f"{key}={value!r} is invalid: it must be {describe(hint)}. Fix it with {key}=VALUE "
-            "on the command line or in your config."
-        )
+        problem = f"{key}={value!r} is invalid: it must be {describe(hint)}"
+        fix = f"Fix it with {key}=VALUE on the command line or in your config."
+        raise ConfigError(f"{problem}. {fix}", key=key, problem=problem, fix=fix)
 
 
 def argument_hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from lmlab.data.datasets import Vocabulary
-from lmlab.errors import CheckpointError, LmlabError, printable
-from lmlab.models import LanguageModel, build_model, check_model_arguments
+from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
+from lmlab.models import LanguageModel, check_model_arguments, model_class
 from lmlab.training.rng import rng_state
 
 FORMAT = "lmlab-checkpoint"
@@ -109,8 +109,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path} has no valid model entry (a name and plain arguments); it was not made by lmlab")
     try:
         check_model_arguments(model.get("name"), model["arguments"])
-    except LmlabError as err:
-        raise CheckpointError(f"refused to build the model stored in {path}: {str(err).split('. Fix it')[0]}") from None
+    except ConfigError as err:  # the file's values, not the user's: the command-line fix does not apply
+        raise CheckpointError(f"refused to build the model stored in {path}: {err.problem}") from None
     vocab = state.get("vocab")
     if not (isinstance(vocab, list) and len(vocab) >= 2 and all(isinstance(w, str) for w in vocab)):
         raise damaged(path, "vocab", "is not a list of words")
@@ -188,7 +188,7 @@ def model_from_checkpoint(
     name, arguments = state["model"]["name"], state["model"]["arguments"]
     try:  # on the meta device first: no memory is taken before the shapes are known to fit the file
         with torch.device("meta"):
-            probe = build_model(name, len(vocab), **arguments)
+            probe = model_class(name)(len(vocab), **arguments)  # checked by load_checkpoint
     except LmlabError as err:
         raise CheckpointError(f"refused to build the model stored in {path}: {err}") from None
     except Exception as err:
@@ -197,6 +197,6 @@ def model_from_checkpoint(
             f"({type(err).__name__}); it was not made by this lmlab"
         ) from None
     load_weights(path, probe, {k: v.to("meta") for k, v in state["model_state"].items()})
-    model = build_model(name, len(vocab), **arguments)
+    model = model_class(name)(len(vocab), **arguments)
     load_weights(path, model, state["model_state"])
     return model.to(device).eval(), vocab, state
