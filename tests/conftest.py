@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from lmlab.config import CONF_DIR
 
 # Corpus caches that cannot go beside their data (a read-only folder) go here, never to ~/.cache;
 # subprocesses of the tests inherit it.
+# A user's plugin module lives outside lmlab/, here: `plugins=[my_extensions]` imports it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))
 TEST_CACHE = tempfile.mkdtemp(prefix="lmlab-test-cache-")
 os.environ["LMLAB_CACHE_DIR"] = TEST_CACHE
 # Real text for the few tests that use it: the folder LMLAB_DATA_DIR names (CI sets it), else the team's

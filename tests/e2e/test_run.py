@@ -15,7 +15,7 @@ from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
 from tests.conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -18,9 +18,9 @@ from lmlab.runtime.files import RunLock, remove_stale_temp_files
 from lmlab.training.checkpoint import load_checkpoint
 from lmlab.training.trainer import Trainer
 from tests.conftest import TINY
-from tests.test_reliability import _inject_nan_at, _start_run, _wait_for
+from tests.e2e.test_reliability import _inject_nan_at, _start_run, _wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dead_pid() -> int:

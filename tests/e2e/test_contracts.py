@@ -16,7 +16,7 @@ from lmlab.job import train_and_report
 from lmlab.training.checkpoint import model_from_checkpoint
 from tests.conftest import TINY, train_tiny_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A complete model of a user's own: stateless, each word predicts the next from its embedding alone.
 PLUGIN = """

@@ -8,8 +8,8 @@ import pytest
 from lmlab.job import train_and_report
 from lmlab.loggers.wandb import WandbLogger, flatten
 from tests.conftest import TINY
-from tests.test_reliability import _stop_at_step
-from tests.wandb_records import summarize
+from tests.e2e.test_reliability import _stop_at_step
+from tests.e2e.wandb_records import summarize
 
 
 def test_flatten_uses_dotted_keys():

@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import TINY
 from tests.test_trust import snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:

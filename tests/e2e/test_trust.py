@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -135,7 +135,6 @@ def test_a_checkpoints_dataset_record_chooses_no_file_url_or_import(evaluated_ch
     import os
 
     import torch
-
     from tests.test_download import FAKE, _zip_bytes
 
     hostile, user_root, audit = tmp_path / "hostile", tmp_path / "user-data", tmp_path / "audit"

@@ -12,9 +12,9 @@ import yaml
 
 from lmlab.compare import main as compare_main
 from tests.conftest import TINY
-from tests.wandb_records import summarize
+from tests.e2e.wandb_records import summarize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SWEEP = [o for o in TINY if not o.startswith("trainer.epochs")] + ["trainer.epochs=2"]
 
 

@@ -17,7 +17,7 @@ from lmlab.models import build_model
 from lmlab.training.trainer import Trainer
 from tests.conftest import TINY, train_tiny_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = {
     "rnn": {"embed_dim": 16, "hidden_dim": 16, "dropout": 0.0},
     "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 1, "dropout": 0.0, "context": 8},

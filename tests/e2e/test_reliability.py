@@ -19,7 +19,7 @@ from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint
 from lmlab.training.trainer import Trainer
 from tests.conftest import TINY, write_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"tokens_per_sec", "elapsed_s", "train_tokens_per_sec", "peak_rss_mb", "wall_s"}
 
 

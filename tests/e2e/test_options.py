@@ -19,7 +19,7 @@ from lmlab.runtime.devices import bf16_support
 from lmlab.training.optim import NTASGD, clip_grad_norm
 from tests.conftest import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("bias", [True, False])
