@@ -35,7 +35,9 @@ class ConfigError(LmlabError, ValueError):
 
     def __init__(self, message: str, *, key: str | None = None, problem: str | None = None, fix: str | None = None):
         super().__init__(message)
-        self.key, self.problem, self.fix = key, problem or message, fix
+        self.key = key
+        self.problem = problem or message
+        self.fix = fix
 
 
 class DataError(LmlabError):

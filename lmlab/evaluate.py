@@ -17,20 +17,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
-from lmlab.config.schema import check_value
-from lmlab.config.validation import validate_config
+from lmlab.config.validation import evaluation_method, validate_config
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import encode_file
-from lmlab.evaluation.methods import METHODS, EvaluationInputs, method_settings
+from lmlab.evaluation.methods import EvaluationInputs
+from lmlab.evaluation.metrics import perplexity
 from lmlab.factory import build, build_dataset, dataset_from_record, import_plugins, require_checkpoint
-from lmlab.loggers.base import perplexity
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.records import task_wrapper
 from lmlab.training.checkpoint import model_from_checkpoint
@@ -41,12 +40,8 @@ from lmlab.training.checkpoint import model_from_checkpoint
 def main(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
-    validate_config(cfg)
-    check_value("split", cfg.split, Literal["train", "valid", "test"])
-    method = METHODS.lookup(cfg.method)
-    node = cfg.get(cfg.method)  # the method's settings: its section, if the config has one
-    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_dict(node) else {}
-    settings = method_settings(cfg.method, values)
+    validate_config(cfg, "evaluate")
+    method, settings = evaluation_method(cfg)
     device = build(cfg.device)
     model, vocab, state = model_from_checkpoint(checkpoint, device)
     overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)

@@ -11,14 +11,11 @@ import torch
 from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
-from lmlab.config.schema import check_arguments
-from lmlab.config.validation import validate_config
+from lmlab.config.validation import SAMPLING_SETTINGS, validate_config
 from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build, import_plugins, require_checkpoint
 from lmlab.runtime.records import task_wrapper
 from lmlab.training.checkpoint import model_from_checkpoint
-
-SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # the generate group, at the top level here
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate_cli")
@@ -26,9 +23,8 @@ SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # the generate group
 def main(cfg: DictConfig) -> str:
     checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
-    validate_config(cfg)
-    settings = {key: cfg[key] for key in SETTINGS}
-    check_arguments(sample_words, settings, prefix="")
+    validate_config(cfg, "generate")
+    settings = {key: cfg[key] for key in SAMPLING_SETTINGS}
     device = build(cfg.device)
     model, vocab, _ = model_from_checkpoint(checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from lmlab.evaluation.metrics import perplexity
 from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
-from lmlab.loggers.base import Logger, perplexity
+from lmlab.loggers.base import Logger
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import peak_gpu_mb, peak_rss_mb
 from lmlab.runtime.files import RunLock, atomic_write_text

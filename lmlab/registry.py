@@ -25,7 +25,9 @@ class Registry(dict[str, Any]):
 
     def __init__(self, kind: str, key: str, base: type | None = None) -> None:
         super().__init__()
-        self.kind, self.key, self.base = kind, key, base
+        self.kind = kind
+        self.key = key
+        self.base = base
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: make ``obj`` available as ``<key>=<name>``. A name is never silently re-bound."""

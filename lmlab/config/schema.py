@@ -1,4 +1,4 @@
-"""Typed settings: the one validation layer for config groups and checkpoints.
+"""Typed settings: the types every setting is checked against, and the checks (for configs and checkpoints).
 
 A setting's type *is* its schema: a constructor annotates each argument (``embed_dim: PositiveInt``,
 ``dropout: Probability``, ``softmax: Literal["full", "adaptive"]``) and :func:`check_arguments` checks

@@ -1,15 +1,19 @@
-"""The one validation layer for a composed config: every bad value stops before any work, naming key,
-value and fix.
+"""Validation of a composed config, for every command: every bad value stops before any work, naming key,
+value and fix. (A checkpoint's stored values are checked where it is read, with the same schema:
+:func:`lmlab.training.checkpoint.load_checkpoint`.)
 
 Hydra rejects unknown keys (struct mode) and unknown group options. The values are checked here against
-the annotated signature of whatever each group builds (:mod:`lmlab.config.schema`): the registered model's
-constructor for ``model``, the ``_target_`` for the other groups, :func:`lmlab.evaluation.sampling.sample_words`
-for ``generate``. Third-party targets (torch optimizers and schedulers) get the few rules below.
+the annotated signature of whatever each group builds (:mod:`lmlab.config.schema`): the registered
+model's and dataset's constructors, each hook's and logger's, the ``_target_`` for the other groups,
+:func:`lmlab.evaluation.sampling.sample_words` for ``generate``, the chosen evaluation method's
+signature for ``lmlab.evaluate``. Third-party targets (torch optimizers and schedulers) get the few rules
+below.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check_arguments, check_value
 from lmlab.data.datasets import DATASETS
 from lmlab.errors import ConfigError
+from lmlab.evaluation.methods import METHODS, method_settings
 from lmlab.evaluation.sampling import sample_words
 from lmlab.loggers import LOGGERS
 from lmlab.models import check_model_arguments
@@ -28,7 +33,10 @@ TOP_LEVEL_HINTS = {"seed": Seed | None, "plugins": list[str]}
 BENCH_HINTS = {"steps": PositiveInt, "warmup": PositiveInt, "matmul_size": PositiveInt, "baseline": bool}
 
 
-def validate_config(cfg: DictConfig) -> None:
+SAMPLING_SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # lmlab.generate's, at its top level
+
+
+def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate", "generate"] = "run") -> None:
     """Raise :class:`ConfigError` for the first value that breaks its group's schema."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -61,9 +69,21 @@ def validate_config(cfg: DictConfig) -> None:
         check_model_arguments(cfg.model.get("name"), arguments)
     if cfg.get("generate") is not None:
         check_arguments(sample_words, _plain(cfg.generate), "generate")
+    if command == "generate":
+        check_arguments(sample_words, {key: _plain(cfg[key]) for key in SAMPLING_SETTINGS if key in cfg}, "")
+    if command == "evaluate":
+        check_value("split", cfg.split, Literal["train", "valid", "test"])
+        evaluation_method(cfg)
     for key, hint in BENCH_HINTS.items():
         if cfg.get("bench") is not None and key in cfg.bench:
             check_value(f"bench.{key}", _plain(cfg.bench[key]), hint)
+
+
+def evaluation_method(cfg: DictConfig) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``lmlab.evaluate``'s registered method and its checked keyword arguments (its config section, if any)."""
+    method = METHODS.lookup(cfg.method)
+    node = cfg.get(cfg.method)
+    return method, method_settings(cfg.method, _plain(node) if OmegaConf.is_dict(node) else {})
 
 
 def model_arguments(node: DictConfig) -> dict[str, Any]:

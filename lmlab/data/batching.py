@@ -46,7 +46,9 @@ class TokenStream:
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, bptt: int, variable_bptt: bool = False) -> None:
         self.columns = batchify(tokens, batch_size)
-        self.batch_size, self.bptt, self.variable_bptt = batch_size, bptt, variable_bptt
+        self.batch_size = batch_size
+        self.bptt = bptt
+        self.variable_bptt = variable_bptt
 
     def shard(self, rank: int, world_size: int) -> TokenStream:
         """This rank's share of the columns as a new stream (``batch_size`` must divide by ``world_size``):

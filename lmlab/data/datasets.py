@@ -66,7 +66,9 @@ class LanguageModelData:
         missing = [str(f) for f in self.files.values() if not f.is_file()]
         if missing:
             raise DataError(f"missing data files: {', '.join(missing)}")
-        self.batch_size, self.eval_batch_size, self.bptt = batch_size, eval_batch_size, bptt
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.bptt = bptt
         self.variable_bptt = variable_bptt
         self.corpus = Corpus.from_files(self.files, cache=cache)
         self.vocab = self.corpus.vocab

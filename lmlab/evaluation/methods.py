@@ -43,7 +43,7 @@ from lmlab.config.schema import (
 )  # fmt: skip
 from lmlab.data.batching import TokenStream
 from lmlab.errors import ConfigError, NonFiniteLoss
-from lmlab.loggers.base import perplexity
+from lmlab.evaluation.metrics import perplexity
 from lmlab.models import LanguageModel, diverged
 from lmlab.registry import Registry
 

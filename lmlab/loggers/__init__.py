@@ -3,6 +3,7 @@
 ``logger=[wandb,tensorboard]``). Each backend imports its library only when a run uses it."""
 
 from lmlab.loggers import tensorboard, wandb  # noqa: F401 - the built-in backends register themselves
-from lmlab.loggers.base import LOGGERS, ConsoleLogger, Logger, MultiLogger, perplexity, register_logger
+from lmlab.loggers.base import LOGGERS, Logger, MultiLogger, register_logger
+from lmlab.loggers.console import ConsoleLogger
 
-__all__ = ["LOGGERS", "ConsoleLogger", "Logger", "MultiLogger", "perplexity", "register_logger"]
+__all__ = ["LOGGERS", "ConsoleLogger", "Logger", "MultiLogger", "register_logger"]

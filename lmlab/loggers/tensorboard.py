@@ -34,7 +34,9 @@ class TensorBoardLogger(Logger):
     ) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
-        self.log_dir, self.run_config, self.flush_secs = Path(out_dir) / "tensorboard", run_config, flush_secs
+        self.log_dir = Path(out_dir) / "tensorboard"
+        self.run_config = run_config
+        self.flush_secs = flush_secs
         self.labels = {"group": group, "name": name}
         self.writer: Any = None
         self.step = 0  # the last global step logged

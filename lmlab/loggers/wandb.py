@@ -61,7 +61,9 @@ class WandbLogger(Logger):
             "tags": tags or [],
             "job_type": job_type,
         }
-        self.log_checkpoint_files, self.init_timeout_s, self.quiet = log_checkpoint, init_timeout_s, quiet
+        self.log_checkpoint_files = log_checkpoint
+        self.init_timeout_s = init_timeout_s
+        self.quiet = quiet
         self.run: Any = None
         self.run_id: str | None = None
         self.failed = False

@@ -54,7 +54,10 @@ class TransformerLanguageModel(LanguageModel):
                 f"model.d_model={d_model} must split into model.num_heads={num_heads} heads of even size "
                 "(rotary positions rotate pairs); pick d_model divisible by 2 * num_heads"
             )
-        self.vocab_size, self.d_model, self.context, self.dropout = vocab_size, d_model, context, dropout
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.context = context
+        self.dropout = dropout
         self.num_heads, self.rope_base = num_heads, rope_base
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(

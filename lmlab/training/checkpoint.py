@@ -41,6 +41,11 @@ class TrainState:
     loss_sum: float = 0.0  # train loss summed over this epoch's finished steps
     skipped_batches: int = 0
 
+    def start_next_epoch(self) -> None:
+        """The epoch just validated is done: the next one starts at its first step, from a fresh state."""
+        self.epoch += 1
+        self.step, self.hidden, self.loss_sum, self.skipped_batches = 0, None, 0.0, 0
+
 
 def training_checkpoint(
     meta: dict[str, Any],

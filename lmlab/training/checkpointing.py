@@ -32,12 +32,16 @@ class Checkpointing(Hook):
     def __init__(
         self, resume: str | None = "auto", save_every_steps: PositiveInt | None = None, init_from: str | None = None
     ) -> None:
-        self.save_every_steps, self.resume, self.init_from = save_every_steps, resume, init_from
+        self.save_every_steps = save_every_steps
+        self.resume = resume
+        self.init_from = init_from
         self._pending_rng: dict[str, Any] | None = None  # a periodic save waiting for the next loss
 
     def on_fit_start(self, ctx: FitContext) -> None:
         folder = Path(ctx.out_dir) / "checkpoints"
-        self.last, self.best, self.meta = folder / "last.pt", folder / "best.pt", ctx.checkpoint_meta
+        self.last = folder / "last.pt"
+        self.best = folder / "best.pt"
+        self.meta = ctx.checkpoint_meta
         ctx.last_checkpoint, ctx.best_checkpoint = self.last, self.best
         self._start(ctx)  # may refuse (exit 4) before anything in the folder is touched
         if distributed.place().is_main:

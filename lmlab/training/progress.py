@@ -29,7 +29,13 @@ class Progress(Hook):
             total=ctx.num_windows, initial=ctx.state.step, desc=f"epoch {ctx.state.epoch}", leave=False,
             disable=disable, dynamic_ncols=True,
         )  # fmt: skip
-        self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
+        self._start_report()
+
+    def _start_report(self) -> None:
+        """What the next plain progress line averages over starts now."""
+        self.since = time.perf_counter()
+        self.steps_since = 0
+        self.tokens_since = 0
 
     def on_step_end(self, ctx: FitContext) -> None:
         self.bar.update(1)
@@ -50,7 +56,7 @@ class Progress(Hook):
                     "lr": ctx.lr, "eta_s": seconds / self.steps_since * (ctx.num_windows - step),
                 }
             )  # fmt: skip
-            self.since, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0
+            self._start_report()
 
     def on_epoch_end(self, ctx: FitContext, metrics: dict[str, Any]) -> None:
         self.bar.close()

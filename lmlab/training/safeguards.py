@@ -65,7 +65,9 @@ class NonFinitePolicy(Hook):
         max_skipped_fraction: Probability = 0.1,
         check_every: PositiveInt = 200,
     ) -> None:
-        self.on_nan, self.check_every, self.max_skipped_fraction = on_nan, check_every, max_skipped_fraction
+        self.on_nan = on_nan
+        self.check_every = check_every
+        self.max_skipped_fraction = max_skipped_fraction
 
     def before_backward(self, ctx: FitContext, loss: torch.Tensor) -> bool:
         if not (self.on_nan == "skip_batch" or ctx.device.type == "cpu") or not ctx.diverged(loss.item()):

@@ -20,7 +20,8 @@ import torch
 
 from lmlab.config.schema import PositiveFloat, PositiveInt
 from lmlab.data.batching import TokenStream
-from lmlab.loggers.base import Logger, perplexity
+from lmlab.evaluation.metrics import perplexity
+from lmlab.loggers.base import Logger
 from lmlab.models import LanguageModel
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import resolve_precision
@@ -76,7 +77,10 @@ class Trainer:
         compile: bool = False,
         hooks: list[Hook] | None = None,
     ) -> None:
-        self.epochs, self.clip_grad_norm, self.precision, self.compile = epochs, clip_grad_norm, precision, compile
+        self.epochs = epochs
+        self.clip_grad_norm = clip_grad_norm
+        self.precision = precision
+        self.compile = compile
         self.limit_train_batches, self.limit_eval_batches = limit_train_batches, limit_eval_batches
         self.hooks = list(hooks or [])  # run in this order (lmlab.factory.build_hooks: conf/hooks/)
         self._dtype: torch.dtype | None = None
@@ -241,7 +245,7 @@ class Trainer:
         if ctx.schedule is not None:
             ctx.schedule.after_epoch(val_loss)
         state.history.append(metrics)
-        state.epoch, state.step, state.hidden, state.loss_sum, state.skipped_batches = state.epoch + 1, 0, None, 0.0, 0
+        state.start_next_epoch()
         self._call(hooks, "on_epoch_end", ctx, metrics)
 
     # -------------------------------------------------------------------------------- evaluation
