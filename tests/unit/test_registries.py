@@ -3,6 +3,7 @@
 its schema, a logger beside TensorBoard, and a hook built from config."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,15 @@ def test_hooks_are_built_from_config_in_order_with_a_users_own_last(compose_cfg)
     assert "time_budget" not in build_hooks(compose_cfg(["hooks.time_budget=null"]).hooks)
     with pytest.raises(ConfigError, match="hooks.odd builds a PosixPath, not a hook"):
         build_hooks(compose_cfg(["+hooks.odd._target_=pathlib.Path"]).hooks)
+
+
+def test_each_extension_is_one_file_and_one_yaml(corpus_dir, compose_cfg):
+    """The plugin's YAMLs sit outside conf/ and are found through hydra.searchpath, as the README says."""
+    conf = Path(__file__).resolve().parents[1] / "plugins" / "conf"
+    overrides = [f"hydra.searchpath=[file://{conf}]", "plugins=[my_extensions]", "hooks=counting",
+                 "logger=[tensorboard,epochs_file]", "dataset=lowercased", f"dataset.path={corpus_dir}"]  # fmt: skip
+    cfg = compose_cfg(overrides)
+    validate_config(cfg)
+    assert build_hooks(cfg.hooks)["count"].stop_after == 5
+    assert isinstance(build_dataset(cfg.dataset), my_extensions.LowercasedText)
+    assert list(cfg.logger) == ["tensorboard", "epochs_file"]
