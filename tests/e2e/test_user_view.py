@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_trust import snapshot
+from tests.e2e.test_trust import snapshot
 
 from tests.conftest import TINY
 
