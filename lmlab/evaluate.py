@@ -35,7 +35,7 @@ from lmlab.runtime.records import task_wrapper
 from lmlab.training.checkpoint import model_from_checkpoint
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate_cli")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @task_wrapper
 def main(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = require_checkpoint(cfg)

@@ -28,7 +28,7 @@ from lmlab.runtime.records import finished_results, run_with_summary, task_wrapp
 from lmlab.runtime.signals import TrainingInterrupted
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 @task_wrapper
 def hydra_task(cfg: DictConfig) -> float:
     """Hydra task: returns the best validation perplexity (what sweepers minimise)."""

@@ -85,9 +85,9 @@ TINY = [
 
 @pytest.fixture
 def compose_cfg():
-    """compose_cfg(overrides, config_name='config') → a composed DictConfig (Hydra state cleared)."""
+    """compose_cfg(overrides, config_name='run') → a composed DictConfig (Hydra state cleared)."""
 
-    def _compose(overrides: list[str], config_name: str = "config"):
+    def _compose(overrides: list[str], config_name: str = "run"):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(config_name, overrides=overrides)

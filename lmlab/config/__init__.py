@@ -12,7 +12,7 @@ def _find_conf_dir() -> str:
     ``lmlab/``."""
     package = Path(__file__).resolve().parent.parent
     for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / "run.yaml").is_file():
             return str(candidate)
     raise RuntimeError(f"lmlab's conf/ folder is missing (looked in {package / 'conf'} and {package.parent / 'conf'})")
 

@@ -8,7 +8,7 @@
   counts a failed trial. When the sweep is over, :func:`summarize_sweep` prints the sweep folder, a
   table of its jobs (failed ones marked) and the best job, and the command exits 1 if any job failed.
 
-``JobRecorder`` (a Hydra callback in ``conf/config.yaml``) remembers the sweep folder in the process
+``JobRecorder`` (a Hydra callback in ``conf/run.yaml``) remembers the sweep folder in the process
 that launched the sweep, which is where the summary is printed, and a single run's folder as it was.
 """
 
@@ -89,7 +89,7 @@ def _disk_full_as_one_line(task: Callable[[DictConfig], T], cfg: DictConfig, out
 
 def write_run_record(cfg: DictConfig, out_dir: Path) -> None:
     """Hydra's record of the run — ``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml`` — written by
-    lmlab once the run holds its folder and proved sound. ``conf/config.yaml`` sets
+    lmlab once the run holds its folder and proved sound. ``conf/run.yaml`` sets
     ``hydra.output_subdir: null`` so that Hydra does not write it before the task starts: a run refused
     at a folder that another run owns (busy, or finished) would otherwise replace that run's record."""
     record = Path(out_dir) / ".hydra"

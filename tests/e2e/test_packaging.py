@@ -21,14 +21,14 @@ assert Path(lmlab.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()
 conf = Path(CONF_DIR)
 composed = []
 with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-    for top in ("config", "bench", "evaluate_cli", "generate_cli"):
+    for top in ("run", "bench", "evaluate", "generate"):
         compose(top, overrides=["+checkpoint=x"] if top.endswith("_cli") else [])
         composed.append(top)
     for option in sorted(conf.glob("*/**/*.yaml")):
         group = str(option.parent.relative_to(conf))
         plus = "+" if group in ("experiment", "sweep") else ""
         override = f"{plus}{group}={option.stem}"
-        compose("config", overrides=[override], return_hydra_config=group.startswith("hydra"))
+        compose("run", overrides=[override], return_hydra_config=group.startswith("hydra"))
         composed.append(override)
 print("\\n".join(composed))
 """
