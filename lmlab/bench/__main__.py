@@ -1,5 +1,5 @@
 """``python -m lmlab.bench``: see :mod:`lmlab.bench`."""
 
-from lmlab.bench import main
+from . import main
 
 main()

@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e.test_trust import snapshot
-
 from tests.conftest import TINY
+from tests.e2e.test_trust import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
