@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lmlab.bench.plain_loop import BASELINES, time_plain_loop
+from .plain_loop import BASELINES, time_plain_loop
 from lmlab.config import CONF_DIR
 from lmlab.config.validation import model_arguments
 from lmlab.data.batching import TokenStream
