@@ -105,6 +105,6 @@ def train_tiny_run(folder: Path) -> tuple[Path, Path, list[str], dict]:
     overrides = [*TINY, f"dataset.path={corpus}", "trainer.epochs=1"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        results = train_and_report(compose("config", overrides=overrides), folder / "run")
+        results = train_and_report(compose("run", overrides=overrides), folder / "run")
     GlobalHydra.instance().clear()
     return folder / "run", corpus, overrides, results

@@ -130,7 +130,7 @@ def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(t
         "model.num_layers=1", "model.adaptive_cutoffs=[3,5]", "trainer.epochs=1", "hooks.progress.bar=false",
         "generate.num_words=3", "device=cpu", "device.num_threads=1",
     ])  # fmt: skip
-    assert cfg.model.softmax == "adaptive" and cfg.dataset._target_ == "lmlab.data.WikiText103"
+    assert cfg.model.softmax == "adaptive" and cfg.dataset.name == "wikitext103"
     results = train_and_report(cfg, tmp_path / "run")
     best, report = tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "report.json"
     env = {**os.environ, "LMLAB_DATA_DIR": str(tmp_path / "root")}  # the user's data root, not the record's

@@ -22,7 +22,7 @@ conf = Path(CONF_DIR)
 composed = []
 with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
     for top in ("run", "bench", "evaluate", "generate"):
-        compose(top, overrides=["+checkpoint=x"] if top.endswith("_cli") else [])
+        compose(top, overrides=["+checkpoint=x"] if top in ("evaluate", "generate") else [])
         composed.append(top)
     for option in sorted(conf.glob("*/**/*.yaml")):
         group = str(option.parent.relative_to(conf))
