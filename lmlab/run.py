@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from lmlab.config import CONF_DIR
 from lmlab.errors import ConfigError
@@ -52,6 +52,8 @@ def hydra_task(cfg: DictConfig) -> float:
         if where.world_size > 1 and where.is_main:  # the other ranks wait in main() for the folder
             distributed.broadcast(str(out_dir))
 
+    if multirun and where.world_size == 1:
+        place_on_a_gpu(cfg, hydra_cfg.job.num, prefix)
     finished = finished_results(out_dir) if multirun else None
     if finished is not None:  # a resumed sweep: this job ended before; its folder and figures stay as they are
         print(f"{prefix}finished before, kept as it was: {out_dir}", flush=True)
@@ -69,6 +71,22 @@ def hydra_task(cfg: DictConfig) -> float:
             print(f"{prefix}{stop}{resume}", file=sys.stderr, flush=True)
         stop.hand_on()  # SLURM pre-emption: submitit requeues the job now that last.pt is saved
         sys.exit(stop.exit_code)
+
+
+def place_on_a_gpu(cfg: DictConfig, job_num: int, prefix: str = "") -> None:
+    """A multirun job on a machine with several GPUs takes GPU ``job_num mod count`` unless the config
+    names one (``device.index``) or runs on something else (the choice lands in the job's record)."""
+    import torch
+
+    from lmlab.runtime.devices import place_sweep_job
+
+    if cfg.device.get("name") not in ("auto", "cuda") or cfg.device.get("index") is not None:
+        return
+    index = place_sweep_job(job_num, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if index is not None:
+        with open_dict(cfg):
+            cfg.device.index = index
+        print(f"{prefix}on GPU {index}", flush=True)
 
 
 def main() -> None:

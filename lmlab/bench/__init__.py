@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .plain_loop import BASELINES, time_plain_loop
 from lmlab.config import CONF_DIR
 from lmlab.config.validation import model_arguments
 from lmlab.data.batching import TokenStream
 from lmlab.factory import build, build_training_objects
 from lmlab.runtime.devices import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
+from lmlab.runtime.dispatch import DispatchCount, as_on_an_accelerator, count_dispatch, reads_are_free
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.records import task_wrapper, write_run_record
+
+from .plain_loop import BASELINES, PlainLoop
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
@@ -75,7 +78,9 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     timed_eval(warmup)
     eval_s, eval_tokens = timed_eval(steps)
 
-    baseline = _plain_loop(cfg, len(data.vocab), train_stream, steps, warmup)
+    plain = _plain_loop(cfg, len(data.vocab), device)
+    baseline = _time_plain(plain, train_stream, steps, warmup) if plain else None
+    dispatch = _dispatch(cfg, trainer, model, optimizer, train_stream, step_hooks, plain)
     flops = model.flops_per_token(data.corpus.train)
     train_tps, eval_tps = train_tokens / train_s, eval_tokens / eval_s
     precision = resolve_precision(cfg.trainer.precision, device)
@@ -112,22 +117,52 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
             "speedup_over_train": eval_tps / train_tps,
         },
         "baseline": baseline and {**baseline, "lmlab_over_plain": train_tps / baseline["tokens_per_sec"]},
+        "dispatch": dispatch,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": peak_gpu_mb(device),
     }
 
 
-def _plain_loop(cfg: DictConfig, vocab_size: int, stream: TokenStream, steps: int, warmup: int) -> dict | None:
-    """The plain PyTorch loop of the same shapes, timed in this run (None: off, or none for this model)."""
+def _plain_loop(cfg: DictConfig, vocab_size: int, device: torch.device) -> PlainLoop | None:
+    """The plain PyTorch loop of the same shapes and optimizer (None: off, or none for this model)."""
     make = BASELINES.get(cfg.model.name)
     if not cfg.bench.baseline or make is None:
         return None
-    device = stream.columns.device
-    plain = make(vocab_size, model_arguments(cfg.model)).to(device)
-    optimizer = build(cfg.optimizer)(plain.parameters())
+    model = make(vocab_size, model_arguments(cfg.model)).to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.trainer.precision, device))
-    seconds, tokens = time_plain_loop(plain, optimizer, stream, steps, warmup, cfg.trainer.clip_grad_norm, dtype)
+    return PlainLoop(model, build(cfg.optimizer)(model.parameters()), cfg.trainer.clip_grad_norm, dtype)
+
+
+def _time_plain(plain: PlainLoop, stream: TokenStream, steps: int, warmup: int) -> dict[str, float]:
+    seconds, tokens = plain.time(stream, steps, warmup)
     return {"tokens_per_sec": tokens / seconds, "ms_per_step": 1000 * seconds / steps}
+
+
+def _dispatch(cfg, trainer, model, optimizer, stream, hooks, plain: PlainLoop | None) -> dict[str, Any] | None:
+    """Operators and host reads per training step, for lmlab and the plain loop (``bench.dispatch_steps``
+    profiled steps each). Counted as the difference between two runs of different length, so the
+    once-per-epoch set-up of a pass does not count as per-step work. On a CPU, lmlab's step is counted
+    again under the accelerator's no-read policy (what a GPU step would read)."""
+    n = cfg.bench.dispatch_steps
+    if not n:
+        return None
+    device = stream.columns.device
+
+    def per_step(run: Any) -> DispatchCount:
+        short, long = count_dispatch(lambda: run(1), 1), count_dispatch(lambda: run(1 + n), 1)
+        return DispatchCount(*((b - a) / n for a, b in zip(astuple(short), astuple(long), strict=True)))
+
+    def lmlab_steps(k: int) -> int:
+        return trainer.train_steps(model, stream, optimizer, device, k, hooks)
+
+    result: dict[str, Any] = {"steps": n, "lmlab": per_step(lmlab_steps).as_dict()}
+    if reads_are_free(device):
+        with as_on_an_accelerator():
+            result["lmlab_accelerator_policy"] = per_step(lmlab_steps).as_dict()
+    if plain is not None:
+        result["plain"] = per_step(lambda k: plain.train(stream.windows(limit=k), k)).as_dict()
+        result["lmlab_over_plain"] = result["lmlab"]["operators"] / result["plain"]["operators"]
+    return result
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -145,6 +180,7 @@ def summary(r: dict[str, Any]) -> str:
             f"eval:  {e['tokens_per_sec']:,.0f} tok/s | {e['ms_per_step']:.1f} ms/step | {e['gflops']:.1f} GFLOP/s "
             f"= {100 * e['fraction_of_peak']:.0f}% of peak | {e['speedup_over_train']:.1f}x train",
             _baseline_line(r),
+            *_dispatch_lines(r),
             f"peak RSS {r['peak_rss_mb']:.0f} MB | peak GPU {gpu} MB",
         ]
     )
@@ -164,6 +200,24 @@ def _baseline_line(r: dict[str, Any]) -> str:
         f"plain PyTorch loop, same shapes: {b['tokens_per_sec']:,.0f} tok/s | {b['ms_per_step']:.1f} ms/step "
         f"| lmlab/plain {b['lmlab_over_plain']:.2f}x"
     )
+
+
+def _dispatch_lines(r: dict[str, Any]) -> list[str]:
+    d = r["dispatch"]
+    if d is None:
+        return []
+
+    def shown(c: dict[str, float]) -> str:
+        return f"{c['operators']:.1f} operators ({c['nested']:.0f} nested), {c['host_reads']:.1f} host reads"
+
+    lines = [f"per training step: lmlab {shown(d['lmlab'])}"]
+    if "plain" in d:
+        lines.append(
+            f"                   plain {shown(d['plain'])} | lmlab/plain {d['lmlab_over_plain']:.2f}x operators"
+        )
+    if "lmlab_accelerator_policy" in d:
+        lines.append(f"  as on a GPU (no-read policy): lmlab {shown(d['lmlab_accelerator_policy'])}")
+    return lines
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")

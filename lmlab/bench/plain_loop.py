@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data.batching import TokenStream
+from lmlab.data.batching import TokenStream, Window
 from lmlab.runtime.devices import synchronize
 
 
@@ -53,41 +53,48 @@ def plain_rnn(vocab_size: int, arguments: dict[str, Any]) -> nn.Module:
 BASELINES: dict[str, Callable[[int, dict[str, Any]], nn.Module]] = {"rnn": plain_rnn}
 
 
-def time_plain_loop(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    stream: TokenStream,
-    steps: int,
-    warmup: int,
-    clip: float | None,
-    autocast_dtype: torch.dtype | None,
-) -> tuple[float, int]:
-    """Seconds and tokens of ``steps`` training steps after ``warmup`` untimed ones."""
-    device = stream.columns.device
-    model.train()
-    hidden = None
+class PlainLoop:
+    """The plain training step, with the hidden state carried (and detached) from one window to the next."""
 
-    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        nonlocal hidden
-        if hidden is not None:
-            hidden = tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
-        autocast = torch.autocast(device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with autocast:
-            logits, hidden = model(inputs, hidden)
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        clip: float | None,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.model, self.optimizer, self.clip, self.autocast_dtype = model.train(), optimizer, clip, autocast_dtype
+        self.hidden: Any = None
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.hidden is not None:
+            h = self.hidden
+            self.hidden = tuple(x.detach() for x in h) if isinstance(h, tuple) else h.detach()
+        dtype = self.autocast_dtype
+        with torch.autocast(inputs.device.type, dtype) if dtype else contextlib.nullcontext():
+            logits, self.hidden = self.model(inputs, self.hidden)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
-        optimizer.zero_grad()
+        self.optimizer.zero_grad()
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
 
-    windows = stream.windows(limit=warmup + steps)
-    for window, _ in zip(windows, range(warmup), strict=False):
-        step(window.inputs, window.targets)
-    synchronize(device)
-    start, tokens = time.perf_counter(), 0
-    for window in windows:
-        step(window.inputs, window.targets)
-        tokens += window.inputs.numel()
-    synchronize(device)
-    return time.perf_counter() - start, tokens
+    def train(self, windows: Iterator[Window], steps: int) -> int:
+        """``steps`` steps on the next windows; returns the tokens trained on."""
+        tokens = 0
+        for _, window in zip(range(steps), windows, strict=False):  # range first: no window is pulled and dropped
+            self.step(window.inputs, window.targets)
+            tokens += window.inputs.numel()
+        return tokens
+
+    def time(self, stream: TokenStream, steps: int, warmup: int) -> tuple[float, int]:
+        """Seconds and tokens of ``steps`` training steps after ``warmup`` untimed ones."""
+        device = stream.columns.device
+        windows = stream.windows(limit=warmup + steps)
+        self.train(windows, warmup)
+        synchronize(device)
+        start = time.perf_counter()
+        tokens = self.train(windows, steps)
+        synchronize(device)
+        return time.perf_counter() - start, tokens

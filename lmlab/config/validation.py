@@ -18,7 +18,15 @@ from typing import Any, Literal
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check_arguments, check_value
+from lmlab.config.schema import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    check_arguments,
+    check_value,
+)
 from lmlab.data.datasets import DATASETS
 from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import METHODS, method_settings
@@ -30,7 +38,8 @@ from lmlab.training.optim import Schedule
 # Rules for arguments whose target does not annotate them usefully (torch's own classes).
 OPTIMIZER_HINTS = {"lr": PositiveFloat, "weight_decay": NonNegativeFloat}
 TOP_LEVEL_HINTS = {"seed": Seed | None, "plugins": list[str]}
-BENCH_HINTS = {"steps": PositiveInt, "warmup": PositiveInt, "matmul_size": PositiveInt, "baseline": bool}
+BENCH_HINTS = {"steps": PositiveInt, "warmup": PositiveInt, "matmul_size": PositiveInt, "baseline": bool,
+               "dispatch_steps": NonNegativeInt}  # fmt: skip
 
 
 SAMPLING_SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # lmlab.generate's, at its top level

@@ -57,9 +57,10 @@ class LanguageModel(nn.Module):
         """Log-probabilities over the vocabulary, shape (..., vocab_size)."""
         raise NotImplementedError
 
-    def regularization(self, features: torch.Tensor) -> torch.Tensor:
-        """A penalty added to the training loss (e.g. AR/TAR); zero by default."""
-        return features.new_zeros(())
+    def regularization(self, features: torch.Tensor) -> torch.Tensor | None:
+        """A penalty added to the training loss (e.g. AR/TAR), or None for none (the default: then no
+        operator is spent adding a zero)."""
+        return None
 
     def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
         """Forward FLOPs per token by part, with the total under ``"forward"`` (training counts 3×).

@@ -1,41 +1,63 @@
-"""Output layer + cross-entropy in row chunks, without ever holding the full (tokens × vocab) logits.
+"""Output layer + cross-entropy fused, without holding logits, log-probabilities and their gradient at once.
 
 At vocabulary 33k a BPTT batch of 700 tokens has 23 M logits; the usual ``F.cross_entropy(linear(h))``
-keeps the logits, their log-softmax and their gradient alive at once (~280 MB fp32). Here each chunk's
-logits are made, turned into loss and gradients, and dropped: the gradients w.r.t. the features,
-weight and bias are computed in the forward pass (the loss is the last op, so its upstream gradient is
-a scalar that backward only multiplies in). Same three matrix products as the plain version, so no
-extra FLOPs; peak memory is one chunk of logits.
+keeps the logits, their log-softmax and their gradient alive at once (~280 MB fp32). Here the logits are
+made, turned into loss and gradients, and dropped: the gradients w.r.t. the features, weight and bias
+are computed in the forward pass (the loss is the last op, so its upstream gradient is a scalar that
+backward only multiplies in). Same three matrix products as the plain version, so no extra FLOPs.
 
-Per chunk the logits pass through memory once more after their GEMM: an in-place softmax (PyTorch's
-row kernel: max, exp and sum while the row is in cache). The one-hot part of ``softmax - onehot`` and
-the ``1/n`` of the mean are applied to the small products, not to the (rows × vocab) block.
+::
+
+    features h (n, D) ──addmm──▶ logits (n, V) ──softmax, in place──▶ p (n, V)
+                                                 │ gather p[y]: the loss, -sum log p[y] / n
+                                                 ▼ p[y] -= 1  (softmax - onehot, a scatter of n values)
+    grad h = p @ W / n      grad W = pᵀ @ h / n      grad b = sum(p) / n
+
+A step dispatches a fixed, small number of operators (each one a kernel launch on a GPU): the logits
+are one block when they fit :data:`LOGITS_BUDGET` (the default model's do), else equal row chunks. In
+fp32 they are written into a buffer kept from one step to the next (``out=``), so a block larger than
+glibc's mmap threshold (32 MiB) is not page-faulted in afresh at every step on a CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Logits per chunk: 24 MiB in fp32 — big enough for efficient GEMMs, and under glibc's 32 MiB mmap
-# ceiling, so the buffer is recycled from the heap instead of page-faulted in fresh at every chunk.
-CHUNK_ELEMENTS = 6 << 20
-# Below this a float32 probability has lost precision (subnormal from 1.2e-38): -log p is not trusted.
+from lmlab.runtime.dispatch import reads_are_free
+
+# Logits in one block up to this many elements (256 MiB in fp32); larger batches are cut into equal chunks.
+LOGITS_BUDGET = 64 << 20
+# Below this a float32 probability has lost precision (subnormal from 1.2e-38): log p is not trusted.
 TINY_PROBABILITY = 1e-30
+
+_workspace: dict[torch.device, torch.Tensor] = {}  # device -> flat fp32 buffer for the logits
+_views: dict[tuple[torch.device, int, int], torch.Tensor] = {}  # (device, rows, vocab) -> its (rows, vocab) view
+
+
+def _row_chunks(n_rows: int, vocab_size: int, budget: int | None = None) -> list[slice]:
+    """Equal row chunks of at most ``budget`` logits (700 rows → 350 + 350, not 457 + 243)."""
+    n_chunks = -(-n_rows * vocab_size // (budget or LOGITS_BUDGET))
+    rows = max(1, -(-n_rows // max(n_chunks, 1)))
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits (rows, vocab)."""
+    """fp32 logits (rows, vocab): into the kept buffer where everything is fp32, else in the autocast
+    dtype (the GEMM is the costly part) and then converted."""
+    rows, vocab = h.size(0), weight.size(0)
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        out = _views.get((h.device, rows, vocab))
+        if out is None:
+            buffer = _workspace.get(h.device)
+            if buffer is None or buffer.numel() < rows * vocab:
+                buffer = _workspace[h.device] = torch.empty(rows * vocab, device=h.device)
+                _views.clear()  # views of the old buffer
+            out = _views[(h.device, rows, vocab)] = buffer[: rows * vocab].view(rows, vocab)
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
     logits = (h @ weight.t()).float()
-    if bias is not None:
-        logits += bias
-    return logits
-
-
-def _row_chunks(n_rows: int, vocab_size: int) -> list[slice]:
-    """Equal row chunks of at most CHUNK_ELEMENTS logits (700 rows → 350 + 350, not 457 + 243)."""
-    n_chunks = -(-n_rows * vocab_size // CHUNK_ELEMENTS)
-    rows = max(1, -(-n_rows // max(n_chunks, 1)))
-    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
+    return logits if bias is None else logits.add_(bias)
 
 
 def _summed_nll(h, weight, bias, y) -> torch.Tensor:
@@ -45,76 +67,97 @@ def _summed_nll(h, weight, bias, y) -> torch.Tensor:
     return -log_probs.gather(1, y.unsqueeze(1)).sum()
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # a conversion that is not needed is not dispatched
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
     ) -> torch.Tensor:
         n = features.size(0)
-        grad_features = torch.empty_like(features)
-        grad_weight = torch.empty_like(weight, dtype=torch.float32)
-        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
-        total = torch.zeros((), dtype=torch.float32, device=features.device)
-        for i, rows in enumerate(_row_chunks(n, weight.size(0))):
-            h, y = features[rows], targets[rows]
+        sync_free = not reads_are_free(features.device)
+        chunks = _row_chunks(n, weight.size(0))
+        grads_h, grads_w, grads_b, total = [], None, None, None
+        for rows in chunks:
+            h, y = (features, targets) if len(chunks) == 1 else (features[rows], targets[rows])
             probs = _logits(h, weight, bias)
-            total += _softmax_and_summed_nll(probs, h, weight, bias, y, sync_free=probs.device.type != "cpu")
-            # d(mean CE)/d(logits) = (softmax - onehot) / n: the softmax part through the GEMMs, the
-            # one-hot part as row gathers/scatters of the small operands.
-            grad_h = probs @ weight.to(probs.dtype)
-            grad_features[rows] = ((grad_h - weight[y]) / n).to(features.dtype)
-            h32 = h.float()
-            grad_weight.addmm_(probs.t(), h32, beta=0 if i == 0 else 1, alpha=1 / n)
-            grad_weight.index_add_(0, y, h32, alpha=-1 / n)
-            if grad_bias is not None:
-                grad_bias.add_(probs.sum(0), alpha=1 / n)
-                grad_bias.index_add_(0, y, torch.full_like(y, -1 / n, dtype=grad_bias.dtype))
+            column = y.unsqueeze(1)
+            log_likelihood, target_prob = _softmax_and_log_likelihood(probs, h, weight, bias, column, sync_free)
+            total = log_likelihood if total is None else total + log_likelihood
+            # d(CE)/d(logits) = softmax - onehot: the one-hot part is a scatter of n values into p.
+            probs.scatter_(1, column, target_prob.sub(1))
+            with torch.autocast(features.device.type, enabled=False):  # gradients accumulate in fp32
+                h32, w32 = _fp32(h), _fp32(weight)
+                # The mean's 1/n rides on the GEMMs (alpha; beta=0 ignores the first argument's values).
+                grads_h.append(torch.addmm(h32, probs, w32, beta=0, alpha=1 / n))
+                grad_w = torch.addmm(w32, probs.t(), h32, beta=0, alpha=1 / n)
+                grads_w = grad_w if grads_w is None else grads_w.add_(grad_w)
+                if bias is not None:
+                    grad_b = probs.sum(0).div_(n)
+                    grads_b = grad_b if grads_b is None else grads_b.add_(grad_b)
+        grad_features = grads_h[0] if len(grads_h) == 1 else torch.cat(grads_h)
         # Kept on ctx, not save_for_backward (they are neither inputs nor outputs), so that backward can
         # hand over the only reference: autograd then adds a tied embedding's gradient into grad_weight
         # in place instead of allocating their sum (another V×D buffer).
-        ctx.grads = grad_features, grad_weight, grad_bias
-        ctx.weight_dtype = weight.dtype
-        return total / n
+        ctx.grads = grad_features, grads_w, grads_b
+        ctx.dtypes = features.dtype, weight.dtype
+        return total.div(-n)  # the mean negative log-likelihood
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_features, grad_weight, grad_bias = ctx.grads
         del ctx.grads
         # loss.backward() sends 1: then skip three passes over the gradients (reading it is free on CPU).
-        if not (grad_output.device.type == "cpu" and grad_output.item() == 1.0):
-            scale = grad_output.float()
-            grad_features.mul_(scale.to(grad_features.dtype))
-            grad_weight.mul_(scale)
-            if grad_bias is not None:
-                grad_bias.mul_(scale)
-        grad_bias = None if grad_bias is None else grad_bias.to(ctx.weight_dtype)
-        return grad_features, grad_weight.to(ctx.weight_dtype), grad_bias, None
+        if not (reads_are_free(grad_output.device) and grad_output.item() == 1.0):
+            scale = _fp32(grad_output)
+            grad_features, grad_weight = grad_features.mul_(scale), grad_weight.mul_(scale)
+            grad_bias = None if grad_bias is None else grad_bias.mul_(scale)
+        features_dtype, weight_dtype = ctx.dtypes
+        if grad_features.dtype != features_dtype:
+            grad_features = grad_features.to(features_dtype)
+        if grad_weight.dtype != weight_dtype:
+            grad_weight = grad_weight.to(weight_dtype)
+        if grad_bias is not None and grad_bias.dtype != weight_dtype:
+            grad_bias = grad_bias.to(weight_dtype)
+        return grad_features, grad_weight, grad_bias, None
 
 
-def _softmax_and_summed_nll(logits, h, weight, bias, y, sync_free: bool) -> torch.Tensor:
-    """Turn ``logits`` into probabilities in place; return the chunk's summed -log p(target), exact
-    even where p(target) underflows to 0 in fp32 (a confidently wrong model)."""
+def _softmax_and_log_likelihood(
+    logits: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    column: torch.Tensor,
+    sync_free: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn ``logits`` into probabilities in place; return the chunk's summed log p(target), exact even
+    where p(target) underflows to 0 in fp32 (a confidently wrong model), and p(target) (rows, 1).
+    ``column``: the targets as a (rows, 1) column."""
     if not sync_free:
-        # -log p is exact wherever p is a normal float; asking whether any row underflowed is free on
-        # the CPU, and such rows are recomputed with an exact log-softmax.
+        # log p is exact wherever p(target) is a normal float; whether the smallest is, reading it is free
+        # on the CPU. Rows below (a confidently wrong model) are recomputed with an exact log-softmax.
         torch.ops.aten._softmax.out(logits, 1, False, out=logits)
-        target_prob = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+        target_prob = logits.gather(1, column)
+        if target_prob.min().item() >= TINY_PROBABILITY:
+            return target_prob.log().sum(), target_prob
         tiny = target_prob < TINY_PROBABILITY
-        if not bool(tiny.any()):
-            return -target_prob.log().sum()
-        return -target_prob[~tiny].log().sum() + _summed_nll(h[tiny], weight, bias, y[tiny])
+        exact = _summed_nll(h[tiny.squeeze(1)], weight, bias, column[tiny])
+        return target_prob[~tiny].log().sum() - exact, target_prob
     # On a GPU that question would stall the queue. Instead, with j the most likely word,
     # p_j = 1 / sum(exp(logits - logit_j)) >= 1/vocab, so log-sum-exp = logit_j - log p_j (two row maxes).
-    target_logit = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-    top_logit = logits.amax(dim=1)
+    target_logit = logits.gather(1, column)
+    top_logit = logits.amax(dim=1, keepdim=True)
     torch.ops.aten._softmax.out(logits, 1, False, out=logits)
-    return (top_logit - logits.amax(dim=1).log() - target_logit).sum()
+    log_likelihood = (target_logit - top_logit).add_(logits.amax(dim=1, keepdim=True).log_()).sum()
+    return log_likelihood, logits.gather(1, column)
 
 
 def linear_cross_entropy(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(features, weight, bias), targets)`` (mean) in chunks; 2-D features."""
+    """``F.cross_entropy(F.linear(features, weight, bias), targets)`` (mean), fused; 2-D features."""
     if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(features, weight, bias, targets)
     chunks = _row_chunks(features.size(0), weight.size(0))

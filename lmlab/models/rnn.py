@@ -129,7 +129,8 @@ class RNNLanguageModel(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (T, B) → features (T, B, out_dim) for :meth:`loss` / :meth:`log_probs`, new hidden."""
-        x = self._drop(self._embed(tokens), self.dropout_input)
+        masks = self._shared_masks(tokens)
+        x = self._drop(self._embed(tokens), self.dropout_input, masks[0])
         new_hidden: Hidden = []
         last = len(self.rnns) - 1
         for i, rnn in enumerate(self.rnns):
@@ -137,8 +138,23 @@ class RNNLanguageModel(LanguageModel):
             new_hidden.append(state)
             if i == last:
                 self._last_raw_output = x if self.training and self.tar_beta else None
-            x = self._drop(x, self.dropout if i == last else self.dropout_hidden)
+            x = self._drop(x, self.dropout if i == last else self.dropout_hidden, masks[i + 1])
         return x, new_hidden
+
+    def _shared_masks(self, tokens: torch.Tensor) -> list[torch.Tensor | None]:
+        """Dropout masks of every site of this step (embeddings, between layers, output) in one draw on a
+        CPU when the sites share p and width, as the tied default's do: 4 operators instead of 3 per
+        site. Otherwise (and on GPUs, where F.dropout is one fused kernel) each site draws its own."""
+        sites = [self.dropout_input, *[self.dropout_hidden] * (len(self.rnns) - 1), self.dropout]
+        widths = {self.embedding.embedding_dim, *(rnn.hidden_size for rnn in self.rnns)}
+        shared = (
+            self.training and not self.locked_dropout and tokens.device.type == "cpu" and len(widths) == 1
+            and len(set(sites)) == 1 and sites[0] > 0 and not torch.is_autocast_enabled("cpu")
+        )  # fmt: skip
+        if not shared:
+            return [None] * len(sites)
+        shape = (len(sites), *tokens.shape, widths.pop())
+        return list(_keep_mask(shape, sites[0], torch.float32, tokens.device).unbind(0))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         emb = self.embedding(tokens)
@@ -150,13 +166,15 @@ class RNNLanguageModel(LanguageModel):
         word_mask = emb.new_empty(self.vocab_size).bernoulli_(keep) / keep
         return emb * word_mask[tokens].unsqueeze(-1)
 
-    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+    def _drop(self, x: torch.Tensor, p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not (self.training and p):
             return x
+        if mask is not None:
+            return x * mask
         if not self.locked_dropout and x.device.type != "cpu":
             return F.dropout(x, p, training=True)  # one fused kernel on GPUs
         shape = (1, *x.shape[1:]) if self.locked_dropout else x.shape  # locked: one mask for all steps
-        return x * _keep_mask(shape, p, x)
+        return x * _keep_mask(shape, p, x.dtype, x.device)
 
     def _run_layer(self, rnn: nn.RNNBase, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         if not (self.training and self.weight_drop):
@@ -166,16 +184,16 @@ class RNNLanguageModel(LanguageModel):
         dropped = F.dropout(rnn.weight_hh_l0, self.weight_drop, training=True)
         return torch.func.functional_call(rnn, {"weight_hh_l0": dropped}, (x, state))
 
-    def regularization(self, features: torch.Tensor) -> torch.Tensor:
+    def regularization(self, features: torch.Tensor) -> torch.Tensor | None:
         """AR (``ar_alpha`` × mean squared output) + TAR (``tar_beta`` × mean squared step-to-step change
-        of the last layer's raw output); zero unless enabled and training."""
-        penalty = features.new_zeros(())
+        of the last layer's raw output); None unless enabled and training."""
+        terms = []
         if self.training and self.ar_alpha:
-            penalty = penalty + self.ar_alpha * features.pow(2).mean()
+            terms.append(self.ar_alpha * features.pow(2).mean())
         if self.training and self.tar_beta and self._last_raw_output is not None:
             raw = self._last_raw_output
-            penalty = penalty + self.tar_beta * (raw[1:] - raw[:-1]).pow(2).mean()
-        return penalty
+            terms.append(self.tar_beta * (raw[1:] - raw[:-1]).pow(2).mean())
+        return sum(terms[1:], terms[0]) if terms else None
 
     def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
         """Forward multiply-add FLOPs per token from the layer shapes (embedding lookups count 0).
@@ -215,7 +233,8 @@ class RNNLanguageModel(LanguageModel):
         return logp.view(*features.shape[:-1], self.vocab_size)
 
 
-def _keep_mask(shape: tuple[int, ...] | torch.Size, p: float, like: torch.Tensor) -> torch.Tensor:
+def _keep_mask(shape: tuple[int, ...] | torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Dropout mask (0 or 1/(1-p)). On CPU, uniform draws compared with p take under half the time of
     the per-element ``bernoulli_`` that ``F.dropout`` uses (0.47 vs 1.27 ms per 2×200 LSTM mask)."""
-    return torch.rand(shape, device=like.device).ge_(p).div_(1 - p).to(like.dtype)
+    mask = torch.rand(shape, device=device).ge_(p).div_(1 - p)
+    return mask if mask.dtype == dtype else mask.to(dtype)

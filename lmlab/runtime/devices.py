@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from lmlab.config.schema import PositiveInt
+from lmlab.config.schema import NonNegativeInt, PositiveInt
 from lmlab.errors import ConfigError
 
 
@@ -19,8 +19,12 @@ def select_device(
     name: Literal["auto", "cpu", "cuda", "mps"] = "auto",
     num_threads: PositiveInt | None = None,
     cpu_heap: Literal["reuse", "release"] | None = "reuse",
+    index: NonNegativeInt | None = None,
+    matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto",
 ) -> torch.device:
-    """``auto`` takes CUDA, then Apple MPS, then the CPU; an explicit name must be available.
+    """``auto`` takes CUDA, then Apple MPS, then the CPU; an explicit name must be available. ``index``
+    picks one of several GPUs (null: the current one; a multirun spreads its jobs over them,
+    :func:`place_sweep_job`). ``matmul_precision``: see :func:`resolve_matmul_precision`.
 
     ``cpu_heap`` (CPU only): see :func:`tune_cpu_heap`."""
     if num_threads is not None:
@@ -31,9 +35,42 @@ def select_device(
             f"device={name} was asked for but this machine has no {name.upper()} device; use device=auto or device=cpu"
         )
     device = torch.device(("cuda" if cuda else "mps" if mps else "cpu") if name == "auto" else name)
+    if index is not None and device.type == "cuda":
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device.index={index} but this machine has {torch.cuda.device_count()} GPU(s); give 0 to "
+                f"{torch.cuda.device_count() - 1}, or null"
+            )
+        device = torch.device("cuda", index)
     if device.type == "cpu" and cpu_heap is not None:
         tune_cpu_heap(cpu_heap)
+    apply_matmul_precision(resolve_matmul_precision(matmul_precision, device))
     return device
+
+
+def resolve_matmul_precision(setting: str, device: torch.device) -> str:
+    """``auto``: ``high`` (TF32 tensor cores for fp32 matmuls and cuDNN: 10-bit mantissa inputs, fp32
+    accumulation) on GPUs that have TF32 (compute capability 8.0+: A100, H100, ...), ``highest`` (full
+    fp32) everywhere else, CPUs included."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "high"
+    return "highest"
+
+
+def apply_matmul_precision(precision: str) -> None:
+    """Process-wide: fp32 matmuls (``torch.set_float32_matmul_precision``) and cuDNN (its RNNs and
+    convolutions) use TF32 unless ``highest``."""
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision != "highest"
+
+
+def place_sweep_job(job_num: int, device_count: int) -> int | None:
+    """The GPU a multirun's job ``job_num`` runs on: ``job_num mod device_count`` (jobs started together
+    by a parallel launcher are consecutive, so they spread evenly; with ``hydra.launcher.n_jobs=k*m``,
+    m jobs share each of k GPUs). None on a machine with fewer than two GPUs."""
+    return job_num % device_count if device_count > 1 else None
 
 
 # glibc malloc thresholds (bytes) per mode: (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD).

@@ -23,9 +23,15 @@ class NTASGD(torch.optim.SGD):
     """``torch.optim.SGD`` plus non-monotonically triggered iterate averaging."""
 
     def __init__(
-        self, params: Any, lr: float, weight_decay: float = 0.0, nonmono: int = 5, start_averaging: bool = False
+        self,
+        params: Any,
+        lr: float,
+        weight_decay: float = 0.0,
+        nonmono: int = 5,
+        start_averaging: bool = False,
+        foreach: bool | None = None,
     ) -> None:
-        super().__init__(params, lr=lr, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
         self.nonmono = nonmono
         self.val_history: list[float] = []
         self.averaging = start_averaging  # True: plain ASGD from the first step (AWD-LSTM's fine-tuning)
@@ -100,22 +106,30 @@ SPARSE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adagrad)
 
 @torch.no_grad()
 def clip_grad_norm(parameters: Any, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (2-norm over all gradients) that also takes sparse ones.
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm over all gradients) that also takes sparse ones, in a
+    fixed handful of operators whatever the number of parameters (``torch._foreach_*``): no value is
+    read back to the host.
 
     A sparse embedding gradient holds one row per token, repeats included; it is coalesced (repeats
     summed) before its norm is taken, and stays coalesced for the optimizer."""
-    grads = []
+    dense, sparse = [], []
     for p in parameters:
-        if p.grad is not None and p.grad.is_sparse:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
-        if p.grad is not None:
-            grads.append(p.grad)
-    if not grads:
+            sparse.append(p.grad)
+        else:
+            dense.append(p.grad)
+    if not dense and not sparse:
         return torch.zeros(())
-    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g) for g in grads]
+    norms = list(torch._foreach_norm(dense)) if dense else []
+    norms += [torch.linalg.vector_norm(g.values()) for g in sparse]
     total = torch.linalg.vector_norm(torch.stack(norms))
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
+    scale = (max_norm / (total + 1e-6)).clamp_(max=1.0)
+    if dense:
+        torch._foreach_mul_(dense, scale)
+    for g in sparse:
         g.mul_(scale)
     return total
 

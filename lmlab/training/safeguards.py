@@ -10,6 +10,7 @@ import torch
 from lmlab.config.schema import PositiveFloat, PositiveInt, Probability
 from lmlab.errors import NonFiniteLoss
 from lmlab.runtime import distributed
+from lmlab.runtime.dispatch import reads_are_free
 from lmlab.runtime.signals import StopSignals
 from lmlab.training.hooks import FitContext, Hook
 
@@ -57,7 +58,8 @@ class NonFinitePolicy(Hook):
     state, and raise once more than ``max_skipped_fraction`` of an epoch's batches were dropped.
 
     On the CPU (reading a value is free) and for ``skip_batch`` every loss is checked; on a GPU the
-    running loss is checked every ``check_every`` steps, so the step never waits for the device."""
+    running loss is checked every ``check_every`` steps, so the step never waits for the device
+    (:func:`lmlab.runtime.dispatch.reads_are_free`)."""
 
     def __init__(
         self,
@@ -70,7 +72,7 @@ class NonFinitePolicy(Hook):
         self.max_skipped_fraction = max_skipped_fraction
 
     def before_backward(self, ctx: FitContext, loss: torch.Tensor) -> bool:
-        if not (self.on_nan == "skip_batch" or ctx.device.type == "cpu") or not ctx.diverged(loss.item()):
+        if not (self.on_nan == "skip_batch" or reads_are_free(ctx.device)) or not ctx.diverged(loss.item()):
             return True
         if self.on_nan == "skip_batch":
             ctx.state.skipped_batches += 1
@@ -86,7 +88,7 @@ class NonFinitePolicy(Hook):
 
     def on_step_end(self, ctx: FitContext) -> None:
         step = ctx.state.step
-        if ctx.device.type != "cpu" and (step % self.check_every == 0 or step == ctx.num_windows):
+        if not reads_are_free(ctx.device) and (step % self.check_every == 0 or step == ctx.num_windows):
             if ctx.diverged(ctx.running_loss()):
                 self._raise(ctx, step, window=self.check_every)
 

@@ -61,7 +61,8 @@ class TrainingStep(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         features, state = self.model(inputs, state)
         loss = self.model.loss(features, targets)
-        return loss, loss + self.model.regularization(features), state
+        penalty = self.model.regularization(features)
+        return loss, loss if penalty is None else loss + penalty, state
 
 
 class Trainer:
@@ -177,10 +178,12 @@ class Trainer:
             carry = model.detach_state(carry)
             with self._autocast(ctx.device):
                 loss, objective, carry = self._step(window.inputs, carry, window.targets)
-            loss = distributed.mean(loss.detach())  # every rank judges (and logs) the same loss
+            with torch.no_grad():  # a figure to judge and log, outside the graph (nothing to detach)
+                loss = distributed.mean(loss)  # every rank judges (and logs) the same loss
             if all(hook.before_backward(ctx, loss) for hook in hooks):
                 self._backward_and_step(ctx, objective, window.lr_scale)
-                ctx.loss_sum += loss
+                with torch.no_grad():
+                    ctx.loss_sum += loss
             else:  # a skipped batch: its state is not trusted either
                 carry = model.init_state(stream.batch_size, ctx.device)
             state.step, state.global_step = step, state.global_step + 1

@@ -135,6 +135,7 @@ def test_a_checkpoints_dataset_record_chooses_no_file_url_or_import(evaluated_ch
     import os
 
     import torch
+
     from tests.e2e.test_download import FAKE, _zip_bytes
 
     hostile, user_root, audit = tmp_path / "hostile", tmp_path / "user-data", tmp_path / "audit"

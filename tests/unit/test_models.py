@@ -44,13 +44,18 @@ def test_tied_gradient_is_dense_and_equals_the_plain_embeddings():
 
 def test_dropout_masks_keep_the_right_share_and_scale():
     torch.manual_seed(0)
-    like = torch.empty(0)
-    mask = _keep_mask((200, 50, 40), 0.3, like)
+    mask = _keep_mask((200, 50, 40), 0.3, torch.float32, torch.device("cpu"))
     assert mask.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
     assert (mask > 0).float().mean().item() == pytest.approx(0.7, abs=0.005)
     model = RNNLanguageModel(30, embed_dim=6, hidden_dim=6, dropout=0.5, locked_dropout=True).train()
     dropped = model._drop(torch.ones(9, 4, 6), 0.5)
     assert torch.equal(dropped, dropped[:1].expand(9, 4, 6))  # locked: one mask for all time steps
+    shared = RNNLanguageModel(30, embed_dim=6, hidden_dim=6, num_layers=2, dropout=0.5).train()
+    masks = shared._shared_masks(torch.zeros(9, 4, dtype=torch.long))  # one draw for the 3 sites on a CPU
+    assert len(masks) == 3 and all(m.shape == (9, 4, 6) for m in masks)
+    assert not torch.equal(masks[0], masks[1]) and masks[0].unique().tolist() == pytest.approx([0.0, 2.0])
+    awd = RNNLanguageModel(30, embed_dim=6, hidden_dim=8, tie_weights=False, dropout=0.5).train()
+    assert awd._shared_masks(torch.zeros(9, 4, dtype=torch.long)) == [None] * 3  # widths differ: a draw each
 
 
 def test_adaptive_softmax_matches_its_log_probs():
