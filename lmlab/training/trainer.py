@@ -27,8 +27,10 @@ from lmlab.runtime import distributed
 from lmlab.runtime.devices import resolve_precision
 from lmlab.runtime.signals import TrainingInterrupted
 from lmlab.training.checkpoint import damaged
+from lmlab.training.cuda_graph import GraphedStep
 from lmlab.training.hooks import FitContext, Hook, evaluation_weights
-from lmlab.training.optim import Schedule, clip_grad_norm
+from lmlab.training.optim import Schedule
+from lmlab.training.step import EagerStep, make_step
 
 __all__ = ["EvaluationStopped", "FitResult", "Trainer"]
 
@@ -48,23 +50,6 @@ class EvaluationStopped(Exception):
     """An evaluation pass was stopped between two windows by a stop signal (its figure is not known)."""
 
 
-class TrainingStep(torch.nn.Module):
-    """One window's forward pass and losses as a module, so that DistributedDataParallel (which hooks a
-    module's forward) sees the whole step: returns (loss, loss + regularization, next state)."""
-
-    def __init__(self, model: LanguageModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, inputs: torch.Tensor, state: Any, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        features, state = self.model(inputs, state)
-        loss = self.model.loss(features, targets)
-        penalty = self.model.regularization(features)
-        return loss, loss if penalty is None else loss + penalty, state
-
-
 class Trainer:
     """Runs ``epochs`` of training with gradient clipping, validating after each epoch."""
 
@@ -76,8 +61,12 @@ class Trainer:
         limit_eval_batches: PositiveInt | None = None,
         precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32",
         compile: bool = False,
+        cuda_graph: Literal["auto"] | bool = "auto",
         hooks: list[Hook] | None = None,
     ) -> None:
+        self.cuda_graph = cuda_graph  # lmlab.training.cuda_graph: auto = where it applies
+        self.graph_off_reason: str | None = None  # why the last fit ran eagerly (None: it was graphed)
+        self._step: EagerStep | GraphedStep | None = None
         self.epochs = epochs
         self.clip_grad_norm = clip_grad_norm
         self.precision = precision
@@ -111,7 +100,7 @@ class Trainer:
         self._call(hooks, "on_fit_start", ctx)
         if on_started is not None:
             on_started()
-        self._step = self._step_module(model, device)  # after a resume loaded the weights
+        self._step = self._make_step(ctx, train)  # after a resume loaded the weights
         try:
             logger.start()  # a slow remote logger (W&B) connects before any step is timed
             while ctx.state.epoch <= self.epochs and not ctx.stop_training:
@@ -141,7 +130,8 @@ class Trainer:
         """``steps`` training steps outside :meth:`fit` (benchmarks): the same step code, with only the
         given ``hooks`` (e.g. the non-finite policy; no checkpoints or logging). Returns the tokens trained on."""
         ctx = self._context(model, optimizer, None, device, Logger())
-        self._step = self._step_module(model, device)
+        if self._step is None or self._step.model is not model:  # a graphed step is captured once
+            self._step = self._make_step(ctx, stream)
         return self.train_epoch(ctx, stream, list(hooks), limit=steps)
 
     def _context(self, model, optimizer, schedule, device, logger) -> FitContext:
@@ -149,14 +139,13 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=self._dtype == torch.float16)
         return FitContext(model, optimizer, schedule, device, logger, scaler)
 
-    def _step_module(self, model: LanguageModel, device: torch.device) -> torch.nn.Module:
-        """What computes a step's losses: compiled for speed if asked, and under several processes wrapped
-        in DistributedDataParallel (which averages the gradients during backward). The plain model
-        stays the one whose state is saved."""
-        step: torch.nn.Module = TrainingStep(model)
-        if distributed.place().world_size > 1:
-            step = distributed.data_parallel(step, device, sparse_gradients=model.sparse_gradients)
-        return torch.compile(step) if self.compile else step
+    def _make_step(self, ctx: FitContext, stream: TokenStream) -> EagerStep | GraphedStep:
+        step, self.graph_off_reason = make_step(
+            ctx.model, ctx.optimizer, ctx.schedule, ctx.scaler, ctx.device, clip=self.clip_grad_norm,
+            autocast=lambda cache=True: self._autocast(ctx.device, cache), compile=self.compile,
+            cuda_graph=self.cuda_graph, variable_bptt=stream.variable_bptt,
+        )  # fmt: skip
+        return step
 
     # ------------------------------------------------------------------------------------- epochs
     def train_epoch(self, ctx: FitContext, stream: TokenStream, hooks: list[Hook], limit: int | None = None) -> int:
@@ -175,16 +164,15 @@ class Trainer:
         for step, window in enumerate(stream.windows(state.epoch, limit), start=1):
             if step <= state.step:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
-            carry = model.detach_state(carry)
-            with self._autocast(ctx.device):
-                loss, objective, carry = self._step(window.inputs, carry, window.targets)
-            with torch.no_grad():  # a figure to judge and log, outside the graph (nothing to detach)
-                loss = distributed.mean(loss)  # every rank judges (and logs) the same loss
+            loss, carry, pending = self._step.forward(window.inputs, window.targets, carry)
             if all(hook.before_backward(ctx, loss) for hook in hooks):
-                self._backward_and_step(ctx, objective, window.lr_scale)
+                self._step.update(pending, window.lr_scale)
+                if ctx.schedule is not None:
+                    ctx.schedule.after_step()
                 with torch.no_grad():
                     ctx.loss_sum += loss
             else:  # a skipped batch: its state is not trusted either
+                self._step.skipped()
                 carry = model.init_state(stream.batch_size, ctx.device)
             state.step, state.global_step = step, state.global_step + 1
             step_tokens = window.inputs.numel() * world  # all ranks' tokens: the run's speed, not one rank's
@@ -197,28 +185,6 @@ class Trainer:
                 break
         state.loss_sum = ctx.loss_sum.item()
         return tokens
-
-    def _backward_and_step(self, ctx: FitContext, loss: torch.Tensor, lr_scale: float) -> None:
-        optimizer, scaler = ctx.optimizer, ctx.scaler
-        scaler.scale(loss).backward()
-        if self.clip_grad_norm:
-            scaler.unscale_(optimizer)
-            clip_grad_norm(ctx.model.parameters(), self.clip_grad_norm)
-        # A short variable-BPTT window takes a proportionally smaller step; the schedule's lr is restored
-        # right after, so hooks and checkpoints only ever see the schedule's value.
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        if lr_scale != 1.0:
-            for group in optimizer.param_groups:
-                group["lr"] *= lr_scale
-        scaler.step(optimizer)
-        scaler.update()
-        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        # Free the gradients now rather than before the next backward: the next forward (whose fused
-        # loss makes its gradients early) then never holds two sets at once (~100 MB at vocab 33k).
-        optimizer.zero_grad(set_to_none=True)
-        if ctx.schedule is not None:
-            ctx.schedule.after_step()
 
     def _end_epoch(self, ctx: FitContext, hooks: list[Hook], valid: TokenStream, tokens: int, seconds: float) -> None:
         state = ctx.state
@@ -284,10 +250,11 @@ class Trainer:
         return (totals[0] / totals[1]).item()
 
     # ------------------------------------------------------------------------------------ helpers
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+    def _autocast(self, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+        """Mixed precision, if asked (``cache=False`` inside a CUDA graph capture, as autocast requires)."""
         if self._dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self._dtype)
+        return torch.autocast(device_type=device.type, dtype=self._dtype, cache_enabled=cache)
 
     @staticmethod
     def _call(hooks: list[Hook], event: str, *args: Any) -> None:

@@ -3,6 +3,7 @@ config group option (``hydra/launcher=slurm`` included) and the top-level config
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,8 +36,15 @@ print("\\n".join(composed))
 
 
 def test_the_installed_wheel_composes_every_config_option(tmp_path):
+    # Built from a clean copy: a build/ folder left in the checkout by an earlier build must not leak
+    # stale files into the wheel (setuptools reuses it).
+    source = tmp_path / "source"
+    leftovers = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "outputs", "multirun")
+    for part in ("lmlab", "conf", "hydra_plugins", "setup.cfg", "pyproject.toml", "README.md"):
+        copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy2
+        copy(ROOT / part, source / part, **({"ignore": leftovers} if (ROOT / part).is_dir() else {}))
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
-    subprocess.run([*build, str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*build, str(source)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("lmlab-*.whl"))
     shipped = {n.split("lmlab/conf/", 1)[1] for n in zipfile.ZipFile(wheel).namelist() if "lmlab/conf/" in n}
     in_tree = {str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}

@@ -16,7 +16,7 @@ from lmlab.errors import CheckpointError, DiskFull, NonFiniteLoss
 from lmlab.job import train_and_report
 from lmlab.runtime.files import atomic_save
 from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint
-from lmlab.training.trainer import Trainer
+from lmlab.training.step import EagerStep
 from tests.conftest import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def _without_timing(d: dict) -> dict:
 
 def _stop_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
     """Deliver a real signal to this process right after training step ``step``."""
-    original = Trainer._backward_and_step
+    original = EagerStep.update
     calls = {"n": 0}
 
     def stepping(self, *args):
@@ -38,7 +38,7 @@ def _stop_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
         if calls["n"] == step:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(Trainer, "_backward_and_step", stepping)
+    monkeypatch.setattr(EagerStep, "update", stepping)
 
 
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(corpus_dir, tmp_path, compose_cfg, monkeypatch):

@@ -1,0 +1,125 @@
+"""One training step, two ways to run it: eagerly (:class:`EagerStep`), or captured in CUDA graphs
+(:class:`~lmlab.training.cuda_graph.GraphedStep`). The trainer asks either for the same three things::
+
+    loss, state, pending = step.forward(inputs, targets, state)   # the loss, ready for the hooks to judge
+    step.update(pending, lr_scale)                                 # the hooks agreed: backward (eager) + update
+    step.skipped()                                                 # a hook refused the batch: no update
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lmlab.errors import ConfigError
+from lmlab.models import LanguageModel
+from lmlab.runtime import distributed
+from lmlab.training.cuda_graph import GraphedStep, graph_plan
+from lmlab.training.optim import clip_grad_norm
+
+
+class TrainingStep(torch.nn.Module):
+    """One window's forward pass and losses as a module, so that DistributedDataParallel (which hooks a
+    module's forward) sees the whole step: returns (loss, loss + regularization, next state)."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, inputs: torch.Tensor, state: Any, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        features, state = self.model(inputs, state)
+        loss = self.model.loss(features, targets)
+        penalty = self.model.regularization(features)
+        return loss, loss if penalty is None else loss + penalty, state
+
+
+class EagerStep:
+    """The step as plain PyTorch calls: forward, then (if the hooks agree) backward, clipping, update."""
+
+    def __init__(
+        self,
+        step: torch.nn.Module,
+        model: LanguageModel,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        clip: float | None,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> None:
+        self.step, self.model, self.optimizer, self.scaler = step, model, optimizer, scaler
+        self.clip, self.autocast = clip, autocast
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any, Any]:
+        with self.autocast():
+            loss, objective, state = self.step(inputs, self.model.detach_state(state), targets)
+        with torch.no_grad():  # a figure to judge and log, outside the graph (nothing to detach)
+            loss = distributed.mean(loss)  # every rank judges (and logs) the same loss
+        return loss, state, objective
+
+    def update(self, objective: torch.Tensor, lr_scale: float) -> None:
+        optimizer, scaler = self.optimizer, self.scaler
+        scaler.scale(objective).backward()
+        if self.clip:
+            scaler.unscale_(optimizer)
+            clip_grad_norm(self.model.parameters(), self.clip)
+        # A short variable-BPTT window takes a proportionally smaller step; the schedule's lr is restored
+        # right after, so hooks and checkpoints only ever see the schedule's value.
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        if lr_scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] *= lr_scale
+        scaler.step(optimizer)
+        scaler.update()
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        # Free the gradients now rather than before the next backward: the next forward (whose fused
+        # loss makes its gradients early) then never holds two sets at once (~100 MB at vocab 33k).
+        optimizer.zero_grad(set_to_none=True)
+
+    def skipped(self) -> None:
+        pass
+
+
+def make_step(
+    model: LanguageModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    *,
+    clip: float | None,
+    autocast: Callable[..., contextlib.AbstractContextManager],
+    compile: bool,
+    cuda_graph: str | bool,
+    variable_bptt: bool,
+) -> tuple[EagerStep | GraphedStep, str | None]:
+    """The step a fit runs, and why it is not graphed (None when it is). What computes the losses is
+    compiled if asked and, under several processes, wrapped in DistributedDataParallel (which averages
+    the gradients during backward); the plain model stays the one whose state is saved. An explicit
+    ``cuda_graph=true`` that cannot apply is refused here, before any step."""
+    module: torch.nn.Module = TrainingStep(model)
+    if distributed.place().world_size > 1:
+        module = distributed.data_parallel(module, device, sparse_gradients=model.sparse_gradients)
+    module = torch.compile(module) if compile else module
+    reason = graph_plan(
+        device, model, optimizer, schedule, variable_bptt=variable_bptt, loss_scaling=scaler.is_enabled(),
+        compiled=compile,
+    )  # fmt: skip
+    if cuda_graph is True and reason:
+        raise ConfigError(
+            f"trainer.cuda_graph=true cannot apply: {reason}; use trainer.cuda_graph=auto (it then runs eagerly) "
+            "or false"
+        )
+    reason = "trainer.cuda_graph=false" if cuda_graph is False else reason
+    if reason:
+        return EagerStep(module, model, optimizer, scaler, clip, autocast), reason
+
+    def clip_gradients() -> None:
+        if clip:
+            clip_grad_norm(model.parameters(), clip)
+
+    return GraphedStep(module, model, optimizer, clip_gradients, lambda: autocast(cache=False)), None
