@@ -66,9 +66,16 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - started - reading[0] - scored.settings.get("search_seconds", 0.0)
     loss, tokens = scored.loss, sum(w.targets.numel() for w in scored.stream.windows(limit=limit))
     result = {
-        "method": cfg.method, "split": cfg.split, "loss": loss, "ppl": perplexity(loss), "tokens": tokens,
-        "tokens_per_sec": tokens / seconds, "seconds": seconds, "settings": scored.settings, "checkpoint": checkpoint,
-    }  # fmt: skip
+        "method": cfg.method,
+        "split": cfg.split,
+        "loss": loss,
+        "ppl": perplexity(loss),
+        "tokens": tokens,
+        "tokens_per_sec": tokens / seconds,
+        "seconds": seconds,
+        "settings": scored.settings,
+        "checkpoint": checkpoint,
+    }
     line = json.dumps(result)
     print(f"{cfg.split}-loss: {loss:.2f} | {cfg.split}-pp: {perplexity(loss):.2f} ({cfg.method})")
     print(line)

@@ -149,8 +149,20 @@ def build_hooks(node: DictConfig) -> dict[str, Hook]:
 
 
 # The top-level keys of a run (and bench) config; anything else was added with + and is read by nobody.
-RUN_KEYS = {"dataset", "model", "optimizer", "scheduler", "device", "trainer", "hooks", "generate", "logger", "seed",
-            "plugins", "bench"}  # fmt: skip
+RUN_KEYS = {
+    "dataset",
+    "model",
+    "optimizer",
+    "scheduler",
+    "device",
+    "trainer",
+    "hooks",
+    "generate",
+    "logger",
+    "seed",
+    "plugins",
+    "bench",
+}
 
 
 def refuse_unread_keys(cfg: DictConfig) -> None:

@@ -51,8 +51,12 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     steps, warmup = cfg.bench.steps, cfg.bench.warmup
     objects = build_training_objects(cfg)
     device, data, model, optimizer, trainer = (
-        objects.device, objects.data, objects.model, objects.optimizer, objects.trainer
-    )  # fmt: skip
+        objects.device,
+        objects.data,
+        objects.model,
+        objects.optimizer,
+        objects.trainer,
+    )
     # A step as a run takes it, guarded by the run's non-finite policy; no checkpoints, no progress.
     step_hooks = [objects.hooks["non_finite"]] if "non_finite" in objects.hooks else []
     train_stream, eval_stream = data.stream("train").to(device), data.stream("valid").to(device)

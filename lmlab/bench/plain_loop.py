@@ -22,8 +22,16 @@ from lmlab.runtime.devices import synchronize
 
 
 class PlainRNN(nn.Module):
-    def __init__(self, vocab_size: int, cell: str, embed_dim: int, hidden_dim: int, num_layers: int, dropout: float,
-                 tie_weights: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vocab_size: int,
+        cell: str,
+        embed_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        dropout: float,
+        tie_weights: bool,
+    ) -> None:
         super().__init__()
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.embedding, self.drop = nn.Embedding(vocab_size, embed_dim), nn.Dropout(dropout)

@@ -38,8 +38,13 @@ from lmlab.training.optim import Schedule
 # Rules for arguments whose target does not annotate them usefully (torch's own classes).
 OPTIMIZER_HINTS = {"lr": PositiveFloat, "weight_decay": NonNegativeFloat}
 TOP_LEVEL_HINTS = {"seed": Seed | None, "plugins": list[str]}
-BENCH_HINTS = {"steps": PositiveInt, "warmup": PositiveInt, "matmul_size": PositiveInt, "baseline": bool,
-               "dispatch_steps": NonNegativeInt}  # fmt: skip
+BENCH_HINTS = {
+    "steps": PositiveInt,
+    "warmup": PositiveInt,
+    "matmul_size": PositiveInt,
+    "baseline": bool,
+    "dispatch_steps": NonNegativeInt,
+}
 
 
 SAMPLING_SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # lmlab.generate's, at its top level

@@ -7,6 +7,15 @@ from lmlab.data.corpus import EOS, UNK, Corpus, Vocabulary, tokenize
 from lmlab.data.datasets import DATASETS, LanguageModelData, WikiText2, WikiText103
 
 __all__ = [
-    "DATASETS", "EOS", "UNK", "Corpus", "LanguageModelData", "TokenStream", "Vocabulary", "WikiText2", "WikiText103",
-    "Window", "tokenize",
-]  # fmt: skip
+    "DATASETS",
+    "EOS",
+    "UNK",
+    "Corpus",
+    "LanguageModelData",
+    "TokenStream",
+    "Vocabulary",
+    "WikiText2",
+    "WikiText103",
+    "Window",
+    "tokenize",
+]

@@ -40,7 +40,7 @@ from lmlab.config.schema import (
     UnitInterval,
     argument_hints,
     check_value,
-)  # fmt: skip
+)
 from lmlab.data.batching import TokenStream
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.evaluation.metrics import perplexity

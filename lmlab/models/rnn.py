@@ -148,9 +148,14 @@ class RNNLanguageModel(LanguageModel):
         sites = [self.dropout_input, *[self.dropout_hidden] * (len(self.rnns) - 1), self.dropout]
         widths = {self.embedding.embedding_dim, *(rnn.hidden_size for rnn in self.rnns)}
         shared = (
-            self.training and not self.locked_dropout and tokens.device.type == "cpu" and len(widths) == 1
-            and len(set(sites)) == 1 and sites[0] > 0 and not torch.is_autocast_enabled("cpu")
-        )  # fmt: skip
+            self.training
+            and not self.locked_dropout
+            and tokens.device.type == "cpu"
+            and len(widths) == 1
+            and len(set(sites)) == 1
+            and sites[0] > 0
+            and not torch.is_autocast_enabled("cpu")
+        )
         if not shared:
             return [None] * len(sites)
         shape = (len(sites), *tokens.shape, widths.pop())

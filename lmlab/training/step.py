@@ -106,9 +106,14 @@ def make_step(
         module = distributed.data_parallel(module, device, sparse_gradients=model.sparse_gradients)
     module = torch.compile(module) if compile else module
     reason = graph_plan(
-        device, model, optimizer, schedule, variable_bptt=variable_bptt, loss_scaling=scaler.is_enabled(),
+        device,
+        model,
+        optimizer,
+        schedule,
+        variable_bptt=variable_bptt,
+        loss_scaling=scaler.is_enabled(),
         compiled=compile,
-    )  # fmt: skip
+    )
     if cuda_graph is True and reason:
         raise ConfigError(
             f"trainer.cuda_graph=true cannot apply: {reason}; use trainer.cuda_graph=auto (it then runs eagerly) "

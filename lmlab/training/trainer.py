@@ -141,10 +141,17 @@ class Trainer:
 
     def _make_step(self, ctx: FitContext, stream: TokenStream) -> EagerStep | GraphedStep:
         step, self.graph_off_reason = make_step(
-            ctx.model, ctx.optimizer, ctx.schedule, ctx.scaler, ctx.device, clip=self.clip_grad_norm,
-            autocast=lambda cache=True: self._autocast(ctx.device, cache), compile=self.compile,
-            cuda_graph=self.cuda_graph, variable_bptt=stream.variable_bptt,
-        )  # fmt: skip
+            ctx.model,
+            ctx.optimizer,
+            ctx.schedule,
+            ctx.scaler,
+            ctx.device,
+            clip=self.clip_grad_norm,
+            autocast=lambda cache=True: self._autocast(ctx.device, cache),
+            compile=self.compile,
+            cuda_graph=self.cuda_graph,
+            variable_bptt=stream.variable_bptt,
+        )
         return step
 
     # ------------------------------------------------------------------------------------- epochs
