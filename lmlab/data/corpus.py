@@ -197,6 +197,30 @@ class Corpus:
                     continue
         return corpus
 
+    def capped(self, max_vocab: int | None = None, min_freq: int = 1) -> Corpus:
+        """The corpus with a smaller vocabulary, as WikiText and torchtext's ``build_vocab`` make one:
+        train words seen fewer than ``min_freq`` times, and all but the ``max_vocab`` most frequent
+        (``<unk>`` and ``<eos>`` included, and always kept), become ``<unk>`` in every split. The order
+        stays by descending train frequency, ``<unk>`` counted with the words it absorbed. ``self``
+        when nothing is dropped."""
+        counts = torch.bincount(self.train, minlength=len(self.vocab))  # ids are in frequency order
+        keep = counts >= min_freq
+        keep[[self.vocab.unk_id, self.vocab.eos_id]] = True
+        if max_vocab is not None and int(keep.sum()) > max_vocab:
+            kept = keep.nonzero().squeeze(1)
+            others = kept[(kept != self.vocab.unk_id) & (kept != self.vocab.eos_id)]
+            keep[others[max_vocab - 2 :]] = False  # the least frequent of the kept words go
+        if bool(keep.all()):
+            return self
+        counts[self.vocab.unk_id] += counts[~keep].sum()
+        kept = keep.nonzero().squeeze(1)
+        kept = kept[torch.sort(-counts[kept], stable=True).indices]  # unk moves up to its new rank
+        new_id = torch.full((len(self.vocab),), -1, dtype=torch.int32)
+        new_id[kept] = torch.arange(len(kept), dtype=torch.int32)
+        new_id[~keep] = new_id[self.vocab.unk_id]
+        vocab = Vocabulary([self.vocab.words[i] for i in kept.tolist()])
+        return Corpus(vocab, *(new_id[getattr(self, split).long()] for split in SPLITS))
+
 
 def _load_cache(path: Path) -> Corpus | None:
     if not path.is_file():

@@ -29,7 +29,8 @@ class LanguageModelData:
 
     Reads ``train.txt``/``valid.txt``/``test.txt`` (or other names) from ``path``. Training windows
     are ``bptt`` steps of ``batch_size`` columns (``variable_bptt``: lengths drawn around ``bptt``),
-    evaluation windows ``bptt`` steps of ``eval_batch_size`` columns.
+    evaluation windows ``bptt`` steps of ``eval_batch_size`` columns. ``max_vocab`` / ``min_freq`` cap
+    the vocabulary (rarer train words become ``<unk>`` in every split: :meth:`Corpus.capped`).
 
     What the trainer and the tools use: ``vocab`` (a :class:`Vocabulary`), ``files`` (split → text file),
     :meth:`stream` and :meth:`eval_stream`. A subclass takes ``batch_size``, ``eval_batch_size``, ``bptt``
@@ -50,7 +51,11 @@ class LanguageModelData:
         file_names: dict[str, str] | None = None,
         cache: bool = True,
         variable_bptt: bool = False,
+        max_vocab: PositiveInt | None = None,
+        min_freq: PositiveInt = 1,
     ) -> None:
+        if max_vocab is not None and max_vocab < 3:
+            raise ConfigError(f"dataset.max_vocab={max_vocab} leaves no word besides <unk> and <eos>; give 3 or more")
         if path is None or str(path) == "":
             raise ConfigError(
                 "dataset.path is not set: point it at a folder holding train.txt, valid.txt "
@@ -70,7 +75,7 @@ class LanguageModelData:
         self.eval_batch_size = eval_batch_size
         self.bptt = bptt
         self.variable_bptt = variable_bptt
-        self.corpus = Corpus.from_files(self.files, cache=cache)
+        self.corpus = Corpus.from_files(self.files, cache=cache).capped(max_vocab, min_freq)
         self.vocab = self.corpus.vocab
         self._check_sizes()
 
@@ -120,9 +125,13 @@ class WikiText2(LanguageModelData):
         bptt: PositiveInt = 35,
         cache: bool = True,
         variable_bptt: bool = False,
+        max_vocab: PositiveInt | None = None,
+        min_freq: PositiveInt = 1,
     ) -> None:
         folder = ensure_corpus(self.source, root, list(mirrors))
-        super().__init__(folder, batch_size, eval_batch_size, bptt, self.source.files, cache, variable_bptt)
+        super().__init__(
+            folder, batch_size, eval_batch_size, bptt, self.source.files, cache, variable_bptt, max_vocab, min_freq
+        )
 
 
 class WikiText103(WikiText2):
