@@ -33,11 +33,12 @@ class LanguageModelData:
     the vocabulary (rarer train words become ``<unk>`` in every split: :meth:`Corpus.capped`).
 
     What the trainer and the tools use: ``vocab`` (a :class:`Vocabulary`), ``files`` (split → text file),
-    :meth:`stream` and :meth:`eval_stream`. A subclass takes ``batch_size``, ``eval_batch_size``, ``bptt``
-    and ``variable_bptt`` like this one. ``record_fields`` names the arguments besides those that a
-    checkpoint's stored config may decide when ``lmlab.evaluate`` rebuilds the dataset from it (printed
-    first; every other argument comes from the installed config): a checkpoint is a file lmlab is
-    handed, so by default it decides no path, root, mirror or file name.
+    :meth:`stream` and :meth:`eval_stream`. A subclass takes ``batch_size``, ``eval_batch_size``, ``bptt``,
+    ``variable_bptt``, ``max_vocab`` and ``min_freq`` like this one. ``record_fields`` names the
+    arguments besides those that a checkpoint's stored config may decide when ``lmlab.evaluate``
+    rebuilds the dataset from it (printed first; every other argument comes from the installed
+    config): a checkpoint is a file lmlab is handed, so by default it decides no path, root, mirror
+    or file name.
     """
 
     record_fields: tuple[str, ...] = ("path",)  # the run's own text folder (its standard file names only)

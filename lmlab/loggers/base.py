@@ -7,6 +7,8 @@ know which backends are behind it.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,26 @@ class MultiLogger(Logger):
     def finish(self) -> None:
         for logger in self.loggers:
             logger.finish()
+
+
+def epoch_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's figures under the names every dashboard backend uses (W&B, TensorBoard): one scheme,
+    so runs compare the same way in either."""
+    return {
+        "epoch": metrics["epoch"],
+        "val/loss": metrics["val_loss"],
+        "val/ppl": metrics["val_ppl"],
+        "train/epoch_loss": metrics["train_loss"],
+        "throughput/tokens_per_sec": metrics["tokens_per_sec"],
+    }
+
+
+def close_quietly(what: str, close: Callable[[], object]) -> None:
+    """A backend's last call: a failure warns (the run's own files are complete) and never raises."""
+    try:
+        close()
+    except Exception as err:
+        warnings.warn(f"{what} failed ({err}); the run's local files are complete", RuntimeWarning, stacklevel=3)
 
 
 LOGGERS = Registry("logger", "logger", Logger)

@@ -16,7 +16,7 @@ from typing import Any
 
 from lmlab.config.schema import PositiveInt
 from lmlab.errors import ConfigError
-from lmlab.loggers.base import Logger, register_logger
+from lmlab.loggers.base import Logger, close_quietly, epoch_figures, register_logger
 
 
 @register_logger("tensorboard")
@@ -65,14 +65,7 @@ class TensorBoardLogger(Logger):
         self._write(lambda w: [w.add_scalar(key, value, step) for key, value in metrics.items()])
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
-        rows = {
-            "epoch": metrics["epoch"],
-            "val/loss": metrics["val_loss"],
-            "val/ppl": metrics["val_ppl"],
-            "train/epoch_loss": metrics["train_loss"],
-            "throughput/tokens_per_sec": metrics["tokens_per_sec"],
-        }
-        rows = {key: value for key, value in rows.items() if value is not None}
+        rows = {key: value for key, value in epoch_figures(metrics).items() if value is not None}
         self._write(lambda w: [w.add_scalar(key, value, self.step) for key, value in rows.items()])
 
     def log_summary(self, results: dict[str, Any]) -> None:
@@ -93,7 +86,4 @@ class TensorBoardLogger(Logger):
     def finish(self) -> None:
         if self.writer is not None:
             writer, self.writer = self.writer, None
-            try:
-                writer.close()
-            except Exception as err:
-                warnings.warn(f"TensorBoard close failed ({err})", RuntimeWarning, stacklevel=2)
+            close_quietly("TensorBoard close", writer.close)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config.schema import PositiveFloat
-from lmlab.loggers.base import Logger, register_logger
+from lmlab.loggers.base import Logger, close_quietly, epoch_figures, register_logger
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -110,13 +110,7 @@ class WandbLogger(Logger):
         self._call("log", lambda: self.run.log({**metrics, "trainer/global_step": step}))
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
-        row = {
-            "epoch": metrics["epoch"],
-            "val/loss": metrics["val_loss"],
-            "val/ppl": metrics["val_ppl"],
-            "train/epoch_loss": metrics["train_loss"],
-            "throughput/tokens_per_sec": metrics["tokens_per_sec"],
-        }
+        row = epoch_figures(metrics)
         self._call("log", lambda: self.run.log(row))
 
     def log_summary(self, results: dict[str, Any]) -> None:
@@ -156,7 +150,4 @@ class WandbLogger(Logger):
     def finish(self) -> None:
         if self.run is not None:
             run, self.run = self.run, None
-            try:
-                run.finish()
-            except Exception as err:
-                warnings.warn(f"W&B finish failed ({err}); local files are complete", RuntimeWarning, stacklevel=2)
+            close_quietly("W&B finish", run.finish)

@@ -23,9 +23,11 @@ class LowercasedText(LanguageModelData):
     record_fields = ("path", "marker")
 
     def __init__(self, path: str, marker: str = "x", batch_size: PositiveInt = 20, eval_batch_size: PositiveInt = 10,
-                 bptt: PositiveInt = 35, variable_bptt: bool = False, cache: bool = True) -> None:  # fmt: skip
+                 bptt: PositiveInt = 35, variable_bptt: bool = False, cache: bool = True,
+                 max_vocab: PositiveInt | None = None, min_freq: PositiveInt = 1) -> None:  # fmt: skip
         self.marker = marker
-        super().__init__(path, batch_size, eval_batch_size, bptt, cache=cache, variable_bptt=variable_bptt)
+        super().__init__(path, batch_size, eval_batch_size, bptt, cache=cache, variable_bptt=variable_bptt,
+                         max_vocab=max_vocab, min_freq=min_freq)  # fmt: skip
 
 
 @register_method("mixed_uniform")
