@@ -203,6 +203,8 @@ class Corpus:
         (``<unk>`` and ``<eos>`` included, and always kept), become ``<unk>`` in every split. The order
         stays by descending train frequency, ``<unk>`` counted with the words it absorbed. ``self``
         when nothing is dropped."""
+        if max_vocab is None and min_freq <= 1:
+            return self
         counts = torch.bincount(self.train, minlength=len(self.vocab))  # ids are in frequency order
         keep = counts >= min_freq
         keep[[self.vocab.unk_id, self.vocab.eos_id]] = True
