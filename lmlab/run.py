@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from lmlab.config import CONF_DIR
+from lmlab.config import CONF_DIR, moved_key
 from lmlab.errors import ConfigError
 from lmlab.runtime.launch import launched_processes, process_rank, under_torchrun
 from lmlab.runtime.records import finished_results, run_with_summary, task_wrapper, write_run_record
@@ -90,6 +90,10 @@ def place_on_a_gpu(cfg: DictConfig, job_num: int, prefix: str = "") -> None:
 
 
 def main() -> None:
+    moved = moved_key(sys.argv[1:])
+    if moved:
+        print(f"error: {moved}", file=sys.stderr)
+        sys.exit(2)
     if under_torchrun() and launched_processes()[1] > 1:
         _join_torchrun()
     run_with_summary(hydra_task)

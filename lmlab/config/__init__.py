@@ -18,3 +18,26 @@ def _find_conf_dir() -> str:
 
 
 CONF_DIR = _find_conf_dir()
+
+
+# Keys that moved when the hooks took over their own options (#19): old name -> new name.
+MOVED_KEYS = {
+    "trainer.resume": "hooks.checkpoint.resume",
+    "trainer.save_every_steps": "hooks.checkpoint.save_every_steps",
+    "trainer.init_from": "hooks.checkpoint.init_from",
+    "trainer.max_time_s": "hooks.time_budget.max_time_s",
+    "trainer.on_nan": "hooks.non_finite.on_nan",
+    "trainer.max_skipped_fraction": "hooks.non_finite.max_skipped_fraction",
+    "trainer.log_interval": "hooks.progress.log_interval",
+    "trainer.progress": "hooks.progress.bar",
+}
+
+
+def moved_key(arguments: list[str]) -> str | None:
+    """One line for the first command-line override that uses a key's old name (else None), naming the
+    new one: Hydra would only say the key is not in the config."""
+    for argument in arguments:
+        key, sep, value = argument.lstrip("+~").partition("=")
+        if sep and key in MOVED_KEYS:
+            return f"{key} is now {MOVED_KEYS[key]} (the hooks own their options): use {MOVED_KEYS[key]}={value}"
+    return None

@@ -39,3 +39,14 @@ def test_arguments_are_checked_against_a_signature():
         check_arguments(build, {"sise": 3}, "thing")
     with pytest.raises(ConfigError, match=r"thing.rate=2 is invalid"):
         check_arguments(build, {"size": 3, "rate": 2}, "thing")
+
+
+def test_a_key_that_moved_is_named_with_its_new_name():
+    from lmlab.config import moved_key
+
+    assert moved_key(["model=gru", "trainer.max_time_s=900"]) == (
+        "trainer.max_time_s is now hooks.time_budget.max_time_s (the hooks own their options): "
+        "use hooks.time_budget.max_time_s=900"
+    )
+    assert moved_key(["+trainer.resume=/tmp/last.pt"]).startswith("trainer.resume is now hooks.checkpoint.resume")
+    assert moved_key(["hooks.checkpoint.resume=null", "trainer.epochs=3", "trainer.progress"]) is None
