@@ -91,7 +91,7 @@ class Checkpointing(Hook):
     def before_backward(self, ctx: FitContext, loss: torch.Tensor) -> bool:
         if self._pending_rng is not None:  # the state is still the previous step's: weights, carry, counters
             rng, self._pending_rng = self._pending_rng, None
-            if not ctx.diverged(float(loss)):  # a save copies the weights to the host anyway: reading is free
+            if not ctx.diverged(float(loss.detach())):  # a save copies the weights to the host anyway: reading is free
                 self._save_mid_epoch(ctx, rng)
         return True
 
