@@ -161,7 +161,7 @@ def _dispatch(cfg, trainer, model, optimizer, stream, hooks, plain: PlainLoop | 
     device = stream.columns.device
 
     def per_step(run: Any) -> DispatchCount:
-        short, long = count_dispatch(lambda: run(1), 1), count_dispatch(lambda: run(1 + n), 1)
+        short, long = count_dispatch(lambda: run(1)), count_dispatch(lambda: run(1 + n))
         return DispatchCount(*((b - a) / n for a, b in zip(astuple(short), astuple(long), strict=True)))
 
     def lmlab_steps(k: int) -> int:

@@ -34,9 +34,9 @@ _workspace: dict[torch.device, torch.Tensor] = {}  # device -> flat fp32 buffer 
 _views: dict[tuple[torch.device, int, int], torch.Tensor] = {}  # (device, rows, vocab) -> its (rows, vocab) view
 
 
-def _row_chunks(n_rows: int, vocab_size: int, budget: int | None = None) -> list[slice]:
-    """Equal row chunks of at most ``budget`` logits (700 rows → 350 + 350, not 457 + 243)."""
-    n_chunks = -(-n_rows * vocab_size // (budget or LOGITS_BUDGET))
+def _row_chunks(n_rows: int, vocab_size: int) -> list[slice]:
+    """Equal row chunks of at most LOGITS_BUDGET logits (700 rows → 350 + 350, not 457 + 243)."""
+    n_chunks = -(-n_rows * vocab_size // LOGITS_BUDGET)
     rows = max(1, -(-n_rows // max(n_chunks, 1)))
     return [slice(start, start + rows) for start in range(0, n_rows, rows)]
 
@@ -67,8 +67,13 @@ def _summed_nll(h, weight, bias, y) -> torch.Tensor:
     return -log_probs.gather(1, y.unsqueeze(1)).sum()
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without dispatching an operator when ``t`` already is ``dtype``."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.float()  # a conversion that is not needed is not dispatched
+    return as_dtype(t, torch.float32)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -115,13 +120,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_features, grad_weight = grad_features.mul_(scale), grad_weight.mul_(scale)
             grad_bias = None if grad_bias is None else grad_bias.mul_(scale)
         features_dtype, weight_dtype = ctx.dtypes
-        if grad_features.dtype != features_dtype:
-            grad_features = grad_features.to(features_dtype)
-        if grad_weight.dtype != weight_dtype:
-            grad_weight = grad_weight.to(weight_dtype)
-        if grad_bias is not None and grad_bias.dtype != weight_dtype:
-            grad_bias = grad_bias.to(weight_dtype)
-        return grad_features, grad_weight, grad_bias, None
+        grad_bias = None if grad_bias is None else as_dtype(grad_bias, weight_dtype)
+        return as_dtype(grad_features, features_dtype), as_dtype(grad_weight, weight_dtype), grad_bias, None
 
 
 def _softmax_and_log_likelihood(

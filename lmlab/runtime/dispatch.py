@@ -20,8 +20,8 @@ HOST_READ = "aten::_local_scalar_dense"  # what .item(), float(t), bool(t) and t
 
 @dataclass
 class DispatchCount:
-    """Per step: operators called from Python (top-level ``aten::`` calls), all ``aten::`` calls
-    counting those nested inside others, and reads of a value back to the host."""
+    """Operators called from Python (top-level ``aten::`` calls), all ``aten::`` calls counting those
+    nested inside others, and reads of a value back to the host."""
 
     operators: float
     nested: float
@@ -31,14 +31,15 @@ class DispatchCount:
         return asdict(self)
 
 
-def count_dispatch(run: Callable[[], object], steps: int) -> DispatchCount:
-    """Profile ``run()`` (which takes ``steps`` steps) and average its dispatches per step."""
+def count_dispatch(run: Callable[[], object]) -> DispatchCount:
+    """Profile ``run()`` and count what it dispatched (per step: the difference of two runs of different
+    length, divided by the difference, leaves out what a run does once)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     aten = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in aten if not _inside_aten(e)]
     reads = [e for e in aten if e.name == HOST_READ]
-    return DispatchCount(len(top) / steps, len(aten) / steps, len(reads) / steps)
+    return DispatchCount(len(top), len(aten), len(reads))
 
 
 def _inside_aten(event: object) -> bool:

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from lmlab.models import LanguageModel
+from lmlab.models import LanguageModel, map_tensors
 from lmlab.runtime import distributed
+from lmlab.training.optim import scaled_lr
 
 WARMUP_STEPS = 3
 CAPTURABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)  # exact types: no subclasses
@@ -115,7 +116,7 @@ class GraphedStep:
 
     def _capture_forward(self, inputs: torch.Tensor, targets: torch.Tensor, carry: Any) -> None:
         self.inputs, self.targets = inputs.clone(), targets.clone()
-        self.state = _clone_state(self.model.detach_state(carry))
+        self.state = map_tensors(carry, lambda t: t.detach().clone())
         self._detach_gradients()  # backward inside the graph makes the gradients: its own buffers
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self.autocast():
@@ -132,8 +133,8 @@ class GraphedStep:
         """The optimizer step (graph B when the forward was graphed)."""
         self.steps_run += 1
         if not graphed:
-            with torch.cuda.stream(self.side):
-                self._scaled_step(lr_scale)
+            with torch.cuda.stream(self.side), scaled_lr(self.optimizer, lr_scale):
+                self.optimizer.step()
             torch.cuda.current_stream().wait_stream(self.side)
             self._detach_gradients()
             return
@@ -142,18 +143,10 @@ class GraphedStep:
         if self.update_graph is None or lrs != self.update_lrs:
             self.update_graph, self.update_lrs = None, lrs
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._scaled_step(lr_scale)
+            with torch.cuda.graph(graph), scaled_lr(self.optimizer, lr_scale):
+                self.optimizer.step()
             self.update_graph = graph
         self.update_graph.replay()
-
-    def _scaled_step(self, lr_scale: float) -> None:
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] *= lr_scale
-        self.optimizer.step()
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
 
     def skipped(self) -> None:
         """A batch the hooks skipped: no update (graph A overwrites its gradients at the next replay)."""
@@ -168,11 +161,3 @@ class GraphedStep:
         """Point the parameters at graph A's gradients (an optimizer step skips a parameter without one)."""
         for p, grad in zip(self.params, self.grads, strict=True):
             p.grad = grad
-
-
-def _clone_state(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.clone()
-    if isinstance(state, (list, tuple)):
-        return type(state)(_clone_state(s) for s in state)
-    return state

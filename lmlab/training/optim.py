@@ -134,6 +134,21 @@ def clip_grad_norm(parameters: Any, max_norm: float) -> torch.Tensor:
     return total
 
 
+@contextlib.contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, scale: float) -> Iterator[None]:
+    """Every group's lr times ``scale`` for one update (a short variable-BPTT window takes a proportionally
+    smaller step), the schedule's value back right after: hooks and checkpoints only ever see that."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    if scale != 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+
+
 def takes_sparse_gradients(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, SPARSE_OPTIMIZERS)
 

@@ -18,7 +18,7 @@ from lmlab.errors import ConfigError
 from lmlab.models import LanguageModel
 from lmlab.runtime import distributed
 from lmlab.training.cuda_graph import GraphedStep, graph_plan
-from lmlab.training.optim import clip_grad_norm
+from lmlab.training.optim import clip_grad_norm, scaled_lr
 
 
 class TrainingStep(torch.nn.Module):
@@ -66,16 +66,9 @@ class EagerStep:
         if self.clip:
             scaler.unscale_(optimizer)
             clip_grad_norm(self.model.parameters(), self.clip)
-        # A short variable-BPTT window takes a proportionally smaller step; the schedule's lr is restored
-        # right after, so hooks and checkpoints only ever see the schedule's value.
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        if lr_scale != 1.0:
-            for group in optimizer.param_groups:
-                group["lr"] *= lr_scale
-        scaler.step(optimizer)
+        with scaled_lr(optimizer, lr_scale):
+            scaler.step(optimizer)
         scaler.update()
-        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
         # Free the gradients now rather than before the next backward: the next forward (whose fused
         # loss makes its gradients early) then never holds two sets at once (~100 MB at vocab 33k).
         optimizer.zero_grad(set_to_none=True)
