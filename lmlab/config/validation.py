@@ -74,6 +74,11 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
     for name, node in (_plain(cfg.get("hooks")) or {}).items():
         if isinstance(node, dict) and "_target_" in node:
             check_arguments(get_object(node["_target_"]), node, f"hooks.{name}")
+    if cfg.get("scheduler") and OmegaConf.select(cfg, "hooks.lr_schedule"):
+        raise ConfigError(
+            "scheduler and hooks.lr_schedule both set the learning rate; drop one (scheduler=null keeps "
+            "hooks.lr_schedule, as the recipes in conf/experiment do)"
+        )
     if cfg.get("scheduler"):
         node = _plain(cfg.scheduler)
         check_arguments(Schedule, {"interval": node.get("interval", "epoch")}, "scheduler")

@@ -122,6 +122,15 @@ def diverged(loss: float, vocab_size: int) -> bool:
     return not loss < 10 * math.log(max(vocab_size, 2))
 
 
+def drop_words(embedded: torch.Tensor, tokens: torch.Tensor, p: float, vocab_size: int) -> torch.Tensor:
+    """Word-level dropout of gathered embeddings: every occurrence of a dropped word id is zeroed, the
+    kept ones scaled by 1/(1-p). Masking the gathered rows (not the whole V×D table, as AWD-LSTM's code
+    does) gives the same result without the copy."""
+    keep = 1 - p
+    word_mask = embedded.new_empty(vocab_size).bernoulli_(keep) / keep
+    return embedded * word_mask[tokens].unsqueeze(-1)
+
+
 def map_tensors(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
     """Apply ``fn`` to every tensor of a (nested list/tuple) state."""
     if isinstance(state, torch.Tensor):

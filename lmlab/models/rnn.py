@@ -15,7 +15,7 @@ from torch import nn
 
 from lmlab.config.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
-from lmlab.models.base import LanguageModel, register_model
+from lmlab.models.base import LanguageModel, drop_words, register_model
 from lmlab.models.output import as_dtype, linear_cross_entropy
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -165,11 +165,7 @@ class RNNLanguageModel(LanguageModel):
         emb = self.embedding(tokens)
         if not (self.training and self.dropout_embedding):
             return emb
-        # Word-level dropout: every occurrence of a dropped word is zeroed. Masking the gathered rows
-        # (not the whole V×D table, as AWD-LSTM's code does) gives the same result without the copy.
-        keep = 1 - self.dropout_embedding
-        word_mask = emb.new_empty(self.vocab_size).bernoulli_(keep) / keep
-        return emb * word_mask[tokens].unsqueeze(-1)
+        return drop_words(emb, tokens, self.dropout_embedding, self.vocab_size)
 
     def _drop(self, x: torch.Tensor, p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not (self.training and p):

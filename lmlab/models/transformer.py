@@ -23,7 +23,7 @@ from torch import nn
 
 from lmlab.config.schema import PositiveInt, Probability
 from lmlab.errors import ConfigError
-from lmlab.models.base import LanguageModel, register_model
+from lmlab.models.base import LanguageModel, drop_words, register_model
 from lmlab.models.output import linear_cross_entropy
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, heads, positions, head_dim)
@@ -34,7 +34,10 @@ class TransformerLanguageModel(LanguageModel):
     """Token embedding → ``num_layers`` pre-norm blocks (attention + GELU MLP) → LayerNorm → tied output.
 
     ``ff_dim`` null means 4 × ``d_model``. ``dropout`` applies to the embeddings, the attention weights
-    and each residual branch.
+    and each residual branch unless ``dropout_input`` / ``dropout_attention`` / ``dropout_residual`` set
+    one of them; ``dropout_embedding`` drops whole words (every feature of a word id, the same words
+    in the whole batch, as the RNN's). ``scale_embedding`` multiplies the (tied) input embedding by
+    sqrt(d_model), so that it is not drowned by the residual branches at the GPT-2 initialisation.
     """
 
     def __init__(
@@ -47,6 +50,11 @@ class TransformerLanguageModel(LanguageModel):
         dropout: Probability = 0.1,
         context: PositiveInt = 128,
         rope_base: PositiveInt = 10000,
+        dropout_input: Probability | None = None,
+        dropout_attention: Probability | None = None,
+        dropout_residual: Probability | None = None,
+        dropout_embedding: Probability = 0.0,
+        scale_embedding: bool = False,
     ) -> None:
         super().__init__()
         if d_model % num_heads or (d_model // num_heads) % 2:
@@ -58,10 +66,15 @@ class TransformerLanguageModel(LanguageModel):
         self.d_model = d_model
         self.context = context
         self.dropout = dropout
+        self.dropout_input = dropout if dropout_input is None else dropout_input
+        self.dropout_embedding = dropout_embedding
+        self.input_scale = math.sqrt(d_model) if scale_embedding else 1.0
         self.num_heads, self.rope_base = num_heads, rope_base
         self.embedding = nn.Embedding(vocab_size, d_model)
+        attention = dropout if dropout_attention is None else dropout_attention
+        residual = dropout if dropout_residual is None else dropout_residual
         self.blocks = nn.ModuleList(
-            Block(d_model, num_heads, ff_dim or 4 * d_model, dropout) for _ in range(num_layers)
+            Block(d_model, num_heads, ff_dim or 4 * d_model, attention, residual) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.output_bias = nn.Parameter(torch.zeros(vocab_size))  # the output weight is the embedding
@@ -98,7 +111,7 @@ class TransformerLanguageModel(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         """tokens (T, B) → features (T, B, d_model); the state is the KV cache (None: empty)."""
-        x = F.dropout(self.embedding(tokens.t()), self.dropout, self.training)  # (B, T, D)
+        x = F.dropout(self._embed(tokens.t()), self.dropout_input, self.training)  # (B, T, D)
         past = state[0][0].size(2) if state else 0
         cos, sin = self._rotary(past + tokens.size(0), x.device)
         new_state: KVCache = []
@@ -106,6 +119,12 @@ class TransformerLanguageModel(LanguageModel):
             x, (k, v) = block(x, state[i] if state else None, cos, sin)
             new_state.append((k[:, :, -self.context :], v[:, :, -self.context :]))
         return self.norm(x).transpose(0, 1), new_state
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        embedded = self.embedding(tokens)
+        if self.training and self.dropout_embedding:
+            embedded = drop_words(embedded, tokens, self.dropout_embedding, self.vocab_size)
+        return embedded * self.input_scale if self.input_scale != 1.0 else embedded
 
     def _rotary(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.d_model // self.num_heads // 2
@@ -135,9 +154,9 @@ class TransformerLanguageModel(LanguageModel):
 class Block(nn.Module):
     """x + attention(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float) -> None:
+    def __init__(self, d_model: int, num_heads: int, ff_dim: int, attention: float, residual: float) -> None:
         super().__init__()
-        self.num_heads, self.dropout = num_heads, dropout
+        self.num_heads, self.dropout_attention, self.dropout_residual = num_heads, attention, residual
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -160,11 +179,11 @@ class Block(nn.Module):
         )
         attended = F.scaled_dot_product_attention(
             q_rot, k_rot, v, attn_mask=mask, is_causal=past == 0 and steps > 1,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout_attention if self.training else 0.0,
         )  # fmt: skip
         attended = attended.transpose(1, 2).reshape(batch, steps, d_model)
-        x = x + F.dropout(self.proj(attended), self.dropout, self.training)
-        x = x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+        x = x + F.dropout(self.proj(attended), self.dropout_residual, self.training)
+        x = x + F.dropout(self.mlp(self.norm2(x)), self.dropout_residual, self.training)
         return x, (k, v)
 
 

@@ -40,6 +40,7 @@ class TrainState:
     hidden: Any = None  # the model's state after `step` (RNN hidden state, KV cache; None at an epoch start)
     loss_sum: float = 0.0  # train loss summed over this epoch's finished steps
     skipped_batches: int = 0
+    elapsed_s: float = 0.0  # training wall time across resumes (the time budget's clock; every rank agrees)
 
     def start_next_epoch(self) -> None:
         """The epoch just validated is done: the next one starts at its first step, from a fresh state."""
@@ -78,6 +79,7 @@ def training_checkpoint(
             hidden=state.hidden,
             loss_sum=state.loss_sum,
             skipped_batches=state.skipped_batches,
+            elapsed_s=state.elapsed_s,
             rng=rng or rng_state(),
             logger_state=logger_state or {},
         )

@@ -9,6 +9,7 @@ built from config by :func:`lmlab.factory.build_hooks`, each owning its options,
     weight_averaging  lmlab.training.optim.WeightAveraging        NT-ASGD's averaged weights
     checkpoint        lmlab.training.checkpointing.Checkpointing  resume, save_every_steps, init_from
     progress          lmlab.training.progress.Progress            log_interval, bar
+    lr_schedule       lmlab.training.schedules.WarmupDecay        null unless hooks=warmup_decay
     (yours)           +hooks.NAME._target_=module.Class           runs after these
 
 The loop calls, in order::

@@ -72,13 +72,20 @@ PROGRESS = {
     "loss_sum": lambda v: isinstance(v, float) and math.isfinite(v),
     "skipped_batches": lambda v: type(v) is int and v >= 0,
 }
+# Fields older checkpoints may lack: their default when absent, and what each must be when present.
+OPTIONAL_PROGRESS = {"elapsed_s": (0.0, lambda v: isinstance(v, float) and math.isfinite(v) and v >= 0)}
 
 
 def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
     for key, valid in PROGRESS.items():
         if not valid(ckpt.get(key)):
             raise damaged(path, key, f"is {printable(ckpt.get(key), 60)}, not a valid value")
-    return {key: ckpt[key] for key in PROGRESS}
+    progress = {key: ckpt[key] for key in PROGRESS}
+    for key, (default, valid) in OPTIONAL_PROGRESS.items():
+        progress[key] = ckpt.get(key, default)
+        if not valid(progress[key]):
+            raise damaged(path, key, f"is {printable(progress[key], 60)}, not a valid value")
+    return progress
 
 
 def _plain_json(value: Any) -> bool:
