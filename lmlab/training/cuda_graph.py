@@ -6,7 +6,8 @@ whole step at once. Two graphs, so that hooks keep their place between the loss 
     window ──copy──▶ static inputs ─┐
     carry  ──copy──▶ static state ──┴─▶ graph A: forward, loss, backward, clipping ──▶ static loss
                                                  (the next state is copied back into the static state)
-    hooks.before_backward(loss)  ── all True ──▶ graph B: optimizer step (re-captured when the lr changes)
+    hooks.before_backward(loss)  ── all True ──▶ graph B: optimizer step (re-captured when the lr changes;
+                                 │                   eager while it moves every step: hooks.lr_schedule)
                                  └─ a False ───▶ no update; the state restarts (as in eager mode)
 
 The first ``WARMUP_STEPS`` steps run eagerly on a side stream (real steps, as the CUDA graph recipe
@@ -88,7 +89,8 @@ class GraphedStep:
         self.steps_run = 0
         self.forward_graph: torch.cuda.CUDAGraph | None = None
         self.update_graph: torch.cuda.CUDAGraph | None = None
-        self.update_lrs: tuple[float, ...] | None = None
+        self.update_lrs: tuple[float, ...] | None = None  # the LRs graph B was captured with
+        self.previous_lrs: tuple[float, ...] | None = None  # the last step's
         for group in optimizer.param_groups:
             if "capturable" in group:  # Adam/AdamW keep their step count on the device
                 group["capturable"] = True
@@ -140,7 +142,12 @@ class GraphedStep:
             return
         self._attach_gradients()
         lrs = tuple(group["lr"] * lr_scale for group in self.optimizer.param_groups)
-        if self.update_graph is None or lrs != self.update_lrs:
+        moving, self.previous_lrs = lrs != self.previous_lrs, lrs
+        if lrs != self.update_lrs and moving:  # an LR schedule per step (hooks.lr_schedule): no capture pays off
+            with scaled_lr(self.optimizer, lr_scale):
+                self.optimizer.step()
+            return
+        if self.update_graph is None or lrs != self.update_lrs:  # captured once the LR holds for two steps
             self.update_graph, self.update_lrs = None, lrs
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), scaled_lr(self.optimizer, lr_scale):

@@ -71,10 +71,6 @@ class WarmupDecay(Hook):
         shape = DECAYS[self.decay](min(1.0, max(0.0, past_hold)))
         return self.final_lr_ratio + (1.0 - self.final_lr_ratio) * shape
 
-    def on_fit_start(self, ctx: FitContext) -> None:
-        for group in ctx.optimizer.param_groups:  # a resumed optimizer brings its saved initial_lr back
-            group.setdefault("initial_lr", group["lr"])
-
     def on_epoch_start(self, ctx: FitContext) -> None:
         self._set(ctx)  # also the first step of a fresh or resumed run
 
@@ -83,5 +79,5 @@ class WarmupDecay(Hook):
 
     def _set(self, ctx: FitContext) -> None:
         factor = self.factor(ctx.state.global_step, ctx.state.elapsed_s)
-        for group in ctx.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+        for group in ctx.optimizer.param_groups:  # a resumed optimizer brings its saved initial_lr back
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor

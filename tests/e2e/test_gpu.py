@@ -24,11 +24,20 @@ TIMING = {"train_tokens_per_sec", "wall_s", "peak_rss_mb", "peak_gpu_mb", "torch
           "tokens_per_sec"}  # fmt: skip
 
 
-def _losses(compose_cfg, corpus_dir, tmp_path, graph: str) -> list[float]:
+# An LR that moves every step (the optimizer then runs eagerly between graphed forwards).
+LR_SCHEDULE = [
+    "hooks=warmup_decay",
+    "scheduler=null",
+    "hooks.lr_schedule.total_steps=50",
+    "hooks.lr_schedule.warmup_steps=5",
+]
+
+
+def _losses(compose_cfg, corpus_dir, tmp_path, graph: str, extra: list[str]) -> list[float]:
     """Per-step training losses of 50 steps (dropout off: the two runs draw nothing random)."""
     from lmlab.factory import build_training_objects
 
-    cfg = compose_cfg([*GPU, f"dataset.path={corpus_dir}", f"trainer.cuda_graph={graph}", "seed=3"])
+    cfg = compose_cfg([*GPU, f"dataset.path={corpus_dir}", f"trainer.cuda_graph={graph}", "seed=3", *extra])
     objects = build_training_objects(cfg)
     seen = []
 
@@ -38,14 +47,16 @@ def _losses(compose_cfg, corpus_dir, tmp_path, graph: str) -> list[float]:
             return True
 
     stream = objects.data.stream("train").to(objects.device)
-    objects.trainer.train_steps(objects.model, stream, objects.optimizer, objects.device, 50, [Record()])
+    schedule = [objects.hooks["lr_schedule"]] if objects.hooks.get("lr_schedule") else []
+    objects.trainer.train_steps(objects.model, stream, objects.optimizer, objects.device, 50, [Record(), *schedule])
     assert (objects.trainer.graph_off_reason is None) == (graph == "true")
     return [float(x) for x in seen]
 
 
-def test_fifty_graphed_steps_give_the_eager_losses(compose_cfg, corpus_dir, tmp_path):
-    eager = _losses(compose_cfg, corpus_dir, tmp_path, "false")
-    graphed = _losses(compose_cfg, corpus_dir, tmp_path, "true")
+@pytest.mark.parametrize("extra", [[], LR_SCHEDULE], ids=["constant-lr", "lr-schedule"])
+def test_fifty_graphed_steps_give_the_eager_losses(compose_cfg, corpus_dir, tmp_path, extra):
+    eager = _losses(compose_cfg, corpus_dir, tmp_path, "false", extra)
+    graphed = _losses(compose_cfg, corpus_dir, tmp_path, "true", extra)
     assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-5)
 
 

@@ -1,6 +1,7 @@
 """Runs survive interruption, faults and bad input, and lose nothing."""
 
 import json
+import math
 import os
 import pickle
 import signal
@@ -59,6 +60,22 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(corpus_dir, tmp_path
     lines = [(interrupted / "metrics.jsonl"), (tmp_path / "straight" / "metrics.jsonl")]
     a, b = ([_without_timing(json.loads(x)) for x in p.read_text().splitlines()] for p in lines)
     assert a == b  # every epoch's figures, none lost or doubled
+
+
+def test_a_run_with_an_lr_schedule_resumes_on_its_curve(corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    schedule = ["hooks=warmup_decay", "scheduler=null", "hooks.lr_schedule.warmup_steps=10",
+                "hooks.lr_schedule.total_steps=176", "hooks.lr_schedule.final_lr_ratio=0.1"]  # fmt: skip
+    overrides = [*TINY, f"dataset.path={corpus_dir}", "model.dropout=0.3", "trainer.epochs=2", *schedule]
+    straight = train_and_report(compose_cfg(overrides), tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        _stop_at_step(patch, 100)  # mid-epoch 2, on the decay
+        with pytest.raises(Exception, match="stopped by SIGTERM"):
+            train_and_report(compose_cfg(overrides), tmp_path / "resumed")
+    resumed = train_and_report(compose_cfg(overrides), tmp_path / "resumed")
+    assert _without_timing(resumed) == _without_timing(straight)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 88 / 176))))
+    assert lrs[1] == pytest.approx(5 * 0.1)  # TINY: lr 5; the floor at the horizon
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(corpus_dir, tmp_path, compose_cfg):
