@@ -45,15 +45,17 @@ def paragraphs(text: str) -> list[str]:
     return out
 
 
-def split_of(path: Path, eval_share: float) -> str:
-    bucket = int(hashlib.sha256(str(path).encode()).hexdigest()[8:16], 16) / 0xFFFFFFFF
+def split_of(digest: str, eval_share: float) -> str:
+    """A file's split from its path's digest (the bits its place in the shuffle does not use)."""
+    bucket = int(digest[8:16], 16) / 0xFFFFFFFF
     return "valid" if bucket < eval_share else "test" if bucket < 2 * eval_share else "train"
 
 
 def build(source: Path, out: Path, eval_tokens: int, train_tokens: int) -> dict[str, int]:
     files = [p for p in source.rglob("*") if p.suffix in {".rst", ".md", ".txt"} and p.is_file()]
-    files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(source)).encode()).hexdigest())  # a fixed shuffle
-    docs = [(p.relative_to(source), paragraphs(p.read_text(errors="replace"))) for p in files]
+    digests = {p: hashlib.sha256(str(p.relative_to(source)).encode()).hexdigest() for p in files}
+    files.sort(key=digests.__getitem__)  # a fixed shuffle
+    docs = [(digests[p], paragraphs(p.read_text(errors="replace"))) for p in files]
     total = sum(len(line.split()) for _, lines in docs for line in lines)
     eval_share = min(0.25, eval_tokens / max(total, 1))
     out.mkdir(parents=True, exist_ok=True)
@@ -61,8 +63,8 @@ def build(source: Path, out: Path, eval_tokens: int, train_tokens: int) -> dict[
     limits = {"train": train_tokens, "valid": eval_tokens, "test": eval_tokens}
     handles = {name: (out / f"{name}.txt").open("w") for name in counts}
     try:
-        for rel, lines in docs:
-            name = split_of(rel, eval_share)
+        for digest, lines in docs:
+            name = split_of(digest, eval_share)
             if counts[name] >= limits[name]:
                 continue
             for line in lines:

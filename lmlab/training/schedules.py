@@ -67,7 +67,7 @@ class WarmupDecay(Hook):
         """The LR of the next step, as a fraction of the configured LR."""
         if global_step < self.warmup_steps:
             return (global_step + 1) / self.warmup_steps
-        past_hold = (self.progress(global_step, elapsed_s) - self.decay_start) / (1.0 - self.decay_start or 1.0)
+        past_hold = (self.progress(global_step, elapsed_s) - self.decay_start) / (1.0 - self.decay_start)
         shape = DECAYS[self.decay](min(1.0, max(0.0, past_hold)))
         return self.final_lr_ratio + (1.0 - self.final_lr_ratio) * shape
 

@@ -4,19 +4,12 @@ import math
 import time
 
 import pytest
-import torch
 
 from lmlab.config.validation import validate_config
 from lmlab.errors import ConfigError
-from lmlab.models import build_model
-from lmlab.training.hooks import FitContext
 from lmlab.training.safeguards import TimeBudget
 from lmlab.training.schedules import WarmupDecay
-
-
-def _context(lr: float = 2.0) -> FitContext:
-    model = build_model("rnn", 10, embed_dim=4, hidden_dim=4, num_layers=1, dropout=0.0)
-    return FitContext(model, torch.optim.SGD(model.parameters(), lr=lr), None, torch.device("cpu"))
+from tests.unit.test_hooks import fit_context
 
 
 def test_warm_up_then_cosine_to_the_end_of_the_step_horizon():
@@ -46,12 +39,12 @@ def test_a_schedule_without_a_horizon_is_refused_in_one_line():
 
 
 def test_the_hook_sets_every_group_from_its_configured_lr_and_keeps_it_across_resume():
-    ctx, schedule = _context(lr=2.0), WarmupDecay(total_steps=10)
+    ctx, schedule = fit_context(lr=2.0), WarmupDecay(total_steps=10)
     ctx.state.global_step = 5
     schedule.on_step_end(ctx)
     assert ctx.optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
     saved = ctx.optimizer.state_dict()  # a resumed run: the optimizer comes back with lr 1.0 and initial_lr 2.0
-    resumed = _context(lr=2.0)
+    resumed = fit_context(lr=2.0)
     resumed.optimizer.load_state_dict(saved)
     resumed.state.global_step = 5
     schedule.on_epoch_start(resumed)
@@ -59,7 +52,7 @@ def test_the_hook_sets_every_group_from_its_configured_lr_and_keeps_it_across_re
 
 
 def test_the_time_budget_clock_continues_a_resumed_runs_time():
-    ctx, budget = _context(), TimeBudget(max_time_s=100.0)
+    ctx, budget = fit_context(), TimeBudget(max_time_s=100.0)
     budget.on_fit_start(ctx)
     ctx.state.elapsed_s = 99.99  # restored from last.pt after on_fit_start
     budget.on_step_end(ctx)
@@ -67,7 +60,7 @@ def test_the_time_budget_clock_continues_a_resumed_runs_time():
     time.sleep(0.02)
     budget.on_step_end(ctx)
     assert ctx.stop_training  # only what was left of the budget
-    fresh = _context()
+    fresh = fit_context()
     budget = TimeBudget()  # no budget: the clock still runs (a schedule may read it)
     budget.on_fit_start(fresh)
     budget.on_step_end(fresh)
