@@ -107,7 +107,7 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
     if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:
         print(
             f"note: a full softmax over {len(data.vocab):,} words makes the output layer most of the model's cost; "
-            "model.softmax=adaptive model.tie_weights=false is the usual choice here (see +experiment=wt103_lstm)"
+            "model.softmax=adaptive is the usual choice here (see +experiment=wt103_lstm)"
         )
     optimizer = build(cfg.optimizer)(model.parameters())
     if model.sparse_gradients and not takes_sparse_gradients(optimizer):

@@ -68,6 +68,12 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     @property
+    def static_shapes(self) -> bool:
+        """True when a training step's tensor shapes follow from the window's shape alone, as a CUDA
+        graph needs; False when they depend on the data (an adaptive softmax picks rows by target word)."""
+        return True
+
+    @property
     def sparse_gradients(self) -> bool:
         """True when some parameter gets sparse gradients, which only some optimizers take."""
         return False

@@ -15,6 +15,7 @@ from torch import nn
 
 from lmlab.config.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
+from lmlab.models.adaptive import adaptive_softmax
 from lmlab.models.base import LanguageModel, drop_words, register_model
 from lmlab.models.output import as_dtype, linear_cross_entropy
 
@@ -27,8 +28,9 @@ RNN_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}  # cell name -> torch module (a fus
 class RNNLanguageModel(LanguageModel):
     """Embedding → stacked LSTM/GRU → (tied) softmax over the vocabulary.
 
-    ``softmax="adaptive"`` replaces the full output layer by ``nn.AdaptiveLogSoftmaxWithLoss``
-    (vocabulary ids must be sorted by frequency, as lmlab's are), which cannot be tied.
+    ``softmax="adaptive"`` replaces the full output layer by an adaptive softmax (vocabulary ids must be
+    sorted by frequency, as lmlab's are): tied, :class:`~lmlab.models.adaptive.TiedAdaptiveSoftmax`
+    (the embedding's rows score the words); untied, PyTorch's ``nn.AdaptiveLogSoftmaxWithLoss``.
 
     AWD-LSTM regularisation (Merity et al. 2017), all off by default: ``dropout_input`` /
     ``dropout_hidden`` (on embeddings / between layers; null = ``dropout``), ``locked_dropout`` (one mask
@@ -63,9 +65,7 @@ class RNNLanguageModel(LanguageModel):
         super().__init__()
         if cell not in RNN_CELLS:
             raise ConfigError(f"model.cell={cell!r} is unknown; choose one of {sorted(RNN_CELLS)}")
-        if softmax == "adaptive" and tie_weights:
-            raise ConfigError("model.softmax=adaptive cannot tie weights; set model.tie_weights=false")
-        if sparse_embedding and tie_weights and softmax == "full":
+        if sparse_embedding and tie_weights:
             raise ConfigError(
                 "model.sparse_embedding=true does nothing for a tied model (its embedding gradient is already "
                 "sparse and folded into the decoder's); set model.sparse_embedding=false or model.tie_weights=false"
@@ -81,20 +81,14 @@ class RNNLanguageModel(LanguageModel):
         # tensor of zeros. Tied, the decoder's dense gradient absorbs them in place (~90 MB less peak
         # memory at vocabulary 33k, any optimizer); untied they stay sparse, which needs an optimizer
         # that takes sparse gradients (SGD, NT-ASGD), so there it is the ``sparse_embedding`` option.
-        tied = tie_weights and softmax == "full"
-        self.embedding = nn.Embedding(vocab_size, embed_dim, sparse=tied or sparse_embedding)
+        self.tied = tie_weights
+        self.embedding = nn.Embedding(vocab_size, embed_dim, sparse=tie_weights or sparse_embedding)
         out_dim = embed_dim if tie_weights else hidden_dim
         sizes = [embed_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.rnns = nn.ModuleList(RNN_CELLS[cell](sizes[i], sizes[i + 1]) for i in range(num_layers))
         if softmax == "adaptive":
-            cutoffs = [c for c in adaptive_cutoffs if c < vocab_size - 1]  # one config serves any vocabulary
-            if not cutoffs:
-                raise ConfigError(
-                    f"model.adaptive_cutoffs={list(adaptive_cutoffs)} has no cutoff below the vocabulary size "
-                    f"({vocab_size}); give one below {vocab_size - 1}, or use model.softmax=full"
-                )
             self.decoder = None
-            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs, div_value=4.0)
+            self.adaptive = adaptive_softmax(out_dim, vocab_size, adaptive_cutoffs, tied=tie_weights)
         else:
             self.adaptive = None
             # A tied decoder is built on the meta device: its own V×D weight would only be thrown away,
@@ -118,7 +112,7 @@ class RNNLanguageModel(LanguageModel):
 
     @property
     def sparse_gradients(self) -> bool:
-        return self.embedding.sparse and not self.decoder_is_tied
+        return self.embedding.sparse and not self.tied
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
         hidden: Hidden = []
@@ -202,35 +196,30 @@ class RNNLanguageModel(LanguageModel):
         For the adaptive softmax only the targets in a tail cluster pay for that cluster's projection
         and output: ``train_tokens`` gives each cluster's share (without it all tails are counted).
         """
-        tail_share = None if train_tokens is None or self.adaptive is None else self._tail_shares(train_tokens)
         gates = 4 if self.cell == "lstm" else 3
         rnn = sum(2 * gates * r.hidden_size * (r.input_size + r.hidden_size) for r in self.rnns)
         if self.adaptive is None:
-            out = 2 * self.decoder.in_features * self.vocab_size
+            out = 2.0 * self.decoder.in_features * self.vocab_size
         else:
-            head = self.adaptive.head
-            out = 2 * head.in_features * head.out_features
-            for i, tail in enumerate(self.adaptive.tail):
-                share = 1.0 if tail_share is None else tail_share[i]
-                out += share * sum(2 * m.in_features * m.out_features for m in tail)
-        return {"rnn": float(rnn), "output": float(out), "forward": float(rnn + out)}
+            out = self.adaptive.flops_per_token(self.rnns[-1].hidden_size, train_tokens)
+        return {"rnn": float(rnn), "output": out, "forward": float(rnn + out)}
 
-    def _tail_shares(self, tokens: torch.Tensor) -> list[float]:
-        cutoffs = self.adaptive.cutoffs  # [c1, c2, ..., vocab]
-        return [
-            ((tokens >= lo) & (tokens < hi)).float().mean().item()
-            for lo, hi in zip(cutoffs[:-1], cutoffs[1:], strict=True)
-        ]
+    @property
+    def static_shapes(self) -> bool:
+        return self.adaptive is None
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         flat = features.reshape(-1, features.size(-1))
         if self.adaptive is not None:
-            return self.adaptive(flat, targets.reshape(-1)).loss
+            return self.adaptive.loss(flat, targets.reshape(-1), self.embedding.weight)
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         flat = features.reshape(-1, features.size(-1))
-        logp = self.adaptive.log_prob(flat) if self.adaptive is not None else F.log_softmax(self.decoder(flat), -1)
+        if self.adaptive is not None:
+            logp = self.adaptive.log_prob(flat, self.embedding.weight)
+        else:
+            logp = F.log_softmax(self.decoder(flat), -1)
         return logp.view(*features.shape[:-1], self.vocab_size)
 
 

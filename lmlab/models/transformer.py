@@ -16,13 +16,15 @@ oldest cached position, so positions never grow with the length of the corpus.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config.schema import PositiveInt, Probability
+from lmlab.config.schema import IncreasingInts, PositiveInt, Probability
 from lmlab.errors import ConfigError
+from lmlab.models.adaptive import adaptive_softmax
 from lmlab.models.base import LanguageModel, drop_words, register_model
 from lmlab.models.output import linear_cross_entropy
 
@@ -38,6 +40,8 @@ class TransformerLanguageModel(LanguageModel):
     one of them; ``dropout_embedding`` drops whole words (every feature of a word id, the same words
     in the whole batch, as the RNN's). ``scale_embedding`` multiplies the (tied) input embedding by
     sqrt(d_model), so that it is not drowned by the residual branches at the GPT-2 initialisation.
+    ``softmax="adaptive"`` scores words with :class:`~lmlab.models.adaptive.TiedAdaptiveSoftmax` (still
+    tied to the embedding) instead of the full output layer.
     """
 
     def __init__(
@@ -55,6 +59,8 @@ class TransformerLanguageModel(LanguageModel):
         dropout_residual: Probability | None = None,
         dropout_embedding: Probability = 0.0,
         scale_embedding: bool = False,
+        softmax: Literal["full", "adaptive"] = "full",
+        adaptive_cutoffs: IncreasingInts = (2000, 10000),
     ) -> None:
         super().__init__()
         if d_model % num_heads or (d_model // num_heads) % 2:
@@ -77,8 +83,12 @@ class TransformerLanguageModel(LanguageModel):
             Block(d_model, num_heads, ff_dim or 4 * d_model, attention, residual) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
-        self.output_bias = nn.Parameter(torch.zeros(vocab_size))  # the output weight is the embedding
         self._init_weights(num_layers)
+        # The output weight is the embedding; the bias (or the adaptive softmax's head) is the layer's own.
+        self.adaptive = (
+            adaptive_softmax(d_model, vocab_size, adaptive_cutoffs, tied=True) if softmax == "adaptive" else None
+        )
+        self.output_bias = nn.Parameter(torch.zeros(vocab_size)) if self.adaptive is None else None
 
     def _init_weights(self, num_layers: int) -> None:
         # GPT-2's scheme: N(0, 0.02) everywhere, residual projections scaled down by depth.
@@ -132,11 +142,20 @@ class TransformerLanguageModel(LanguageModel):
         angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
         return angles.cos(), angles.sin()  # (length, head_dim / 2)
 
+    @property
+    def static_shapes(self) -> bool:
+        return self.adaptive is None
+
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         flat = features.reshape(-1, self.d_model)
+        if self.adaptive is not None:
+            return self.adaptive.loss(flat, targets.reshape(-1), self.embedding.weight)
         return linear_cross_entropy(flat, self.embedding.weight, self.output_bias, targets.reshape(-1))
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        if self.adaptive is not None:
+            flat = self.adaptive.log_prob(features.reshape(-1, self.d_model), self.embedding.weight)
+            return flat.view(*features.shape[:-1], self.vocab_size)
         return F.log_softmax(F.linear(features, self.embedding.weight, self.output_bias).float(), -1)
 
     def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
@@ -146,7 +165,7 @@ class TransformerLanguageModel(LanguageModel):
         ff = self.blocks[0].mlp.up.out_features
         dense = len(self.blocks) * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * ff)
         attention = len(self.blocks) * 2 * 2 * d * self.context
-        output = 2 * d * self.vocab_size
+        output = 2.0 * d * self.vocab_size if self.adaptive is None else self.adaptive.flops_per_token(d, train_tokens)
         return {"blocks": float(dense), "attention": float(attention), "output": float(output),
                 "forward": float(dense + attention + output)}  # fmt: skip
 

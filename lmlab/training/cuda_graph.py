@@ -50,6 +50,8 @@ def graph_plan(
         return "trainer.compile=true (torch.compile does its own capture)"
     if variable_bptt:
         return "dataset.variable_bptt=true changes the window shape every step"
+    if not model.static_shapes:
+        return "the adaptive softmax (model.softmax=adaptive) picks rows by target word, so shapes change every step"
     if model.sparse_gradients:
         return "sparse gradients (model.sparse_embedding=true) change shape every step"
     if loss_scaling:

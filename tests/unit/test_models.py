@@ -58,16 +58,39 @@ def test_dropout_masks_keep_the_right_share_and_scale():
     assert awd._shared_masks(torch.zeros(9, 4, dtype=torch.long)) == [None] * 3  # widths differ: a draw each
 
 
-def test_adaptive_softmax_matches_its_log_probs():
-    model = RNNLanguageModel(
-        100, embed_dim=16, hidden_dim=16, tie_weights=False, softmax="adaptive", adaptive_cutoffs=[10, 40]
-    )
-    tokens = torch.randint(0, 100, (5, 2))
-    features, _ = model(tokens, model.init_state(2))
+ADAPTIVE = [
+    ("rnn", {"embed_dim": 16, "hidden_dim": 24, "tie_weights": False}),
+    ("rnn", {"embed_dim": 16, "hidden_dim": 24, "tie_weights": True}),
+    ("transformer", {"d_model": 16, "num_heads": 2, "num_layers": 1}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", ADAPTIVE, ids=["rnn-untied", "rnn-tied", "transformer-tied"])
+def test_adaptive_softmax_trains_on_the_distribution_it_reports(name, kwargs):
+    """The training loss (rows picked by target cluster) is the mean NLL of the full log-probabilities,
+    which sum to one, in value and in gradient; cutoffs past the vocabulary are dropped."""
+    torch.manual_seed(0)
+    model = build_model(name, 100, softmax="adaptive", adaptive_cutoffs=[10, 40, 500], **kwargs)
+    tokens = torch.randint(0, 100, (6, 3))
+    targets = torch.tensor([3, 15, 70] * 6).view(6, 3)  # every cluster has targets
+    features, _ = model(tokens, model.init_state(3))
     logp = model.log_probs(features)
-    assert torch.allclose(logp.exp().sum(-1), torch.ones(5, 2), atol=1e-4)
-    nll = -logp.gather(-1, tokens.unsqueeze(-1)).mean()
-    assert torch.allclose(model.loss(features, tokens), nll, atol=1e-5)
+    assert logp.shape == (6, 3, 100)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(6, 3), atol=1e-4)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).mean()
+    loss = model.loss(features, targets)
+    assert torch.allclose(loss, nll, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    by_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    by_nll = torch.autograd.grad(nll, params, allow_unused=True)
+    for a, b in zip(by_loss, by_nll, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a.to_dense(), b.to_dense(), atol=1e-5)
+    assert not model.static_shapes  # no CUDA graph for a step whose rows depend on the targets
+    if kwargs.get("tie_weights", True):  # tied: the embedding rows are the output vectors
+        assert not any(p is model.embedding.weight for p in model.adaptive.parameters())
+        assert model.flops_per_token(targets)["output"] < 2 * 16 * 100  # cheaper than a full softmax
 
 
 @pytest.mark.parametrize(
@@ -76,7 +99,7 @@ def test_adaptive_softmax_matches_its_log_probs():
         ({"cell": "rnn"}, "model.cell='rnn' is unknown"),
         ({"hidden_dim": -5}, "model.hidden_dim=-5 is invalid: it must be a positive integer"),
         ({"dropout": 1.0}, r"model.dropout=1.0 is invalid: it must be a number in \[0, 1\)"),
-        ({"softmax": "adaptive", "tie_weights": True}, "cannot tie weights"),
+        ({"softmax": "adaptive", "adaptive_cutoffs": [60, 80]}, r"has no cutoff below the vocabulary size \(50\)"),
         ({"softmax": "sampled"}, r"model.softmax='sampled' is invalid: it must be one of \['full', 'adaptive'\]"),
         ({"sparse_embedding": True}, "does nothing for a tied model"),
         ({"hiden_dim": 8}, "model.hiden_dim is not a setting of RNNLanguageModel"),
