@@ -129,6 +129,7 @@ def test_cpu_heap_modes_reuse_or_release_freed_buffers():
             ),
         ),
         ["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=[6,12]"],
+        ["model.softmax=adaptive", "model.adaptive_cutoffs=[6,12]"],  # tied: lmlab's TiedAdaptiveSoftmax
         [
             "model=gru",
             "model.locked_dropout=true",

@@ -109,3 +109,16 @@ def test_adaptive_softmax_trains_on_the_distribution_it_reports(name, kwargs):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         build_model("rnn", 50, **kwargs)
+
+
+@pytest.mark.parametrize("softmax, reason", [("full", None), ("adaptive", "adaptive softmax")])
+def test_a_cuda_graph_is_planned_only_for_static_shapes(softmax, reason):
+    """The plan is decided from the model's contract (static_shapes), without a GPU."""
+    from lmlab.training.cuda_graph import graph_plan
+
+    model = build_model("rnn", 50, embed_dim=8, hidden_dim=8, softmax=softmax, adaptive_cutoffs=[10])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    plan = graph_plan(
+        torch.device("cuda"), model, optimizer, None, variable_bptt=False, loss_scaling=False, compiled=False
+    )
+    assert plan is None if reason is None else reason in plan
