@@ -63,6 +63,8 @@ class TiedAdaptiveSoftmax(nn.Module):
         self.vocab_size = vocab_size
         self.bounds = [*kept, vocab_size]  # cluster i holds ids bounds[i] .. bounds[i+1] - 1
         self.shortlist = kept[0]
+        starts = [0, *self.bounds]
+        self.sizes = [hi - lo for lo, hi in zip(starts[:-1], starts[1:], strict=True)]  # shortlist, clusters
         clusters = len(kept)
         self.cluster_weight = nn.Parameter(torch.zeros(clusters, dim))
         self.head_bias = nn.Parameter(torch.zeros(self.shortlist + clusters))
@@ -71,18 +73,23 @@ class TiedAdaptiveSoftmax(nn.Module):
             nn.Parameter(torch.zeros(hi - lo)) for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True)
         )
 
-    def _head_log_probs(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        head_weight = torch.cat([weight[: self.shortlist], self.cluster_weight.to(weight.dtype)])
+    def _split(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """The word vectors of the shortlist and of each cluster. One split, not a slice each: backward
+        then writes their gradients into one vocab × D tensor instead of a zero-filled one per slice."""
+        return list(weight.split(self.sizes))
+
+    def _head_log_probs(self, features: torch.Tensor, shortlist: torch.Tensor) -> torch.Tensor:
+        head_weight = torch.cat([shortlist, self.cluster_weight.to(shortlist.dtype)])
         return F.log_softmax(F.linear(features, head_weight).float() + self.head_bias, -1)
 
-    def _tail_log_probs(self, i: int, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.bounds[i], self.bounds[i + 1]
+    def _tail_log_probs(self, i: int, features: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         projected = F.linear(features, self.projections[i].to(features.dtype))
-        return F.log_softmax(F.linear(projected, weight[lo:hi]).float() + self.tail_biases[i], -1)
+        return F.log_softmax(F.linear(projected, words).float() + self.tail_biases[i], -1)
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of ``targets`` (n,) given ``features`` (n, D)."""
-        head = self._head_log_probs(features, weight)
+        shortlist, *clusters = self._split(weight)
+        head = self._head_log_probs(features, shortlist)
         # A rare word's head column is its cluster's score: column shortlist + i for cluster i.
         cluster = torch.bucketize(targets, torch.tensor(self.bounds[:-1], device=targets.device), right=True)
         head_column = torch.where(cluster == 0, targets, self.shortlist + cluster - 1)
@@ -90,17 +97,18 @@ class TiedAdaptiveSoftmax(nn.Module):
         for i in range(len(self.bounds) - 1):
             rows = (cluster == i + 1).nonzero().squeeze(1)
             if rows.numel():
-                tail = self._tail_log_probs(i, features.index_select(0, rows), weight)
+                tail = self._tail_log_probs(i, features.index_select(0, rows), clusters[i])
                 total = total + tail.gather(1, (targets.index_select(0, rows) - self.bounds[i]).unsqueeze(1)).sum()
         return total / -targets.numel()
 
     def log_prob(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of every word, (n, vocab_size), for features (n, D)."""
-        head = self._head_log_probs(features, weight)
+        shortlist, *clusters = self._split(weight)
+        head = self._head_log_probs(features, shortlist)
         parts = [head[:, : self.shortlist]]
-        for i in range(len(self.bounds) - 1):
+        for i, words in enumerate(clusters):
             cluster = head[:, self.shortlist + i].unsqueeze(1)
-            parts.append(cluster + self._tail_log_probs(i, features, weight))
+            parts.append(cluster + self._tail_log_probs(i, features, words))
         return torch.cat(parts, 1)
 
     def flops_per_token(self, dim: int, train_tokens: torch.Tensor | None = None) -> float:
