@@ -59,13 +59,13 @@ class TiedAdaptiveSoftmax(nn.Module):
 
     def __init__(self, dim: int, vocab_size: int, cutoffs: Sequence[int]) -> None:
         super().__init__()
-        kept = list(cutoffs)
         self.vocab_size = vocab_size
-        self.bounds = [*kept, vocab_size]  # cluster i holds ids bounds[i] .. bounds[i+1] - 1
-        self.shortlist = kept[0]
+        self.bounds = [*cutoffs, vocab_size]  # cluster i holds ids bounds[i] .. bounds[i+1] - 1
+        self.shortlist = cutoffs[0]
         starts = [0, *self.bounds]
         self.sizes = [hi - lo for lo, hi in zip(starts[:-1], starts[1:], strict=True)]  # shortlist, clusters
-        clusters = len(kept)
+        self.register_buffer("cluster_starts", torch.tensor(cutoffs), persistent=False)
+        clusters = len(cutoffs)
         self.cluster_weight = nn.Parameter(torch.zeros(clusters, dim))
         self.head_bias = nn.Parameter(torch.zeros(self.shortlist + clusters))
         self.projections = nn.ParameterList(nn.Parameter(torch.eye(dim)) for _ in range(clusters))
@@ -91,7 +91,7 @@ class TiedAdaptiveSoftmax(nn.Module):
         shortlist, *clusters = self._split(weight)
         head = self._head_log_probs(features, shortlist)
         # A rare word's head column is its cluster's score: column shortlist + i for cluster i.
-        cluster = torch.bucketize(targets, torch.tensor(self.bounds[:-1], device=targets.device), right=True)
+        cluster = torch.bucketize(targets, self.cluster_starts, right=True)  # 0: the shortlist
         head_column = torch.where(cluster == 0, targets, self.shortlist + cluster - 1)
         total = head.gather(1, head_column.unsqueeze(1)).sum()
         for i in range(len(self.bounds) - 1):
