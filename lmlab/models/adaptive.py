@@ -39,7 +39,10 @@ class AdaptiveSoftmax(nn.AdaptiveLogSoftmaxWithLoss):
     (``weight`` is ignored: it owns its output weights)."""
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self(features, targets).loss
+        # PyTorch skips a cluster no target fell in; a zero term keeps its parameters in the graph, since
+        # DDP needs a gradient for every parameter at every step.
+        unused = sum(p.view(-1)[0] for p in self.tail.parameters())
+        return self(features, targets).loss + 0.0 * unused
 
     def log_prob(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return super().log_prob(features)
@@ -95,10 +98,11 @@ class TiedAdaptiveSoftmax(nn.Module):
         head_column = torch.where(cluster == 0, targets, self.shortlist + cluster - 1)
         total = head.gather(1, head_column.unsqueeze(1)).sum()
         for i in range(len(self.bounds) - 1):
+            # A cluster no target fell in still runs (on 0 rows): every parameter then gets a gradient,
+            # zero here, as DDP needs from every step.
             rows = (cluster == i + 1).nonzero().squeeze(1)
-            if rows.numel():
-                tail = self._tail_log_probs(i, features.index_select(0, rows), clusters[i])
-                total = total + tail.gather(1, (targets.index_select(0, rows) - self.bounds[i]).unsqueeze(1)).sum()
+            tail = self._tail_log_probs(i, features.index_select(0, rows), clusters[i])
+            total = total + tail.gather(1, (targets.index_select(0, rows) - self.bounds[i]).unsqueeze(1)).sum()
         return total / -targets.numel()
 
     def log_prob(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

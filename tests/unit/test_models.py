@@ -111,6 +111,17 @@ def test_bad_arguments(kwargs, message):
         build_model("rnn", 50, **kwargs)
 
 
+@pytest.mark.parametrize("name, kwargs", ADAPTIVE, ids=["rnn-untied", "rnn-tied", "transformer-tied"])
+def test_every_adaptive_softmax_parameter_gets_a_gradient_when_a_cluster_has_no_target(name, kwargs):
+    """DDP (find_unused_parameters=False) fails on a step that leaves a parameter without a gradient."""
+    model = build_model(name, 100, softmax="adaptive", adaptive_cutoffs=[10, 40], **kwargs)
+    tokens = torch.randint(0, 100, (4, 2))
+    features, _ = model(tokens, model.init_state(2))
+    loss = model.loss(features, torch.full((4, 2), 3))  # only shortlist targets: both clusters empty
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in torch.autograd.grad(loss, params, allow_unused=True))
+
+
 @pytest.mark.parametrize("softmax, reason", [("full", None), ("adaptive", "adaptive softmax")])
 def test_a_cuda_graph_is_planned_only_for_static_shapes(softmax, reason):
     """The plan is decided from the model's contract (static_shapes), without a GPU."""
