@@ -49,9 +49,13 @@ TRANSFORMER = [
     "model.context=8",
 ]
 AWD = [*RNN, "dataset.variable_bptt=true", "optimizer=nt_asgd", "optimizer.lr=5", "model.weight_drop=0.0"]
+# The two rarest words as a cluster of their own: most steps leave it without a target on some rank.
+ADAPTIVE = [*RNN, "model.softmax=adaptive", "model.adaptive_cutoffs=[6,17]"]
 
 
-@pytest.mark.parametrize("setup", [RNN, TRANSFORMER, AWD], ids=["lstm", "transformer", "variable_bptt+nt_asgd"])
+@pytest.mark.parametrize(
+    "setup", [RNN, TRANSFORMER, AWD, ADAPTIVE], ids=["lstm", "transformer", "variable_bptt+nt_asgd", "tied-adaptive"]
+)
 def test_two_processes_take_the_step_of_one_at_the_full_batch_and_only_rank_0_writes(tmp_path, corpus_dir, setup):
     args = [*setup, f"dataset.path={corpus_dir}"]
     (tmp_path / "ddp").mkdir()
