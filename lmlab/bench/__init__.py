@@ -134,7 +134,10 @@ def _plain_loop(cfg: DictConfig, vocab_size: int, device: torch.device) -> Plain
     make = BASELINES.get(cfg.model.name)
     if not cfg.bench.baseline or make is None:
         return None
-    model = make(vocab_size, model_arguments(cfg.model)).to(device)
+    model = make(vocab_size, model_arguments(cfg.model))
+    if model is None:
+        return None
+    model = model.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.trainer.precision, device))
     return PlainLoop(model, build(cfg.optimizer)(model.parameters()), cfg.trainer.clip_grad_norm, dtype)
 
@@ -208,7 +211,7 @@ def _baseline_line(r: dict[str, Any]) -> str:
     b = r["baseline"]
     graph = f"lmlab's CUDA graph: {r['cuda_graph']}"
     if b is None:
-        return f"plain PyTorch loop: not timed (bench.baseline=false, or none for model {r['model']['name']}) | {graph}"
+        return f"plain PyTorch loop: not timed (bench.baseline=false, or none for these model settings) | {graph}"
     line = (
         f"plain PyTorch loop, same shapes: {b['tokens_per_sec']:,.0f} tok/s | {b['ms_per_step']:.1f} ms/step "
         f"| lmlab/plain {b['lmlab_over_plain']:.2f}x | {graph}"

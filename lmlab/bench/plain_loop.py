@@ -45,7 +45,10 @@ class PlainRNN(nn.Module):
         return self.decoder(self.drop(output)), hidden
 
 
-def plain_rnn(vocab_size: int, arguments: dict[str, Any]) -> nn.Module:
+def plain_rnn(vocab_size: int, arguments: dict[str, Any]) -> nn.Module | None:
+    """The plain loop's RNN; None for an adaptive softmax (a full-softmax loop would not be the same shapes)."""
+    if arguments.get("softmax", "full") != "full":
+        return None
     keys = ("cell", "embed_dim", "hidden_dim", "num_layers", "dropout", "tie_weights")
     defaults = {
         "cell": "lstm",
@@ -58,7 +61,7 @@ def plain_rnn(vocab_size: int, arguments: dict[str, Any]) -> nn.Module:
     return PlainRNN(vocab_size, **{k: arguments.get(k, defaults[k]) for k in keys})
 
 
-BASELINES: dict[str, Callable[[int, dict[str, Any]], nn.Module]] = {"rnn": plain_rnn}
+BASELINES: dict[str, Callable[[int, dict[str, Any]], nn.Module | None]] = {"rnn": plain_rnn}
 
 
 class PlainLoop:
