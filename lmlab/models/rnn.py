@@ -99,15 +99,11 @@ class RNNLanguageModel(LanguageModel):
                 self.decoder.bias = nn.Parameter(torch.zeros(vocab_size))
         self._init_weights()
 
-    @property
-    def decoder_is_tied(self) -> bool:
-        return self.decoder is not None and self.decoder.weight is self.embedding.weight
-
     def _init_weights(self) -> None:
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         if self.decoder is not None:
             nn.init.zeros_(self.decoder.bias)
-            if not self.decoder_is_tied:
+            if not self.tied:
                 nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
     @property
