@@ -72,9 +72,7 @@ class TiedAdaptiveSoftmax(nn.Module):
         self.cluster_weight = nn.Parameter(torch.zeros(clusters, dim))
         self.head_bias = nn.Parameter(torch.zeros(self.shortlist + clusters))
         self.projections = nn.ParameterList(nn.Parameter(torch.eye(dim)) for _ in range(clusters))
-        self.tail_biases = nn.ParameterList(
-            nn.Parameter(torch.zeros(hi - lo)) for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True)
-        )
+        self.tail_biases = nn.ParameterList(nn.Parameter(torch.zeros(size)) for size in self.sizes[1:])
 
     def _split(self, weight: torch.Tensor) -> list[torch.Tensor]:
         """The word vectors of the shortlist and of each cluster. One split, not a slice each: backward
