@@ -41,6 +41,8 @@ class TrainState:
     loss_sum: float = 0.0  # train loss summed over this epoch's finished steps
     skipped_batches: int = 0
     elapsed_s: float = 0.0  # training wall time across resumes (the time budget's clock; every rank agrees)
+    weight_average: dict[str, torch.Tensor] | None = None  # hooks.weight_averaging's mean (None: not started)
+    averaged_steps: int = 0  # steps in that mean
 
     def start_next_epoch(self) -> None:
         """The epoch just validated is done: the next one starts at its first step, from a fresh state."""
@@ -80,6 +82,8 @@ def training_checkpoint(
             loss_sum=state.loss_sum,
             skipped_batches=state.skipped_batches,
             elapsed_s=state.elapsed_s,
+            weight_average=state.weight_average,
+            averaged_steps=state.averaged_steps,
             rng=rng or rng_state(),
             logger_state=logger_state or {},
         )

@@ -6,7 +6,7 @@ built from config by :func:`lmlab.factory.build_hooks`, each owning its options,
     stop_on_signal    lmlab.training.safeguards.StopOnSignal      SIGINT/SIGTERM: save, then stop
     time_budget       lmlab.training.safeguards.TimeBudget        max_time_s
     non_finite        lmlab.training.safeguards.NonFinitePolicy   on_nan, max_skipped_fraction
-    weight_averaging  lmlab.training.optim.WeightAveraging        NT-ASGD's averaged weights
+    weight_averaging  lmlab.training.averaging.WeightAveraging    start, ema_steps (or NT-ASGD's average)
     checkpoint        lmlab.training.checkpointing.Checkpointing  resume, save_every_steps, init_from
     progress          lmlab.training.progress.Progress            log_interval, bar
     lr_schedule       lmlab.training.schedules.WarmupDecay        null unless hooks=warmup_decay

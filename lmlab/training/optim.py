@@ -1,5 +1,5 @@
-"""Optimizers and schedules: NT-ASGD (and the hook that validates with its averaged weights),
-sparse-aware gradient clipping, and :class:`Schedule`.
+"""Optimizers and schedules: NT-ASGD (whose averaged weights :class:`lmlab.training.averaging.WeightAveraging`
+validates with), sparse-aware gradient clipping, and :class:`Schedule`.
 
 NT-ASGD (Merity et al. 2017): SGD that switches to averaged SGD once validation stops improving.
 
@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-
-from lmlab.training.hooks import FitContext, Hook
 
 
 class NTASGD(torch.optim.SGD):
@@ -171,17 +169,3 @@ class Schedule:
             self.scheduler.step(val_loss)
         elif self.interval == "epoch":
             self.scheduler.step()
-
-
-class WeightAveraging(Hook):
-    """Validate with an optimizer's averaged weights (NT-ASGD) and tell it each validation loss. Any
-    optimizer with ``averaged_weights()`` / ``observe(val_loss)`` takes part; others are left alone."""
-
-    def evaluation_weights(self, ctx: FitContext) -> contextlib.AbstractContextManager:
-        averaged = getattr(ctx.optimizer, "averaged_weights", None)
-        return averaged() if averaged else contextlib.nullcontext()
-
-    def on_validation_end(self, ctx: FitContext, val_loss: float) -> None:
-        observe = getattr(ctx.optimizer, "observe", None)
-        if observe and observe(val_loss):
-            print(f"NT-ASGD: validation stopped improving; averaging weights from epoch {ctx.state.epoch + 1}")

@@ -58,8 +58,10 @@ def restore_training(
     device = next(model.parameters()).device
     with _field(path, "hidden"):
         hidden = map_tensors(own["hidden"], lambda t: t.to(device))
+    average = _weight_average(path, ckpt.get("weight_average"), model)
     logger_state = ckpt.get("logger_state")
-    return TrainState(**progress, hidden=hidden), logger_state if isinstance(logger_state, dict) else {}
+    state = TrainState(**progress, hidden=hidden, weight_average=average)
+    return state, logger_state if isinstance(logger_state, dict) else {}
 
 
 # A last.pt's progress fields and what each must be (a resumed run's loop trusts them).
@@ -73,7 +75,10 @@ PROGRESS = {
     "skipped_batches": lambda v: type(v) is int and v >= 0,
 }
 # Fields older checkpoints may lack: their default when absent, and what each must be when present.
-OPTIONAL_PROGRESS = {"elapsed_s": (0.0, lambda v: isinstance(v, float) and math.isfinite(v) and v >= 0)}
+OPTIONAL_PROGRESS = {
+    "elapsed_s": (0.0, lambda v: isinstance(v, float) and math.isfinite(v) and v >= 0),
+    "averaged_steps": (0, lambda v: type(v) is int and v >= 0),
+}
 
 
 def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +91,23 @@ def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         if not valid(progress[key]):
             raise damaged(path, key, f"is {printable(progress[key], 60)}, not a valid value")
     return progress
+
+
+def _weight_average(path: str | os.PathLike, average: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """hooks.weight_averaging's mean (lmlab.training.averaging), checked against the model it averages."""
+    if average is None:
+        return None
+    params = dict(model.named_parameters())
+    fits = isinstance(average, dict) and set(average) == set(params)
+    fits = fits and all(
+        isinstance(t, torch.Tensor) and t.shape == params[k].shape and t.dtype == params[k].dtype
+        for k, t in average.items()
+    )
+    if not fits:
+        raise damaged(path, "weight_average", "is not a mean of this model's weights")
+    if not all(bool(torch.isfinite(t).all()) for t in average.values()):
+        raise damaged(path, "weight_average", "holds non-finite values")
+    return {k: t.to(params[k].device) for k, t in average.items()}
 
 
 def _plain_json(value: Any) -> bool:

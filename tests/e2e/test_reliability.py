@@ -78,6 +78,22 @@ def test_a_run_with_an_lr_schedule_resumes_on_its_curve(corpus_dir, tmp_path, co
     assert lrs[1] == pytest.approx(5 * 0.1)  # TINY: lr 5; the floor at the horizon
 
 
+def test_a_run_with_weight_averaging_resumes_its_mean_exactly(corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    averaging = ["hooks.weight_averaging.start=0.25", "hooks.weight_averaging.ema_steps=50"]
+    overrides = [*TINY, f"dataset.path={corpus_dir}", "model.dropout=0.3", "trainer.epochs=2", *averaging]
+    straight = train_and_report(compose_cfg(overrides), tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        _stop_at_step(patch, 100)  # mid-epoch 2, 56 steps into the mean
+        with pytest.raises(Exception, match="stopped by SIGTERM"):
+            train_and_report(compose_cfg(overrides), tmp_path / "resumed")
+    resumed = train_and_report(compose_cfg(overrides), tmp_path / "resumed")
+    assert _without_timing(resumed) == _without_timing(straight)
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "resumed"))
+    assert a["averaged_steps"] == b["averaged_steps"] == 2 * 88 - 44 + 1  # TINY: 88 steps an epoch; from step 44
+    assert all(torch.equal(a["weight_average"][k], b["weight_average"][k]) for k in a["weight_average"])
+    assert not torch.equal(a["weight_average"]["embedding.weight"], a["model_state"]["embedding.weight"])
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(corpus_dir, tmp_path, compose_cfg):
     out = tmp_path / "run"
     train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1"]), out)

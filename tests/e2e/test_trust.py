@@ -228,6 +228,8 @@ RESUME_DAMAGE = {
     "hidden": lambda s: s.update(step=2, hidden=[[__import__("torch").zeros(1, 3, 7)] * 2]),
     "model_state": lambda s: s.pop("model_state"),
     "vocab": _set(vocab="the cat"),
+    "weight_average": _set(weight_average={"embedding.weight": __import__("torch").zeros(2)}),
+    "averaged_steps": _set(averaged_steps=-1),
 }
 
 
