@@ -107,12 +107,19 @@ class WeightAveraging(Hook):
 @contextlib.contextmanager
 def _swapped_in(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
     named = dict(model.named_parameters())
-    params = [named[name].detach() for name in weights]  # detached views: copies into them are not recorded
-    live = [p.clone() for p in params]
-    for param, mean in zip(params, weights.values(), strict=True):
-        param.copy_(mean)
+    pairs = [(named[name], mean) for name, mean in weights.items()]
+    swap(pairs)
     try:
         yield
     finally:
-        for param, saved in zip(params, live, strict=True):
-            param.copy_(saved)
+        swap(pairs)
+
+
+@torch.no_grad()
+def swap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Exchange each parameter's values with its mean's, one tensor at a time (one tensor of scratch memory,
+    not a copy of the model)."""
+    for param, mean in pairs:
+        scratch = param.detach().clone()
+        param.copy_(mean)
+        mean.copy_(scratch)

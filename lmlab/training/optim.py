@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import torch
 
+from lmlab.training.averaging import swap
+
 
 class NTASGD(torch.optim.SGD):
     """``torch.optim.SGD`` plus non-monotonically triggered iterate averaging."""
@@ -64,11 +66,11 @@ class NTASGD(torch.optim.SGD):
         pairs = [
             (p, self.state[p]["average"]) for g in self.param_groups for p in g["params"] if "average" in self.state[p]
         ]
-        _swap(pairs)
+        swap(pairs)
         try:
             yield
         finally:
-            _swap(pairs)
+            swap(pairs)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -88,14 +90,6 @@ class NTASGD(torch.optim.SGD):
             extra["averaging"],
             extra["n_averaged"],
         )
-
-
-@torch.no_grad()
-def _swap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for param, average in pairs:
-        current = param.detach().clone()
-        param.copy_(average)
-        average.copy_(current)
 
 
 # Optimizers that take sparse and dense gradients together (``model.sparse_embedding``); NTASGD is an SGD.
