@@ -59,6 +59,7 @@ def restore_training(
     with _field(path, "hidden"):
         hidden = map_tensors(own["hidden"], lambda t: t.to(device))
     average = _weight_average(path, ckpt.get("weight_average"), model)
+    _check_averaged_steps(path, progress, average)
     logger_state = ckpt.get("logger_state")
     state = TrainState(**progress, hidden=hidden, weight_average=average)
     return state, logger_state if isinstance(logger_state, dict) else {}
@@ -108,6 +109,17 @@ def _weight_average(path: str | os.PathLike, average: Any, model: torch.nn.Modul
     if not all(bool(torch.isfinite(t).all()) for t in average.values()):
         raise damaged(path, "weight_average", "holds non-finite values")
     return {k: t.to(params[k].device) for k, t in average.items()}
+
+
+def _check_averaged_steps(path: str | os.PathLike, progress: dict[str, Any], average: Any) -> None:
+    """The mean and its step count are saved together; one without the other would restart or skew the mean."""
+    steps = progress["averaged_steps"]
+    if average is not None and steps == 0:
+        raise damaged(path, "averaged_steps", "is 0 while weight_average holds a mean")
+    if average is None and steps > 0:
+        raise damaged(path, "averaged_steps", f"is {steps} while weight_average holds no mean")
+    if steps > progress["global_step"]:
+        raise damaged(path, "averaged_steps", f"is {steps}, more than the run's {progress['global_step']} steps")
 
 
 def _plain_json(value: Any) -> bool:

@@ -233,13 +233,38 @@ RESUME_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("field", list(RESUME_DAMAGE))
-def test_a_damaged_field_of_a_resumed_last_pt_is_one_line_naming_file_and_field(tiny_run, tmp_path, compose_cfg, field):
+def _mean(state):
+    """A well-formed weight_average for the tiny run's model (tied: decoder.weight is the embedding)."""
+    return {k: v.clone() for k, v in state["model_state"].items() if k != "decoder.weight"}
+
+
+# Fields valid one by one that contradict each other: the field the message must name.
+RESUME_CONTRADICTIONS = {
+    "a mean counted as 0 steps": (
+        lambda s: s.update(weight_average=_mean(s), averaged_steps=0),
+        "averaged_steps",
+    ),
+    "steps counted without a mean": (_set(weight_average=None, averaged_steps=3), "averaged_steps"),
+    "more averaged steps than steps": (
+        lambda s: s.update(weight_average=_mean(s), averaged_steps=s["global_step"] + 1),
+        "averaged_steps",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [(edit, field) for field, edit in RESUME_DAMAGE.items()] + list(RESUME_CONTRADICTIONS.values()),
+    ids=list(RESUME_DAMAGE) + list(RESUME_CONTRADICTIONS),
+)
+def test_a_damaged_field_of_a_resumed_last_pt_is_one_line_naming_file_and_field(
+    tiny_run, tmp_path, compose_cfg, edit, field
+):
     from lmlab.errors import CheckpointError
     from lmlab.job import train_and_report
 
     folder, overrides = tiny_run
-    last = _edited(folder / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", RESUME_DAMAGE[field])
+    last = _edited(folder / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", edit)
     with pytest.raises(CheckpointError) as err:
         train_and_report(compose_cfg([*overrides, "trainer.epochs=2"]), tmp_path / "run")
     message = str(err.value)
