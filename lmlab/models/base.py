@@ -40,6 +40,24 @@ class LanguageModel(nn.Module):
     """
 
     vocab_size: int
+    # This module's attributes that are dropout probabilities, for :meth:`scale_dropout`; a submodule with
+    # rates of its own (a Transformer block) declares them the same way.
+    dropout_rates: tuple[str, ...] = ()
+
+    def scale_dropout(self, factor: float) -> int:
+        """Set every dropout probability of the model — the ``dropout_rates`` of each of its modules — to
+        ``factor`` × the value it was built with (:class:`lmlab.training.regularisation.DropoutForBudget`).
+        Returns how many rates were set: 0 for a model that declares none."""
+        count = 0
+        for module in self.modules():
+            names = getattr(module, "dropout_rates", ())
+            if not names:
+                continue
+            built = module.__dict__.setdefault("_built_dropout", {name: getattr(module, name) for name in names})
+            for name, value in built.items():
+                setattr(module, name, min(1.0, value * factor))
+                count += 1
+        return count
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """The state before the first window of ``batch_size`` columns (None: no state)."""

@@ -42,6 +42,8 @@ class RNNLanguageModel(LanguageModel):
     NT-ASGD). Tied models always use them, summed into the decoder's dense gradient.
     """
 
+    dropout_rates = ("dropout", "dropout_input", "dropout_hidden", "dropout_embedding", "weight_drop")
+
     def __init__(
         self,
         vocab_size: int,

@@ -44,6 +44,8 @@ class TransformerLanguageModel(LanguageModel):
     tied to the embedding) instead of the full output layer.
     """
 
+    dropout_rates = ("dropout_input", "dropout_embedding")  # each Block declares its attention/residual rates
+
     def __init__(
         self,
         vocab_size: int,
@@ -172,6 +174,8 @@ class TransformerLanguageModel(LanguageModel):
 
 class Block(nn.Module):
     """x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    dropout_rates = ("dropout_attention", "dropout_residual")
 
     def __init__(self, d_model: int, num_heads: int, ff_dim: int, attention: float, residual: float) -> None:
         super().__init__()

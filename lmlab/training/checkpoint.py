@@ -43,6 +43,7 @@ class TrainState:
     elapsed_s: float = 0.0  # training wall time across resumes (the time budget's clock; every rank agrees)
     weight_average: dict[str, torch.Tensor] | None = None  # hooks.weight_averaging's mean (None: not started)
     averaged_steps: int = 0  # steps in that mean
+    dropout_scale: float | None = None  # hooks.dropout_budget's factor on the model's dropout (None: not decided)
 
     def start_next_epoch(self) -> None:
         """The epoch just validated is done: the next one starts at its first step, from a fresh state."""
@@ -84,6 +85,7 @@ def training_checkpoint(
             elapsed_s=state.elapsed_s,
             weight_average=state.weight_average,
             averaged_steps=state.averaged_steps,
+            dropout_scale=state.dropout_scale,
             rng=rng or rng_state(),
             logger_state=logger_state or {},
         )

@@ -10,6 +10,7 @@ built from config by :func:`lmlab.factory.build_hooks`, each owning its options,
     checkpoint        lmlab.training.checkpointing.Checkpointing  resume, save_every_steps, init_from
     progress          lmlab.training.progress.Progress            log_interval, bar
     lr_schedule       lmlab.training.schedules.WarmupDecay        null unless hooks=warmup_decay
+    dropout_budget    lmlab.training.regularisation.DropoutForBudget  full_at_epochs (off unless set)
     (yours)           +hooks.NAME._target_=module.Class           runs after these
 
 The loop calls, in order::
@@ -58,6 +59,7 @@ class FitContext:
     tokens_this_step: int = 0
     improved: bool = False  # the last validation beat the best so far
     stop_training: bool = False  # set by a hook: finish this step, then validate and end
+    model_changed: bool = False  # set by a hook that changed what a captured step bakes in (a dropout rate)
     interrupt: int | None = None  # a stop signal: save, then stop now
     last_saved: Path | None = None  # the last good last.pt written (the one a divergence message names)
     out_dir: Path | None = None  # the run folder

@@ -79,6 +79,7 @@ PROGRESS = {
 OPTIONAL_PROGRESS = {
     "elapsed_s": (0.0, lambda v: isinstance(v, float) and math.isfinite(v) and v >= 0),
     "averaged_steps": (0, lambda v: type(v) is int and v >= 0),
+    "dropout_scale": (None, lambda v: v is None or (isinstance(v, float) and 0.0 <= v <= 1.0)),
 }
 
 

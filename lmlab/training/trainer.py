@@ -101,6 +101,7 @@ class Trainer:
         if on_started is not None:
             on_started()
         self._step = self._make_step(ctx, train)  # after a resume loaded the weights
+        ctx.model_changed = False  # what on_fit_start changed is in the step just made
         try:
             logger.start()  # a slow remote logger (W&B) connects before any step is timed
             while ctx.state.epoch <= self.epochs and not ctx.stop_training:
@@ -186,6 +187,10 @@ class Trainer:
             tokens += step_tokens
             ctx.carry, ctx.tokens_this_step = carry, step_tokens
             self._call(hooks, "on_step_end", ctx)
+            if ctx.model_changed:  # a hook changed what a captured CUDA graph baked in: capture anew
+                ctx.model_changed = False
+                if self.graph_off_reason is None:
+                    self._step = self._make_step(ctx, stream)
             if ctx.interrupt:
                 raise TrainingInterrupted(ctx.interrupt, str(ctx.last_saved))
             if ctx.stop_training:

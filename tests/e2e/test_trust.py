@@ -230,6 +230,7 @@ RESUME_DAMAGE = {
     "vocab": _set(vocab="the cat"),
     "weight_average": _set(weight_average={"embedding.weight": __import__("torch").zeros(2)}),
     "averaged_steps": _set(averaged_steps=-1),
+    "dropout_scale": _set(dropout_scale=1.5),
 }
 
 
