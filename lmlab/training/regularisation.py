@@ -7,14 +7,15 @@ depends on the corpus, the model and the machine, and is known only once trainin
 times the first steps, estimates the epochs the budget buys, and scales every dropout rate of the model
 (:meth:`lmlab.models.LanguageModel.scale_dropout`) by::
 
-    scale = clamp(expected_epochs / full_at_epochs, min_scale, 1)
+    scale = clamp((expected_epochs - none_at_epochs) / (full_at_epochs - none_at_epochs), min_scale, 1)
 
     scale
-    1 │            ┌───────────     full_at_epochs or more epochs: the configured dropout
-      │          ╱
-      │        ╱                    fewer: proportionally less
- min  │───────╯                     never below min_scale of it
-      └──────────────────────── expected epochs
+    1 │                 ┌──────     full_at_epochs or more epochs: the configured dropout
+      │               ╱
+      │             ╱               in between: a straight line
+ min  │───────────╯                 never below min_scale of it (0: none at none_at_epochs or fewer)
+      └─────┴─────────┴──────── expected epochs
+      none_at_epochs   full_at_epochs
 
 The scale is decided once, ``measure_steps`` steps after the run's first step (which carries start-up
 costs), from the time budget's clock — the slowest rank's, the same on every rank — and kept in the
@@ -26,7 +27,7 @@ is ``trainer.epochs``, known before the first step.
 
 from __future__ import annotations
 
-from lmlab.config.schema import PositiveFloat, PositiveInt, Probability
+from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.runtime import distributed
 from lmlab.training.hooks import FitContext, Hook
@@ -38,7 +39,8 @@ class DropoutForBudget(Hook):
     def __init__(
         self,
         full_at_epochs: PositiveFloat | None = None,
-        min_scale: Probability = 0.25,
+        none_at_epochs: NonNegativeFloat = 0.0,
+        min_scale: Probability = 0.0,
         measure_steps: PositiveInt = 50,
         max_time_s: PositiveFloat | None = None,
         epochs: PositiveInt | None = None,
@@ -48,7 +50,12 @@ class DropoutForBudget(Hook):
                 f"hooks.dropout_budget.full_at_epochs={full_at_epochs} needs a horizon; set "
                 "hooks.time_budget.max_time_s or trainer.epochs"
             )
-        self.full_at_epochs, self.min_scale, self.measure_steps = full_at_epochs, min_scale, measure_steps
+        if full_at_epochs is not None and none_at_epochs >= full_at_epochs:
+            raise ConfigError(
+                f"hooks.dropout_budget.none_at_epochs={none_at_epochs} must be below full_at_epochs={full_at_epochs}"
+            )
+        self.full_at_epochs, self.none_at_epochs = full_at_epochs, none_at_epochs
+        self.min_scale, self.measure_steps = min_scale, measure_steps
         self.max_time_s, self.epochs = max_time_s, epochs
         self._mark: tuple[int, float] | None = None  # (global_step, elapsed_s) where this process's timing starts
 
@@ -95,7 +102,8 @@ class DropoutForBudget(Hook):
 
     def scale(self, expected_epochs: float) -> float:
         """The factor on the configured dropout for a run of ``expected_epochs`` epochs."""
-        return min(1.0, max(self.min_scale, expected_epochs / self.full_at_epochs))
+        ramp = (expected_epochs - self.none_at_epochs) / (self.full_at_epochs - self.none_at_epochs)
+        return min(1.0, max(self.min_scale, ramp))
 
     @staticmethod
     def _apply(ctx: FitContext, scale: float) -> None:

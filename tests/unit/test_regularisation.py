@@ -63,6 +63,12 @@ def test_a_resumed_run_keeps_its_scale_from_the_first_step_and_epochs_alone_deci
     ctx = fit_context()
     DropoutForBudget(full_at_epochs=12, epochs=3).on_fit_start(ctx)  # no time budget: trainer.epochs is the horizon
     assert ctx.state.dropout_scale == 0.25 and ctx.model.dropout == pytest.approx(0.1)
+    ctx = fit_context()
+    DropoutForBudget(full_at_epochs=12, none_at_epochs=4, epochs=6).on_fit_start(ctx)  # a quarter of 4 → 12
+    assert ctx.state.dropout_scale == 0.25
+    ctx = fit_context()
+    DropoutForBudget(full_at_epochs=12, none_at_epochs=4, epochs=3).on_fit_start(ctx)
+    assert ctx.state.dropout_scale == 0.0 and rates(ctx.model) == {k: 0.0 for k in AWD}
 
 
 def test_off_changes_nothing_and_bad_settings_are_one_line():
@@ -72,6 +78,8 @@ def test_off_changes_nothing_and_bad_settings_are_one_line():
     assert ctx.state.dropout_scale is None and rates(ctx.model) == AWD
     with pytest.raises(ConfigError, match="full_at_epochs=12 needs a horizon; set hooks.time_budget.max_time_s"):
         DropoutForBudget(full_at_epochs=12)
+    with pytest.raises(ConfigError, match="none_at_epochs=12 must be below full_at_epochs=12"):
+        DropoutForBudget(full_at_epochs=12, none_at_epochs=12, epochs=3)
 
     class NoDropout(LanguageModel):
         def __init__(self) -> None:
