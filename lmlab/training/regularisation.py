@@ -92,7 +92,8 @@ class DropoutForBudget(Hook):
         self._apply(ctx, state.dropout_scale)
         if distributed.place().is_main:
             print(
-                f"dropout_budget: ~{expected:.1f} epochs in the budget (full dropout at {self.full_at_epochs:g}): "
+                f"dropout_budget: ~{expected:.1f} epochs in the budget (all dropout at {self.full_at_epochs:g}, "
+                f"none at {self.none_at_epochs:g}): "
                 f"dropout × {state.dropout_scale:.2f}"
             )
 

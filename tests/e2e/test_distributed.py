@@ -93,7 +93,8 @@ def _children(pid: int) -> list[int]:
 def test_sigterm_on_every_rank_saves_one_last_pt_and_the_resumed_run_ends_with_the_same_figures(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", train=3000)
     args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=2", "model.dropout=0.3", "model.hidden_dim=64",
-            "hooks.progress.log_interval=5", "hooks.weight_averaging.start=0"]  # fmt: skip  # the mean resumes too
+            "hooks.progress.log_interval=5", "hooks.weight_averaging.start=0",  # the mean resumes too
+            "hooks.dropout_budget.full_at_epochs=4"]  # fmt: skip  # 2 epochs of 4: half the dropout on both ranks
     full = _run([*TORCHRUN, *args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
     assert "stopped" not in full.stderr
 
@@ -114,6 +115,7 @@ def test_sigterm_on_every_rank_saves_one_last_pt_and_the_resumed_run_ends_with_t
     saved = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["step"] > 0 and len(saved["ranks"]) == 2  # mid-epoch, both ranks' state
     assert saved["averaged_steps"] == saved["global_step"]  # the weights' mean so far, resumed below
+    assert saved["dropout_scale"] == 0.5
     assert not list((cut / "checkpoints").glob(".*.tmp"))
 
     resumed = _run([*TORCHRUN, *args, f"hydra.run.dir={cut}"], tmp_path)
