@@ -20,9 +20,9 @@ times the first steps, estimates the epochs the budget buys, and scales every dr
 The scale is decided once, ``measure_steps`` steps after the run's first step (which carries start-up
 costs), from the time budget's clock — the slowest rank's, the same on every rank — and kept in the
 run's progress (``TrainState.dropout_scale``, saved in ``last.pt``): a resumed run keeps it instead of
-re-measuring on a machine that may be faster or slower. The estimate counts training steps only, not
-validation (a few percent of an epoch on the corpora in experiments/). Without a time budget the horizon
-is ``trainer.epochs``, known before the first step.
+re-measuring on a machine that may be faster or slower. The estimate counts training steps, not
+validation, so it errs by validation's share of an epoch towards more epochs (more dropout). Without a
+time budget the horizon is ``trainer.epochs``, known before the first step.
 """
 
 from __future__ import annotations
