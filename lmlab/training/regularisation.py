@@ -97,10 +97,6 @@ class DropoutForBudget(Hook):
                 f"dropout × {state.dropout_scale:.2f}"
             )
 
-    def on_epoch_end(self, ctx: FitContext, metrics: dict) -> None:
-        if ctx.state.dropout_scale is not None:
-            metrics["dropout_scale"] = ctx.state.dropout_scale  # in the epoch's record (metrics.jsonl, last.pt)
-
     def scale(self, expected_epochs: float) -> float:
         """The factor on the configured dropout for a run of ``expected_epochs`` epochs."""
         ramp = (expected_epochs - self.none_at_epochs) / (self.full_at_epochs - self.none_at_epochs)

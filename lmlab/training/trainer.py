@@ -223,6 +223,8 @@ class Trainer:
         }
         if state.skipped_batches:
             metrics["skipped_batches"] = state.skipped_batches
+        if state.dropout_scale is not None:  # hooks.dropout_budget's decision, in the record of every epoch
+            metrics["dropout_scale"] = state.dropout_scale
         if ctx.schedule is not None:
             ctx.schedule.after_epoch(val_loss)
         state.history.append(metrics)

@@ -94,6 +94,19 @@ def test_a_run_with_weight_averaging_resumes_its_mean_exactly(corpus_dir, tmp_pa
     assert not torch.equal(a["weight_average"]["embedding.weight"], a["model_state"]["embedding.weight"])
 
 
+def test_dropout_budget_trains_as_the_scaled_dropout_would_and_records_its_scale(corpus_dir, tmp_path, compose_cfg):
+    base = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=2"]
+    runs = {
+        "scaled": [*base, "model.dropout=0.3", "hooks.dropout_budget.full_at_epochs=4"],  # 2 epochs of 4: half
+        "half": [*base, "model.dropout=0.15"],
+        "full": [*base, "model.dropout=0.3"],
+    }
+    results = {name: _without_timing(train_and_report(compose_cfg(o), tmp_path / name)) for name, o in runs.items()}
+    assert results["scaled"] == results["half"] != results["full"]
+    records = (tmp_path / "scaled" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["dropout_scale"] for line in records] == [0.5, 0.5]
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(corpus_dir, tmp_path, compose_cfg):
     out = tmp_path / "run"
     train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1"]), out)
