@@ -85,6 +85,25 @@ def test_a_graphed_run_resumes_exactly(compose_cfg, corpus_dir, tmp_path, monkey
     assert [json.loads(x)["val_loss"] for x in a] == [json.loads(x)["val_loss"] for x in b]
 
 
+def test_a_dropout_decided_mid_run_is_captured_anew(compose_cfg, corpus_dir, tmp_path, monkeypatch):
+    """hooks.dropout_budget changes the dropout rates at step 11, after graph A baked the old ones in."""
+    from lmlab.training.trainer import Trainer
+
+    original, made = Trainer._make_step, []
+
+    def making(self, ctx, stream):
+        made.append(ctx.model.dropout)
+        return original(self, ctx, stream)
+
+    monkeypatch.setattr(Trainer, "_make_step", making)
+    budget = ["hooks.time_budget.max_time_s=100000", "hooks.dropout_budget.full_at_epochs=4",
+              "hooks.dropout_budget.none_at_epochs=2", "hooks.dropout_budget.measure_steps=10"]  # fmt: skip
+    overrides = [*GPU, f"dataset.path={corpus_dir}", "trainer.cuda_graph=true", "trainer.epochs=2",
+                 "model.dropout=0.3", *budget]  # fmt: skip  # 2 epochs: none at 2 → dropout 0 from step 11
+    results = train_and_report(compose_cfg(overrides), tmp_path / "run")
+    assert made == [0.3, 0.0] and results["status"] == "completed"
+
+
 def test_a_graphed_step_reads_nothing_back(compose_cfg, corpus_dir):
     from lmlab.factory import build_training_objects
 
