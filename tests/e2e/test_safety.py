@@ -69,7 +69,9 @@ def _race_for_the_lock(folder: Path, barrier, holding: Path) -> None:
         with RunLock(folder):
             (holding / str(os.getpid())).touch()
             time.sleep(0.05)
-            count = len(list(holding.iterdir()))
+            # holders at this moment: the markers, not the .count files earlier holders left (a process that
+            # arrives after one released the lock takes it anew, legitimately)
+            count = sum(1 for p in holding.iterdir() if p.suffix != ".count")
             (holding / f"{os.getpid()}.count").write_text(str(count))
             (holding / str(os.getpid())).unlink()
     except RunFolderBusy:
