@@ -70,7 +70,7 @@ class WeightAveraging(Hook):
         if self.max_time_s:
             spent.append(state.elapsed_s / self.max_time_s)
         if self.epochs:
-            spent.append((state.epoch - 1 + state.step / max(ctx.num_windows, 1)) / self.epochs)
+            spent.append(ctx.epochs_done / self.epochs)
         return min(1.0, max(spent))
 
     @torch.no_grad()

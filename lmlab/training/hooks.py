@@ -73,6 +73,11 @@ class FitContext:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained so far, the one in progress counted by its share of windows done."""
+        return self.state.epoch - 1 + self.state.step / max(self.num_windows, 1)
+
     def diverged(self, loss: float) -> bool:
         return diverged(loss, self.model.vocab_size)
 

@@ -84,8 +84,7 @@ class DropoutForBudget(Hook):
         if steps < self.measure_steps:
             return
         seconds_per_epoch = (state.elapsed_s - self._mark[1]) / steps * max(ctx.num_windows, 1)
-        done = state.epoch - 1 + state.step / max(ctx.num_windows, 1)
-        expected = done + max(self.max_time_s - state.elapsed_s, 0.0) / max(seconds_per_epoch, 1e-9)
+        expected = ctx.epochs_done + max(self.max_time_s - state.elapsed_s, 0.0) / max(seconds_per_epoch, 1e-9)
         if self.epochs is not None:
             expected = min(expected, float(self.epochs))
         state.dropout_scale = self.scale(expected)
