@@ -48,11 +48,14 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
         out = _views.get((h.device, rows, vocab))
         if out is None:
-            buffer = _workspace.get(h.device)
-            if buffer is None or buffer.numel() < rows * vocab:
-                buffer = _workspace[h.device] = torch.empty(rows * vocab, device=h.device)
-                _views.clear()  # views of the old buffer
-            out = _views[(h.device, rows, vocab)] = buffer[: rows * vocab].view(rows, vocab)
+            # Made as normal tensors even under inference mode (evaluation): an inference tensor, or a view
+            # made there, could not be written by the training step that reuses it.
+            with torch.inference_mode(False):
+                buffer = _workspace.get(h.device)
+                if buffer is None or buffer.numel() < rows * vocab:
+                    buffer = _workspace[h.device] = torch.empty(rows * vocab, device=h.device)
+                    _views.clear()  # views of the old buffer
+                out = _views[(h.device, rows, vocab)] = buffer[: rows * vocab].view(rows, vocab)
         if bias is None:
             return torch.mm(h, weight.t(), out=out)
         return torch.addmm(bias, h, weight.t(), out=out)

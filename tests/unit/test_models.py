@@ -133,3 +133,21 @@ def test_a_cuda_graph_is_planned_only_for_static_shapes(softmax, reason):
         torch.device("cuda"), model, optimizer, None, variable_bptt=False, loss_scaling=False, compiled=False
     )
     assert plan is None if reason is None else reason in plan
+
+
+@pytest.mark.parametrize("eval_batch", [6, 2])  # larger than training's windows (the buffer grows), the same
+def test_the_training_step_after_an_evaluation_can_write_the_kept_logits_buffer(eval_batch):
+    # The fused output layer keeps its fp32 logits buffer between calls. Evaluation runs under inference mode;
+    # a buffer (or a view of it) made there must still be writable by the training step that reuses it.
+    from lmlab.models import output
+
+    output._workspace.clear()
+    output._views.clear()
+    torch.manual_seed(0)
+    model = build_model("rnn", 50, embed_dim=8, hidden_dim=8, dropout=0.0)
+    with torch.inference_mode():
+        features, _ = model(torch.randint(0, 50, (8, eval_batch)), model.init_state(eval_batch))
+        model.loss(features, torch.randint(0, 50, (8, eval_batch)))
+    features, _ = model(torch.randint(0, 50, (8, 2)), model.init_state(2))
+    model.loss(features, torch.randint(0, 50, (8, 2))).backward()
+    assert model.embedding.weight.grad is not None
