@@ -1,2 +1,2 @@
-"""Using a trained model: evaluation methods (static, neural cache, dynamic evaluation; a registry) and
+"""Using a trained model: evaluation methods (static, n-gram mixture, neural cache, dynamic evaluation; a registry) and
 text generation."""

@@ -1,5 +1,6 @@
-"""Evaluation-time methods: neural cache and dynamic evaluation reduce to static at zero strength, help on
-repetitive text, leave the checkpoint untouched, refuse bad settings in one line, work for every model."""
+"""Evaluation-time methods: the n-gram mixture, neural cache and dynamic evaluation reduce to static at zero
+strength, help on repetitive text, leave the checkpoint untouched, refuse bad settings in one line, work for
+every model."""
 
 import hashlib
 import json
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from lmlab.data.batching import TokenStream
-from lmlab.evaluation.methods import cache_scores, dynamic_loss, gradient_rms, search_cache
+from lmlab.evaluation.methods import cache_scores, dynamic_loss, gradient_rms, mixed_loss, search_cache, target_probs
+from lmlab.evaluation.ngram import KneserNey
 from lmlab.job import train_and_report
 from lmlab.models import build_model
 from lmlab.training.trainer import Trainer
@@ -41,6 +43,12 @@ def test_zero_strength_equals_static_and_some_strength_helps(name):
     assert scores.loss(1.0, 0.5) < 0.8 * static  # the cache has seen every phrase before
     assert search_cache(scores)[0] <= scores.loss(1.0, 0.5)
 
+    counts = KneserNey(_stream().columns.t().reshape(-1), 30, order=3)  # "trained" on the same phrases
+    model_prob = target_probs(model, stream)
+    ngram_prob = counts.column_probs(stream.columns)
+    assert mixed_loss(model_prob, ngram_prob, 0.0) == pytest.approx(static, rel=1e-6, abs=1e-6)
+    assert mixed_loss(model_prob, ngram_prob, 0.5) < 0.5 * static
+
     rms = gradient_rms(model, _stream(seed=1), batches=5)
     before = [p.detach().clone() for p in model.parameters()]
     assert dynamic_loss(model, stream, rms, lr=0.0, decay=0.02) == pytest.approx(static, rel=1e-6)
@@ -65,7 +73,11 @@ def test_the_cli_reports_each_method_and_leaves_the_checkpoint_untouched(checkpo
     path, results = checkpoint
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     reports = {}
-    for method, extra in (("static", []), ("cache", ["cache.search=true"]), ("dynamic", ["dynamic.stat_batches=5"])):
+    methods = (
+        ("static", []), ("ngram", ["ngram.search=true"]), ("cache", ["cache.search=true"]),
+        ("dynamic", ["dynamic.stat_batches=5"]),
+    )  # fmt: skip
+    for method, extra in methods:
         out = tmp_path / f"{method}.json"
         proc = _evaluate(f"checkpoint={path}", f"method={method}", f"output={out}", *extra)
         assert proc.returncode == 0, proc.stderr
@@ -75,6 +87,8 @@ def test_the_cli_reports_each_method_and_leaves_the_checkpoint_untouched(checkpo
     assert reports["static"]["loss"] == pytest.approx(results["test_loss"], rel=1e-4)
     assert {"theta", "lambda", "valid_ppl"} <= set(reports["cache"]["settings"])  # the chosen values
     assert reports["cache"]["loss"] <= reports["static"]["loss"] + 1e-9  # lambda=0 is on the grid
+    assert {"lambda", "valid_ppl", "ngram_ppl"} <= set(reports["ngram"]["settings"])
+    assert reports["ngram"]["settings"]["valid_ppl"] <= results["best_val_ppl"] * (1 + 1e-6)  # so is the n-gram's
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
@@ -85,6 +99,8 @@ def test_the_cli_reports_each_method_and_leaves_the_checkpoint_untouched(checkpo
         (["method=cache", "cache.lambda=1.5"], "cache.lambda=1.5 is invalid: it must be a number in [0, 1]"),
         (["method=dynamic", "dynamic.lr=-1"], "dynamic.lr=-1 is invalid: it must be a number >= 0"),
         (["method=cache", "cache.size=0"], "cache.size=0 is invalid: it must be a positive integer"),
+        (["method=ngram", "ngram.order=0"], "ngram.order=0 is invalid: it must be a positive integer"),
+        (["method=ngram", "ngram.order=40"], "ngram.order=40 is too high for a"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(overrides, message, checkpoint):
