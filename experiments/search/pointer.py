@@ -17,6 +17,8 @@ The features handed to loss/log_probs carry what the mixture needs, concatenated
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +52,9 @@ class PointerRNN(RNNLanguageModel):
         self.window, self.dim = pointer_window, dim
         self.query = nn.Linear(dim, dim)
         self.sentinel = nn.Parameter(torch.zeros(dim))
+        # The sentinel's score starts high enough that the softmax keeps ~90% of the mass: with all scores
+        # equal it would start at 1/(L+1), and the model would first have to learn to trust its softmax.
+        self.sentinel_bias = nn.Parameter(torch.tensor(math.log(9.0 * pointer_window)))
 
     def init_state(self, batch_size, device="cpu"):
         hidden = super().init_state(batch_size, device)
@@ -69,7 +74,7 @@ class PointerRNN(RNNLanguageModel):
         band_scores = scores.gather(2, band.expand(T, h.size(1), L))
         band_ids = ids.t().unsqueeze(0).expand(T, -1, -1).gather(2, band.expand(T, h.size(1), L))  # (T, B, L)
         band_scores = band_scores.masked_fill(band_ids < 0, float("-inf"))
-        sentinel = (q * self.sentinel.to(q.dtype)).sum(-1, keepdim=True)
+        sentinel = (q * self.sentinel.to(q.dtype)).sum(-1, keepdim=True) + self.sentinel_bias
         attn = torch.softmax(torch.cat([band_scores, sentinel], -1).float(), -1)
         features = torch.cat([h.float(), attn, band_ids.clamp_min(0).float()], -1)
         return features, (hidden, keys[-L:], ids[-L:])
