@@ -81,7 +81,7 @@ def cache_scores(
     model_probs, cache_probs = [], {theta: [] for theta in thetas}
     for window in stream.windows(limit=limit):
         features, state = model(window.inputs, state)
-        h = features.float()
+        h = model.context_vectors(features).float()
         model_probs.append(model.log_probs(features).gather(-1, window.targets.unsqueeze(-1)).squeeze(-1).exp())
         keys = h[:0] if keys is None else keys
         all_keys, all_ids = torch.cat([keys, h]), torch.cat([ids, window.targets])
@@ -123,8 +123,7 @@ def target_probs(model: LanguageModel, stream: TokenStream, limit: int | None = 
     state, probs = model.init_state(stream.batch_size, stream.columns.device), []
     for window in stream.windows(limit=limit):
         features, state = model(window.inputs, state)
-        log_probs = model.log_probs(features).gather(-1, window.targets.unsqueeze(-1)).squeeze(-1)
-        probs.append(log_probs.double().exp().flatten().cpu())
+        probs.append(model.target_log_probs(features, window.targets).double().exp().flatten().cpu())
     return torch.cat(probs)
 
 

@@ -38,11 +38,18 @@ class AdaptiveSoftmax(nn.AdaptiveLogSoftmaxWithLoss):
     """PyTorch's untied adaptive softmax behind the same three calls as :class:`TiedAdaptiveSoftmax`
     (``weight`` is ignored: it owns its output weights)."""
 
+    def _every_tail(self) -> torch.Tensor:
+        """Zero times one entry of each tail parameter: PyTorch skips a cluster no target fell in, and DDP
+        needs a gradient for every parameter at every step (``[:1]``: a cluster may be 0 wide)."""
+        return 0.0 * sum(p.view(-1)[:1].sum() for p in self.tail.parameters())
+
     def loss(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        # PyTorch skips a cluster no target fell in; a zero term keeps its parameters in the graph, since
-        # DDP needs a gradient for every parameter at every step.
-        unused = sum(p.view(-1)[0] for p in self.tail.parameters())
-        return self(features, targets).loss + 0.0 * unused
+        return self(features, targets).loss + self._every_tail()
+
+    def target_log_probs(
+        self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self(features, targets).output + self._every_tail()
 
     def log_prob(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return super().log_prob(features)
@@ -89,19 +96,30 @@ class TiedAdaptiveSoftmax(nn.Module):
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of ``targets`` (n,) given ``features`` (n, D)."""
+        return self._target_log_probs(features, targets, weight, summed=True) / -targets.numel()
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """log p(target) per row (n,): each rare target pays for its own cluster only."""
+        return self._target_log_probs(features, targets, weight, summed=False)
+
+    def _target_log_probs(
+        self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, summed: bool
+    ) -> torch.Tensor:
         shortlist, *clusters = self._split(weight)
         head = self._head_log_probs(features, shortlist)
         # A rare word's head column is its cluster's score: column shortlist + i for cluster i.
         cluster = torch.bucketize(targets, self.cluster_starts, right=True)  # 0: the shortlist
         head_column = torch.where(cluster == 0, targets, self.shortlist + cluster - 1)
-        total = head.gather(1, head_column.unsqueeze(1)).sum()
+        picked = head.gather(1, head_column.unsqueeze(1)).squeeze(1)
+        total = picked.sum() if summed else picked
         for i in range(len(self.bounds) - 1):
             # A cluster no target fell in still runs (on 0 rows): every parameter then gets a gradient,
             # zero here, as DDP needs from every step.
             rows = (cluster == i + 1).nonzero().squeeze(1)
             tail = self._tail_log_probs(i, features.index_select(0, rows), clusters[i])
-            total = total + tail.gather(1, (targets.index_select(0, rows) - self.bounds[i]).unsqueeze(1)).sum()
-        return total / -targets.numel()
+            words = tail.gather(1, (targets.index_select(0, rows) - self.bounds[i]).unsqueeze(1)).squeeze(1)
+            total = total + words.sum() if summed else total.index_add(0, rows, words)
+        return total
 
     def log_prob(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of every word, (n, vocab_size), for features (n, D)."""

@@ -75,6 +75,16 @@ class LanguageModel(nn.Module):
         """Log-probabilities over the vocabulary, shape (..., vocab_size)."""
         raise NotImplementedError
 
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) per token, shape (T, B), in fp32 or wider. The default picks them out of
+        :meth:`log_probs`; a model whose output layer can score only the targets overrides it."""
+        return self.log_probs(features).float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """The part of ``features`` (T, B, ·) that describes each position's context, (T, B, D): the keys
+        a neural cache compares. The default: the features themselves."""
+        return features
+
     def regularization(self, features: torch.Tensor) -> torch.Tensor | None:
         """A penalty added to the training loss (e.g. AR/TAR), or None for none (the default: then no
         operator is spent adding a zero)."""

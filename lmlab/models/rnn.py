@@ -212,6 +212,13 @@ class RNNLanguageModel(LanguageModel):
             return self.adaptive.loss(flat, targets.reshape(-1), self.embedding.weight)
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
 
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.adaptive is None:
+            return super().target_log_probs(features, targets)
+        flat = features.reshape(-1, features.size(-1))
+        picked = self.adaptive.target_log_probs(flat, targets.reshape(-1), self.embedding.weight)
+        return picked.float().view(targets.shape)
+
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         flat = features.reshape(-1, features.size(-1))
         if self.adaptive is not None:

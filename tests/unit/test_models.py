@@ -151,3 +151,26 @@ def test_the_training_step_after_an_evaluation_can_write_the_kept_logits_buffer(
     features, _ = model(torch.randint(0, 50, (8, 2)), model.init_state(2))
     model.loss(features, torch.randint(0, 50, (8, 2))).backward()
     assert model.embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("rnn", {"softmax": "full"}),
+        ("rnn", {"softmax": "adaptive", "tie_weights": True}),
+        ("rnn", {"softmax": "adaptive", "tie_weights": False}),
+        ("transformer", {"softmax": "adaptive"}),
+        ("transformer", {}),
+    ],
+)
+def test_target_log_probs_are_the_targets_entries_of_log_probs_and_average_to_the_loss(name, kwargs):
+    torch.manual_seed(0)
+    sizes = {"embed_dim": 16, "hidden_dim": 16} if name == "rnn" else {"d_model": 8, "num_heads": 2, "num_layers": 1}
+    model = build_model(name, 100, adaptive_cutoffs=[10, 40], dropout=0.0, **sizes, **kwargs).eval()
+    tokens, targets = torch.randint(0, 100, (6, 3)), torch.randint(0, 100, (6, 3))
+    features, _ = model(tokens, model.init_state(3))
+    picked = model.target_log_probs(features, targets)
+    assert picked.shape == (6, 3)
+    full = model.log_probs(features).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(picked, full, atol=1e-5)
+    assert -picked.mean().item() == pytest.approx(model.loss(features, targets).item(), abs=1e-5)
