@@ -1,6 +1,7 @@
 """Language models: the contract (:class:`LanguageModel`), the registry, and the built-in models.
 
-Importing this package registers ``rnn`` (LSTM/GRU) and ``transformer``.
+Importing this package registers ``rnn`` (LSTM/GRU), ``pointer_rnn`` (an RNN + pointer sentinel) and
+``transformer``.
 """
 
 from lmlab.models.base import (
@@ -14,12 +15,14 @@ from lmlab.models.base import (
     model_class,
     register_model,
 )
+from lmlab.models.pointer import PointerRNNLanguageModel
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.models.transformer import TransformerLanguageModel
 
 __all__ = [
     "MODELS",
     "LanguageModel",
+    "PointerRNNLanguageModel",
     "RNNLanguageModel",
     "State",
     "TransformerLanguageModel",

@@ -16,6 +16,7 @@ edge). For an RNN the state is its hidden state; for a Transformer a cache of pa
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -188,7 +189,15 @@ def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[Language
     cls = model_class(name)
     if "vocab_size" in arguments:
         raise ConfigError("model.vocab_size is set from the data's vocabulary; remove it from the model config")
-    check_arguments(cls, arguments, "model", hydra_keys=False)
+    remaining = dict(arguments)
+    for klass in cls.__mro__:  # a constructor that hands **kwargs on to its base's: the base checks those
+        if "__init__" not in vars(klass):
+            continue
+        check_arguments(klass, remaining, "model", hydra_keys=False)
+        params = inspect.signature(klass.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+        remaining = {key: value for key, value in remaining.items() if key not in params}
     return cls
 
 

@@ -213,8 +213,8 @@ class RNNLanguageModel(LanguageModel):
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
 
     def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.adaptive is None:
-            return super().target_log_probs(features, targets)
+        if self.adaptive is None:  # this class's log_probs, not a subclass's: it may read features otherwise
+            return RNNLanguageModel.log_probs(self, features).float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         flat = features.reshape(-1, features.size(-1))
         picked = self.adaptive.target_log_probs(flat, targets.reshape(-1), self.embedding.weight)
         return picked.float().view(targets.shape)
