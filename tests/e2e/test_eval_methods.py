@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = {
     "rnn": {"embed_dim": 16, "hidden_dim": 16, "dropout": 0.0},
     "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 1, "dropout": 0.0, "context": 8},
+    "pointer_rnn": {"embed_dim": 16, "hidden_dim": 16, "dropout": 0.0, "pointer_window": 10},
 }
 
 

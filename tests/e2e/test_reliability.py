@@ -42,8 +42,9 @@ def _stop_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
     monkeypatch.setattr(EagerStep, "update", stepping)
 
 
-def test_resumed_run_ends_exactly_like_an_uninterrupted_one(corpus_dir, tmp_path, compose_cfg, monkeypatch):
-    overrides = [*TINY, f"dataset.path={corpus_dir}", "model.dropout=0.3", "trainer.epochs=3"]
+@pytest.mark.parametrize("model", ["lstm", "pointer_lstm"])  # the pointer's window rides in the state too
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(model, corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    overrides = [*TINY, f"model={model}", f"dataset.path={corpus_dir}", "model.dropout=0.3", "trainer.epochs=3"]
     straight = train_and_report(compose_cfg(overrides), tmp_path / "straight")
 
     interrupted = tmp_path / "interrupted"

@@ -28,6 +28,8 @@ def test_a_distribution_whose_loss_is_the_targets_log_probability(softmax):
     assert model.loss(features, tokens[1:]).item() == pytest.approx(-picked.mean().item(), abs=1e-5)
     gate = model._parts(features)[2]
     assert gate.min() > GATE_AT_START - 0.1  # untrained, the softmax keeps most of the mass
+    sampled = model.generate([1, 2, 3], 8, generator=torch.Generator().manual_seed(0))
+    assert len(sampled) == 8 and all(0 <= w < 60 for w in sampled)
 
 
 def test_a_position_never_sees_the_words_after_it():
