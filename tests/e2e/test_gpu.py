@@ -53,7 +53,10 @@ def _losses(compose_cfg, corpus_dir, tmp_path, graph: str, extra: list[str]) -> 
     return [float(x) for x in seen]
 
 
-@pytest.mark.parametrize("extra", [[], LR_SCHEDULE], ids=["constant-lr", "lr-schedule"])
+@pytest.mark.parametrize(
+    "extra", [[], LR_SCHEDULE, ["model=pointer_lstm", "model.pointer_window=20"]],
+    ids=["constant-lr", "lr-schedule", "pointer"],
+)  # fmt: skip
 def test_fifty_graphed_steps_give_the_eager_losses(compose_cfg, corpus_dir, tmp_path, extra):
     eager = _losses(compose_cfg, corpus_dir, tmp_path, "false", extra)
     graphed = _losses(compose_cfg, corpus_dir, tmp_path, "true", extra)
