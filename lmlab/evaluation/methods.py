@@ -82,7 +82,7 @@ def cache_scores(
     for window in stream.windows(limit=limit):
         features, state = model(window.inputs, state)
         h = model.context_vectors(features).float()
-        model_probs.append(model.log_probs(features).gather(-1, window.targets.unsqueeze(-1)).squeeze(-1).exp())
+        model_probs.append(model.target_log_probs(features, window.targets).exp())
         keys = h[:0] if keys is None else keys
         all_keys, all_ids = torch.cat([keys, h]), torch.cat([ids, window.targets])
         steps, past = h.size(0), keys.size(0)
