@@ -104,14 +104,17 @@ class KneserNey:
             )
         tokens = tokens.detach().to("cpu", torch.long).flatten()
         self.vocab_size, self.order = vocab_size, order
-        self.orders: list[_Order] = []
-        for k in range(1, order + 1):
-            if k == order:  # the counts themselves
-                keys, counts = torch.unique(ngram_keys(tokens, k, vocab_size), return_counts=True)
-            else:  # distinct words seen before each k-gram: drop the first word of each distinct (k+1)-gram
-                longer = torch.unique(ngram_keys(tokens, k + 1, vocab_size))
-                keys, counts = torch.unique(longer % vocab_size**k, return_counts=True)
-            self.orders.append(_Order.from_counts(keys, counts, vocab_size))
+        # From the top order down, each order's distinct n-grams counted once: the top order's are its
+        # table; below it, dropping the first word of each distinct (k+1)-gram counts the words seen before
+        # each k-gram.
+        keys, counts = torch.unique(ngram_keys(tokens, order, vocab_size), return_counts=True)
+        orders, longer = [_Order.from_counts(keys, counts, vocab_size)], keys
+        for k in range(order - 1, 0, -1):
+            keys, counts = torch.unique(longer % vocab_size**k, return_counts=True)
+            orders.append(_Order.from_counts(keys, counts, vocab_size))
+            if k > 1:
+                longer = torch.unique(ngram_keys(tokens, k, vocab_size))
+        self.orders: list[_Order] = orders[::-1]  # order 1 first
 
     def probs(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """p(target | history) in float64 for (N, order-1) histories (oldest first; -1 where a position has
