@@ -1,7 +1,7 @@
 """Language models: the contract (:class:`LanguageModel`), the registry, and the built-in models.
 
-Importing this package registers ``rnn`` (LSTM/GRU), ``pointer_rnn`` (an RNN + pointer sentinel) and
-``transformer``.
+Importing this package registers ``rnn`` (LSTM/GRU), ``transformer``, and each of them with a pointer
+sentinel (:mod:`lmlab.models.pointer`): ``pointer_rnn``, ``pointer_transformer``.
 """
 
 from lmlab.models.base import (
@@ -15,7 +15,7 @@ from lmlab.models.base import (
     model_class,
     register_model,
 )
-from lmlab.models.pointer import PointerRNNLanguageModel
+from lmlab.models.pointer import PointerRNNLanguageModel, PointerSentinel, PointerTransformerLanguageModel
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.models.transformer import TransformerLanguageModel
 
@@ -23,6 +23,8 @@ __all__ = [
     "MODELS",
     "LanguageModel",
     "PointerRNNLanguageModel",
+    "PointerSentinel",
+    "PointerTransformerLanguageModel",
     "RNNLanguageModel",
     "State",
     "TransformerLanguageModel",

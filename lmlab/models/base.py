@@ -81,6 +81,12 @@ class LanguageModel(nn.Module):
         :meth:`log_probs`; a model whose output layer can score only the targets overrides it."""
         return self.log_probs(features).float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
+    @property
+    def context_dim(self) -> int:
+        """The width D of :meth:`context_vectors` (what a pointer head compares; see
+        :mod:`lmlab.models.pointer`). Models that cannot say raise NotImplementedError."""
+        raise NotImplementedError
+
     def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """The part of ``features`` (T, B, ·) that describes each position's context, (T, B, D): the keys
         a neural cache compares. The default: the features themselves."""
@@ -103,6 +109,12 @@ class LanguageModel(nn.Module):
         return True
 
     @property
+    def static_state(self) -> bool:
+        """True when the state keeps :meth:`init_state`'s shapes from window to window (as a CUDA graph
+        needs); False when it changes (a KV cache that fills up over the first windows)."""
+        return True
+
+    @property
     def sparse_gradients(self) -> bool:
         """True when some parameter gets sparse gradients, which only some optimizers take."""
         return False
@@ -112,14 +124,7 @@ class LanguageModel(nn.Module):
         columns. The default compares it with :meth:`init_state`: the same nesting, tensors of the same
         shape and dtype. A model whose state grows (a KV cache) overrides it."""
 
-        def same(a: Any, b: Any) -> bool:
-            if isinstance(b, torch.Tensor):
-                return isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
-            if isinstance(b, (list, tuple)):
-                return isinstance(a, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
-            return a is None and b is None
-
-        return same(state, self.init_state(batch_size, "meta"))
+        return same_layout(state, self.init_state(batch_size, "meta"))
 
     def detach_state(self, state: State) -> State:
         """Cut the graph between windows while keeping the state's values."""
@@ -164,6 +169,19 @@ def drop_words(embedded: torch.Tensor, tokens: torch.Tensor, p: float, vocab_siz
     keep = 1 - p
     word_mask = embedded.new_empty(vocab_size).bernoulli_(keep) / keep
     return embedded * word_mask[tokens].unsqueeze(-1)
+
+
+def same_layout(state: State, reference: State) -> bool:
+    """Whether ``state`` has the nesting of ``reference``, with tensors of the same shape and dtype."""
+    if isinstance(reference, torch.Tensor):
+        return isinstance(state, torch.Tensor) and state.shape == reference.shape and state.dtype == reference.dtype
+    if isinstance(reference, (list, tuple)):
+        return (
+            isinstance(state, (list, tuple))
+            and len(state) == len(reference)
+            and all(map(same_layout, state, reference))
+        )
+    return state is None and reference is None
 
 
 def map_tensors(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:

@@ -1,10 +1,11 @@
-"""An RNN whose output mixes its softmax with a pointer over its last input words (pointer sentinel).
+"""A pointer sentinel on top of any model: its softmax mixed with a pointer at the words that followed
+its last positions.
 
 Merity et al. 2016, "Pointer sentinel mixture models", with the keys of Grave et al.'s neural cache
-(2017): at each position t the last layer's output h_t is compared with the outputs of the last
-``pointer_window`` (L) positions before it, and points at the word that *followed* each (a context like
-this one was followed by that word). A learned sentinel vector s takes what the pointer does not want,
-and that share g_t is what the softmax keeps::
+(2017): at each position t the model's context vector h_t (its last layer's output) is compared with the
+context vectors of the last ``pointer_window`` (L) positions before it, and points at the word that
+*followed* each (a context like this one was followed by that word). A learned sentinel vector s takes
+what the pointer does not want, and that share g_t is what the softmax keeps::
 
     q_t = tanh(W h_t + b)      z_j = q_t . h_j   (the L positions t-L .. t-1; x_{j+1} followed j)
                                z_s = q_t . s + c (the sentinel; c starts where g is ~0.9)
@@ -13,16 +14,16 @@ and that share g_t is what the softmax keeps::
 
 So a name, a number or an ``<unk>`` that recurs in a paragraph is copied instead of having to be
 predicted from the softmax's few epochs of training. The model is static: its weights are trained, then
-frozen, and it conditions only on the words before the target (as a Transformer attends over its
-context); the window's outputs and words ride in the state from one BPTT window to the next, so a window
-of 35 steps still points 100 words back.
+frozen, and it conditions only on the words before the target; the window's context vectors and words
+ride in the state from one BPTT window to the next (beside the body's own state: an RNN's hidden state,
+a Transformer's KV cache), so a window of 35 steps still points 1,000 words back.
 
 What ``loss``/``log_probs`` need rides in the features, concatenated on the last axis (fp32; word ids are
 exact in fp32 below 2**24)::
 
     features (T, B, D + 2L + 1) = [ h (D) | a_1 .. a_L | g | x_{j+1} for the L positions ]
 
-:meth:`context_vectors` hands the neural cache the h part only.
+:meth:`PointerSentinel.context_vectors` hands the neural cache the h part only.
 """
 
 from __future__ import annotations
@@ -33,24 +34,33 @@ import torch
 from torch import nn
 
 from lmlab.config.schema import PositiveInt
-from lmlab.models.base import State, register_model
+from lmlab.models.base import LanguageModel, State, register_model
 from lmlab.models.rnn import RNNLanguageModel
+from lmlab.models.transformer import TransformerLanguageModel
 
 GATE_AT_START = 0.9  # the softmax's share before training: the pointer must earn its mass
 
 
-@register_model("pointer_rnn")
-class PointerRNNLanguageModel(RNNLanguageModel):
-    """:class:`~lmlab.models.rnn.RNNLanguageModel` (every argument of it) + a pointer over the last
-    ``pointer_window`` positions. State: (the RNN's hidden state, the last L outputs (L, B, D), the input
-    words at those positions (L, B); -1 where the column has no word yet)."""
+class PointerSentinel(LanguageModel):
+    """Mixin: put it before a :class:`~lmlab.models.base.LanguageModel` (the *body*) in a class's bases
+    and the class is the body (every argument of it) + a pointer over its last ``pointer_window``
+    positions. The body's :meth:`forward` features must be its context vectors, ``context_dim`` wide,
+    and its ``loss``/``log_probs``/``target_log_probs``/``regularization`` must read them — which the
+    mixin hands them with the pointer's parts split off. State: (the body's state, the last L context
+    vectors (L, B, D), the input words at those positions (L, B); -1 where the column has no word yet)."""
 
-    def __init__(self, vocab_size: int, pointer_window: PositiveInt = 100, **rnn_arguments) -> None:
-        super().__init__(vocab_size, **rnn_arguments)
-        self.window, self.dim = pointer_window, self.rnns[-1].hidden_size
+    def __init__(self, vocab_size: int, pointer_window: PositiveInt = 100, **body_arguments) -> None:
+        super().__init__(vocab_size, **body_arguments)
+        self.window, self.dim = pointer_window, self.context_dim
         self.query = nn.Linear(self.dim, self.dim)
+        # A query near 0 makes every score near 0 at the start, whatever the size of the body's vectors (an
+        # RNN's are under 1, a Transformer's LayerNorm output ~1 per feature; std 0.1/D keeps the scores'
+        # spread ~0.1 for the latter): then the sentinel's bias decides the softmax's share, and all equal
+        # scores would give it 1/(L+1), so the bias starts it at GATE_AT_START instead. (Exactly 0 would
+        # leave the sentinel without a gradient until the query moves.)
+        nn.init.normal_(self.query.weight, std=0.1 / self.dim)
+        nn.init.zeros_(self.query.bias)
         self.sentinel = nn.Parameter(torch.zeros(self.dim))
-        # All scores equal at the start would give the softmax 1/(L+1): start it at GATE_AT_START instead.
         self.sentinel_bias = nn.Parameter(torch.tensor(math.log(GATE_AT_START / (1 - GATE_AT_START) * pointer_window)))
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
@@ -58,9 +68,23 @@ class PointerRNNLanguageModel(RNNLanguageModel):
         words = torch.full((self.window, batch_size), -1, dtype=torch.long, device=device)
         return (super().init_state(batch_size, device), outputs, words)
 
+    def state_fits(self, state: State, batch_size: int) -> bool:
+        if not (isinstance(state, (list, tuple)) and len(state) == 3):
+            return False
+        body, outputs, words = state
+        window = (
+            isinstance(outputs, torch.Tensor)
+            and outputs.is_floating_point()
+            and outputs.shape == (self.window, batch_size, self.dim)
+            and isinstance(words, torch.Tensor)
+            and words.dtype == torch.long
+            and words.shape == (self.window, batch_size)
+        )
+        return window and super().state_fits(body, batch_size)
+
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        hidden, past_outputs, past_words = state
-        h, hidden = super().forward(tokens, hidden)
+        body, past_outputs, past_words = state
+        h, body = super().forward(tokens, body)
         steps, batch, window = tokens.size(0), tokens.size(1), self.window
         outputs = torch.cat([past_outputs.to(h.dtype), h])  # (L + T, B, D): position L + t is step t
         words = torch.cat([past_words, tokens])  # (L + T, B)
@@ -77,7 +101,7 @@ class PointerRNNLanguageModel(RNNLanguageModel):
         sentinel = (query * self.sentinel.to(query.dtype)).sum(-1, keepdim=True) + self.sentinel_bias
         attention = torch.softmax(torch.cat([scores, sentinel], -1).float(), -1)  # (T, B, L + 1)
         features = torch.cat([h.float(), attention, followed_by.clamp_min(0).float()], -1)
-        return features, (hidden, outputs[-window:], words[-window:])
+        return features, (body, outputs[-window:], words[-window:])
 
     def _parts(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h, pointer weights a (…, L), softmax share g (…, 1), word ids (…, L))."""
@@ -109,3 +133,14 @@ class PointerRNNLanguageModel(RNNLanguageModel):
         parts["pointer"] = 2.0 * self.dim * (self.dim + self.window + 1)  # query, scores, sentinel
         parts["forward"] += parts["pointer"]
         return parts
+
+
+@register_model("pointer_rnn")
+class PointerRNNLanguageModel(PointerSentinel, RNNLanguageModel):
+    """:class:`~lmlab.models.rnn.RNNLanguageModel` + a pointer sentinel (``model=pointer_lstm``)."""
+
+
+@register_model("pointer_transformer")
+class PointerTransformerLanguageModel(PointerSentinel, TransformerLanguageModel):
+    """:class:`~lmlab.models.transformer.TransformerLanguageModel` + a pointer sentinel over a window that
+    may reach far past its KV cache (``model=pointer_transformer``)."""

@@ -16,7 +16,7 @@ from torch import nn
 from lmlab.config.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
-from lmlab.models.base import LanguageModel, drop_words, register_model
+from lmlab.models.base import LanguageModel, State, drop_words, register_model, same_layout
 from lmlab.models.output import as_dtype, linear_cross_entropy
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -118,6 +118,14 @@ class RNNLanguageModel(LanguageModel):
             zeros = torch.zeros(1, batch_size, rnn.hidden_size, device=device)
             hidden.append((zeros, zeros.clone()) if self.cell == "lstm" else zeros)
         return hidden
+
+    def state_fits(self, state: State, batch_size: int) -> bool:
+        # This class's init_state, not a subclass's: a pointer head wraps it in a state of its own.
+        return same_layout(state, RNNLanguageModel.init_state(self, batch_size, "meta"))
+
+    @property
+    def context_dim(self) -> int:
+        return self.rnns[-1].hidden_size
 
     def forward(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """tokens (T, B) → features (T, B, out_dim) for :meth:`loss` / :meth:`log_probs`, new hidden."""

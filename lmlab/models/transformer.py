@@ -154,6 +154,23 @@ class TransformerLanguageModel(LanguageModel):
             return self.adaptive.loss(flat, targets.reshape(-1), self.embedding.weight)
         return linear_cross_entropy(flat, self.embedding.weight, self.output_bias, targets.reshape(-1))
 
+    @property
+    def static_state(self) -> bool:
+        return False  # the KV cache grows over the first windows, up to `context` positions
+
+    @property
+    def context_dim(self) -> int:
+        return self.d_model
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat, flat_targets = features.reshape(-1, self.d_model), targets.reshape(-1)
+        if self.adaptive is not None:  # only the targets' clusters are scored
+            picked = self.adaptive.target_log_probs(flat, flat_targets, self.embedding.weight)
+        else:
+            logits = F.linear(flat, self.embedding.weight, self.output_bias).float()
+            picked = -F.cross_entropy(logits, flat_targets, reduction="none")
+        return picked.float().view(targets.shape)
+
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         if self.adaptive is not None:
             flat = self.adaptive.log_prob(features.reshape(-1, self.d_model), self.embedding.weight)

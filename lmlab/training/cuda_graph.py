@@ -56,7 +56,7 @@ def graph_plan(
         return "sparse gradients (model.sparse_embedding=true) change shape every step"
     if loss_scaling:
         return "fp16 loss scaling reads the gradients back every step"
-    if type(model).state_fits is not LanguageModel.state_fits:
+    if not model.static_state:
         return f"the state of model {type(model).__name__} changes shape from window to window"
     if type(optimizer) not in CAPTURABLE_OPTIMIZERS:
         return f"optimizer {type(optimizer).__name__} is not known to be capturable (SGD, Adam and AdamW are)"
