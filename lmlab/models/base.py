@@ -207,15 +207,26 @@ def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[Language
     cls = model_class(name)
     if "vocab_size" in arguments:
         raise ConfigError("model.vocab_size is set from the data's vocabulary; remove it from the model config")
-    remaining = dict(arguments)
-    for klass in cls.__mro__:  # a constructor that hands **kwargs on to its base's: the base checks those
-        if "__init__" not in vars(klass):
-            continue
-        check_arguments(klass, remaining, "model", hydra_keys=False)
-        params = inspect.signature(klass.__init__).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            break
-        remaining = {key: value for key, value in remaining.items() if key not in params}
+    # A constructor that hands **kwargs on to its base's (a pointer head on a body): the base takes those.
+    chain = []
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            chain.append(klass)
+            params = inspect.signature(klass.__init__).parameters.values()
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                break
+    valid = [
+        name
+        for klass in chain
+        for name, p in inspect.signature(klass.__init__).parameters.items()
+        if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "vocab_size")
+    ]
+    for key in arguments:
+        if key not in valid:
+            raise ConfigError(f"model.{key} is not a setting of {cls.__name__}; valid keys: {', '.join(valid)}")
+    for klass in chain:  # every key is someone's: now the values, each against its own constructor
+        own = inspect.signature(klass.__init__).parameters
+        check_arguments(klass, {k: v for k, v in arguments.items() if k in own}, "model", hydra_keys=False)
     return cls
 
 

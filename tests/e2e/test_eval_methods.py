@@ -25,7 +25,12 @@ MODELS = {
     "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 1, "dropout": 0.0, "context": 8},
     "pointer_rnn": {"embed_dim": 16, "hidden_dim": 16, "dropout": 0.0, "pointer_window": 10},
     "pointer_transformer": {
-        "d_model": 16, "num_heads": 2, "num_layers": 1, "dropout": 0.0, "context": 8, "pointer_window": 10,
+        "d_model": 16,
+        "num_heads": 2,
+        "num_layers": 1,
+        "dropout": 0.0,
+        "context": 8,
+        "pointer_window": 10,
     },
 }
 

@@ -135,6 +135,25 @@ def test_a_cuda_graph_is_planned_only_for_static_shapes(softmax, reason):
     assert plan is None if reason is None else reason in plan
 
 
+@pytest.mark.parametrize(
+    "name, kwargs, captured",
+    [
+        ("pointer_rnn", {"embed_dim": 8, "hidden_dim": 8, "pointer_window": 4}, True),  # a fixed-size window
+        ("transformer", {"d_model": 8, "num_heads": 2, "num_layers": 1}, False),  # its KV cache fills up
+        ("pointer_transformer", {"d_model": 8, "num_heads": 2, "num_layers": 1, "pointer_window": 4}, False),
+    ],
+)
+def test_a_cuda_graph_is_planned_only_for_a_state_of_fixed_shape(name, kwargs, captured):
+    from lmlab.training.cuda_graph import graph_plan
+
+    model = build_model(name, 50, **kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    plan = graph_plan(
+        torch.device("cuda"), model, optimizer, None, variable_bptt=False, loss_scaling=False, compiled=False
+    )
+    assert plan is None if captured else "changes shape from window to window" in plan
+
+
 @pytest.mark.parametrize("eval_batch", [6, 2])  # larger than training's windows (the buffer grows), the same
 def test_the_training_step_after_an_evaluation_can_write_the_kept_logits_buffer(eval_batch):
     # The fused output layer keeps its fp32 logits buffer between calls. Evaluation runs under inference mode;

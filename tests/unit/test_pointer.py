@@ -94,3 +94,16 @@ def _trained_loss(name: str, body: str, **kwargs) -> float:
 def test_the_pointer_learns_to_copy_what_the_softmax_cannot_predict(body):
     plain, pointer = _trained_loss(body, body), _trained_loss(f"pointer_{body}", body, pointer_window=20)
     assert pointer < 0.9 * plain, (pointer, plain)
+
+
+@pytest.mark.parametrize("body, typo", [("rnn", "embed_dmi"), ("transformer", "d_modle")])
+def test_a_typo_names_the_pointers_keys_and_its_bodys(body, typo):
+    from lmlab.errors import ConfigError
+    from lmlab.models import check_model_arguments
+
+    with pytest.raises(ConfigError, match=rf"model.{typo} is not a setting of Pointer.*valid keys: pointer_window, "):
+        check_model_arguments(f"pointer_{body}", {"pointer_window": 5, typo: 8})
+    with pytest.raises(ConfigError, match=r"model.pointer_window=0 is invalid"):
+        check_model_arguments(f"pointer_{body}", {"pointer_window": 0})
+    built = check_model_arguments(f"pointer_{body}", {"pointer_window": 5, **BODIES[body]})
+    assert built.__name__.startswith("Pointer")
