@@ -53,15 +53,15 @@ class PointerSentinel(LanguageModel):
         super().__init__(vocab_size, **body_arguments)
         self.window, self.dim = pointer_window, self.context_dim
         self.query = nn.Linear(self.dim, self.dim)
-        # A query near 0 makes every score near 0 at the start, whatever the size of the body's vectors (an
-        # RNN's are under 1, a Transformer's LayerNorm output ~1 per feature; std 0.1/D keeps the scores'
-        # spread ~0.1 for the latter): then the sentinel's bias decides the softmax's share, and all equal
-        # scores would give it 1/(L+1), so the bias starts it at GATE_AT_START instead. (Exactly 0 would
-        # leave the sentinel without a gradient until the query moves.)
-        nn.init.normal_(self.query.weight, std=0.1 / self.dim)
-        nn.init.zeros_(self.query.bias)
+        self._init_query()
         self.sentinel = nn.Parameter(torch.zeros(self.dim))
         self.sentinel_bias = nn.Parameter(torch.tensor(math.log(GATE_AT_START / (1 - GATE_AT_START) * pointer_window)))
+
+    def _init_query(self) -> None:
+        """Start the scores close to each other, so that the sentinel's bias alone sets the softmax's share
+        (all equal scores would give it 1/(L+1): the bias starts it at GATE_AT_START instead). ``nn.Linear``'s
+        own initialisation does that for vectors under 1, as an RNN's outputs are; a body whose vectors are
+        larger overrides this."""
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         outputs = torch.zeros(self.window, batch_size, self.dim, device=device)
@@ -144,3 +144,9 @@ class PointerRNNLanguageModel(PointerSentinel, RNNLanguageModel):
 class PointerTransformerLanguageModel(PointerSentinel, TransformerLanguageModel):
     """:class:`~lmlab.models.transformer.TransformerLanguageModel` + a pointer sentinel over a window that
     may reach far past its KV cache (``model=pointer_transformer``)."""
+
+    def _init_query(self) -> None:
+        # LayerNorm outputs are ~1 per feature (|h|^2 ~ D): nn.Linear's initialisation would spread the scores
+        # over ~±7 and hand the pointer a random share; a query of std 0.1/D spreads them over ~0.1.
+        nn.init.normal_(self.query.weight, std=0.1 / self.dim)
+        nn.init.zeros_(self.query.bias)

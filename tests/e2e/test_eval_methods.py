@@ -46,8 +46,9 @@ def test_zero_strength_equals_static_and_some_strength_helps(name):
     torch.manual_seed(0)
     model = build_model(name, 30, **MODELS[name])
     if hasattr(model, "sentinel"):
-        # Where training leaves a pointer's query, not at its start near 0: there the sentinel's gradient
-        # (proportional to the query) is near 0 too, and dynamic evaluation's RMS rule divides by it.
+        # Where training leaves a pointer's query, not at the pointer Transformer's start near 0: there the
+        # sentinel's gradient (proportional to the query) is near 0 too, and dynamic evaluation's RMS rule
+        # divides by it.
         torch.nn.init.normal_(model.query.weight, std=0.1)
     stream = _stream()
     static = Trainer().evaluate(model, stream, torch.device("cpu"))
