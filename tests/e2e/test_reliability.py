@@ -42,9 +42,20 @@ def _stop_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
     monkeypatch.setattr(EagerStep, "update", stepping)
 
 
-@pytest.mark.parametrize("model", ["lstm", "pointer_lstm"])  # the pointer's window rides in the state too
+# The pointer's window rides in the state too, beside an RNN's hidden state or a Transformer's KV cache.
+RESUMED_MODELS = {
+    "lstm": [*TINY, "model=lstm"],
+    "pointer_lstm": [*TINY, "model=pointer_lstm"],
+    "pointer_transformer": [
+        *(o for o in TINY if not o.startswith("model.")), "model=pointer_transformer", "model.d_model=16",
+        "model.num_heads=2", "model.num_layers=1", "model.context=12", "model.pointer_window=20",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", RESUMED_MODELS)
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(model, corpus_dir, tmp_path, compose_cfg, monkeypatch):
-    overrides = [*TINY, f"model={model}", f"dataset.path={corpus_dir}", "model.dropout=0.3", "trainer.epochs=3"]
+    overrides = [*RESUMED_MODELS[model], f"dataset.path={corpus_dir}", "model.dropout=0.3", "trainer.epochs=3"]
     straight = train_and_report(compose_cfg(overrides), tmp_path / "straight")
 
     interrupted = tmp_path / "interrupted"
