@@ -208,25 +208,24 @@ def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[Language
     if "vocab_size" in arguments:
         raise ConfigError("model.vocab_size is set from the data's vocabulary; remove it from the model config")
     # A constructor that hands **kwargs on to its base's (a pointer head on a body): the base takes those.
-    chain = []
+    chain: list[tuple[type, dict[str, inspect.Parameter]]] = []  # (class, its constructor's parameters)
     for klass in cls.__mro__:
         if "__init__" in vars(klass):
-            chain.append(klass)
-            params = inspect.signature(klass.__init__).parameters.values()
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            params = dict(inspect.signature(klass.__init__).parameters)
+            chain.append((klass, params))
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
                 break
     valid = [
         name
-        for klass in chain
-        for name, p in inspect.signature(klass.__init__).parameters.items()
+        for _, params in chain
+        for name, p in params.items()
         if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "vocab_size")
     ]
     for key in arguments:
         if key not in valid:
             raise ConfigError(f"model.{key} is not a setting of {cls.__name__}; valid keys: {', '.join(valid)}")
-    for klass in chain:  # every key is someone's: now the values, each against its own constructor
-        own = inspect.signature(klass.__init__).parameters
-        check_arguments(klass, {k: v for k, v in arguments.items() if k in own}, "model", hydra_keys=False)
+    for klass, params in chain:  # every key is someone's: now the values, each against its own constructor
+        check_arguments(klass, {k: v for k, v in arguments.items() if k in params}, "model", hydra_keys=False)
     return cls
 
 

@@ -125,13 +125,7 @@ def test_every_adaptive_softmax_parameter_gets_a_gradient_when_a_cluster_has_no_
 @pytest.mark.parametrize("softmax, reason", [("full", None), ("adaptive", "adaptive softmax")])
 def test_a_cuda_graph_is_planned_only_for_static_shapes(softmax, reason):
     """The plan is decided from the model's contract (static_shapes), without a GPU."""
-    from lmlab.training.cuda_graph import graph_plan
-
-    model = build_model("rnn", 50, embed_dim=8, hidden_dim=8, softmax=softmax, adaptive_cutoffs=[10])
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    plan = graph_plan(
-        torch.device("cuda"), model, optimizer, None, variable_bptt=False, loss_scaling=False, compiled=False
-    )
+    plan = _graph_plan(build_model("rnn", 50, embed_dim=8, hidden_dim=8, softmax=softmax, adaptive_cutoffs=[10]))
     assert plan is None if reason is None else reason in plan
 
 
@@ -144,14 +138,18 @@ def test_a_cuda_graph_is_planned_only_for_static_shapes(softmax, reason):
     ],
 )
 def test_a_cuda_graph_is_planned_only_for_a_state_of_fixed_shape(name, kwargs, captured):
+    plan = _graph_plan(build_model(name, 50, **kwargs))
+    assert plan is None if captured else "changes shape from window to window" in plan
+
+
+def _graph_plan(model: torch.nn.Module) -> str | None:
+    """The CUDA graph plan for an SGD step of ``model``, decided from its contract, without a GPU."""
     from lmlab.training.cuda_graph import graph_plan
 
-    model = build_model(name, 50, **kwargs)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    plan = graph_plan(
+    return graph_plan(
         torch.device("cuda"), model, optimizer, None, variable_bptt=False, loss_scaling=False, compiled=False
     )
-    assert plan is None if captured else "changes shape from window to window" in plan
 
 
 @pytest.mark.parametrize("eval_batch", [6, 2])  # larger than training's windows (the buffer grows), the same
