@@ -157,6 +157,80 @@ def _softmax_and_log_likelihood(
     return log_likelihood, logits.gather(1, column)
 
 
+class _LinearTargetLogProbs(torch.autograd.Function):
+    """Per row log p(target): the upstream gradient differs per row (a pointer weighs each position's
+    softmax by its own gate), so the gradients cannot be made in the forward pass as above. The
+    probabilities are kept (one (n, V) block) and turned into the logits' gradient in place in backward::
+
+        forward:  logits ──softmax, in place──▶ p        log p[y] = logit[y] - max + log max(p)
+        backward: G = u * (onehot - p) in place; grad h = G @ W, grad W = Gᵀ @ h, grad b = sum(G)
+
+    which spares ``log_softmax`` + ``gather``'s backward their extra passes over (n, V): a zero-filled
+    gradient, a scatter into it and a second (n, V) block for the log-softmax's backward."""
+
+    @staticmethod
+    def forward(
+        ctx, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        column = targets.unsqueeze(1)
+        if features.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(features.device.type):
+            # Not into _logits' kept buffer: these probabilities must live until backward.
+            probs = torch.mm(features, weight.t()) if bias is None else torch.addmm(bias, features, weight.t())
+        else:  # autocast: the GEMM in its dtype, then a new fp32 block
+            probs = _logits(features, weight, bias)
+        picked = _softmax_and_target_log_probs(probs, column)
+        ctx.save_for_backward(features, weight, column)
+        ctx.probs, ctx.has_bias = probs, bias is not None
+        ctx.dtypes = features.dtype, weight.dtype
+        return picked.squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        features, weight, column = ctx.saved_tensors
+        grads = ctx.probs  # becomes d(sum u * log p[y]) / d(logits) = u * (onehot - p), in place
+        del ctx.probs
+        upstream = _fp32(grad_output).unsqueeze(1)
+        grads.mul_(upstream.neg()).scatter_add_(1, column, upstream)
+        with torch.autocast(features.device.type, enabled=False):  # gradients in fp32
+            h32, w32 = _fp32(features), _fp32(weight)
+            grad_features = grads @ w32 if ctx.needs_input_grad[0] else None
+            grad_weight = grads.t() @ h32 if ctx.needs_input_grad[1] else None
+            grad_bias = grads.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        features_dtype, weight_dtype = ctx.dtypes
+        return (
+            None if grad_features is None else as_dtype(grad_features, features_dtype),
+            None if grad_weight is None else as_dtype(grad_weight, weight_dtype),
+            None if grad_bias is None else as_dtype(grad_bias, weight_dtype),
+            None,
+        )
+
+
+def _softmax_and_target_log_probs(logits: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """Turn ``logits`` (rows, V) into probabilities in place; return log p(target) per row (rows, 1), exact
+    where p(target) underflows in fp32: with j the most likely word, p_j >= 1/V is never tiny, and
+    log p(y) = logit_y - logit_j + log p_j."""
+    target_logit = logits.gather(1, column)
+    top_logit = logits.amax(dim=1, keepdim=True)
+    torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+    return (target_logit - top_logit).add_(logits.amax(dim=1, keepdim=True).log_())
+
+
+def linear_target_log_probs(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """``F.log_softmax(F.linear(features, weight, bias), -1).gather(-1, targets)`` per row, fp32 (n,),
+    fused; 2-D features, 1-D targets. Without gradients the logits are made in chunks in a kept buffer."""
+    if torch.is_grad_enabled() and (
+        features.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _LinearTargetLogProbs.apply(features, weight, bias, targets)
+    picked = [
+        _softmax_and_target_log_probs(_logits(features[rows], weight, bias), targets[rows].unsqueeze(1))
+        for rows in _row_chunks(features.size(0), weight.size(0))
+    ]
+    return torch.cat(picked).squeeze(1)
+
+
 def linear_cross_entropy(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:

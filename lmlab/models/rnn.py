@@ -17,7 +17,7 @@ from lmlab.config.schema import IncreasingInts, NonNegativeFloat, PositiveInt, P
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
 from lmlab.models.base import LanguageModel, State, drop_words, register_model, same_layout
-from lmlab.models.output import as_dtype, linear_cross_entropy
+from lmlab.models.output import as_dtype, linear_cross_entropy, linear_target_log_probs
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 Hidden = list[LayerState]
@@ -221,10 +221,11 @@ class RNNLanguageModel(LanguageModel):
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
 
     def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.adaptive is None:  # this class's log_probs, not a subclass's: it may read features otherwise
-            return RNNLanguageModel.log_probs(self, features).float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        flat = features.reshape(-1, features.size(-1))
-        picked = self.adaptive.target_log_probs(flat, targets.reshape(-1), self.embedding.weight)
+        flat, flat_targets = features.reshape(-1, features.size(-1)), targets.reshape(-1)
+        if self.adaptive is None:
+            picked = linear_target_log_probs(flat, self.decoder.weight, self.decoder.bias, flat_targets)
+        else:
+            picked = self.adaptive.target_log_probs(flat, flat_targets, self.embedding.weight)
         return picked.float().view(targets.shape)
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from lmlab.config.schema import IncreasingInts, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
 from lmlab.models.base import LanguageModel, drop_words, register_model
-from lmlab.models.output import linear_cross_entropy
+from lmlab.models.output import linear_cross_entropy, linear_target_log_probs
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, heads, positions, head_dim)
 
@@ -167,8 +167,7 @@ class TransformerLanguageModel(LanguageModel):
         if self.adaptive is not None:  # only the targets' clusters are scored
             picked = self.adaptive.target_log_probs(flat, flat_targets, self.embedding.weight)
         else:
-            logits = F.linear(flat, self.embedding.weight, self.output_bias).float()
-            picked = -F.cross_entropy(logits, flat_targets, reduction="none")
+            picked = linear_target_log_probs(flat, self.embedding.weight, self.output_bias, flat_targets)
         return picked.float().view(targets.shape)
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from lmlab.data.batching import TokenStream
 from lmlab.errors import ConfigError
 from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
-from lmlab.models.output import _softmax_and_log_likelihood, linear_cross_entropy
+from lmlab.models.output import _softmax_and_log_likelihood, linear_cross_entropy, linear_target_log_probs
 from lmlab.runtime.devices import bf16_support
 from lmlab.training.optim import NTASGD, clip_grad_norm
 from tests.conftest import TINY
@@ -42,6 +42,35 @@ def test_fused_linear_cross_entropy_matches_the_plain_one(bias):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
     with torch.no_grad():
         assert linear_cross_entropy(h, w, b, y).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_target_log_probs_match_the_plain_ones(bias):
+    """Per-row log p(target) and its gradients under a different upstream gradient per row (a pointer's
+    gates), with and without gradients; exact where p(target) underflows in fp32 (the last row)."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = (0.3 * torch.randn(5000, 16)).requires_grad_()  # 5000 × 300 logits: several chunks without grad
+    b = torch.randn(5000, requires_grad=True) if bias else None
+    with torch.no_grad():
+        w[7], h[-1] = 30.0, 3.0  # the last row's logit for word 7 is ~1440 above its target's
+    y = torch.randint(8, 5000, (300,))
+    upstream = torch.randn(300)
+    plain = F.log_softmax(F.linear(h.double(), w.double(), None if b is None else b.double()), -1)
+    plain = plain.gather(1, y.unsqueeze(1)).squeeze(1)
+    (plain * upstream.double()).sum().backward()
+    expected = [t.grad.clone() for t in (h, w, b) if t is not None]
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    fused = linear_target_log_probs(h, w, b, y)
+    assert fused.dtype == torch.float32 and fused.shape == (300,)
+    assert plain[-1] < -1000 and torch.allclose(fused.double(), plain, rtol=1e-5, atol=1e-4)
+    (fused * upstream).sum().backward()
+    for got, want in zip([t.grad for t in (h, w, b) if t is not None], expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(linear_target_log_probs(h, w, b, y).double(), plain, rtol=1e-5, atol=1e-4)
 
 
 def test_fused_loss_is_exact_where_the_target_probability_underflows():
