@@ -24,6 +24,7 @@ from lmlab.config.schema import check_arguments
 from lmlab.config.validation import model_arguments, validate_config
 from lmlab.data.datasets import DATASETS, RECORDED_TARGETS, LanguageModelData
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
+from lmlab.evaluation.methods import METHODS
 from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
 from lmlab.models import LanguageModel, model_class
 from lmlab.runtime import distributed
@@ -148,7 +149,8 @@ def build_hooks(node: DictConfig) -> dict[str, Hook]:
     return hooks
 
 
-# The top-level keys of a run (and bench) config; anything else was added with + and is read by nobody.
+# The top-level keys of a run (and bench) config besides the evaluation methods' sections (conf/evaluation);
+# anything else was added with + and is read by nobody.
 RUN_KEYS = {
     "dataset",
     "model",
@@ -162,6 +164,7 @@ RUN_KEYS = {
     "seed",
     "plugins",
     "bench",
+    "test_with",
 }
 
 
@@ -169,7 +172,7 @@ def refuse_unread_keys(cfg: DictConfig) -> None:
     """A top-level key nothing reads (``+epochs=2``: Hydra's own hint after ``epochs=2`` is refused) would
     be silently ignored; name the key it probably meant instead."""
     for key in cfg:
-        if key in RUN_KEYS:
+        if key in RUN_KEYS or key in METHODS:  # an evaluation method's section: test_with reads it
             continue
         meant = [f"{group}.{key}" for group in RUN_KEYS if OmegaConf.is_dict(cfg.get(group)) and key in cfg[group]]
         hint = f"did you mean {meant[0]}={cfg[key]}?" if meant else "remove it"

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from lmlab.config.validation import test_methods
+from lmlab.data.batching import TokenStream
+from lmlab.evaluation.methods import EvaluationInputs
 from lmlab.evaluation.metrics import perplexity
 from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
@@ -68,6 +71,7 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
                 raise TrainingInterrupted(signals.received or signal.SIGTERM, str(fit.last_checkpoint)) from None
             if not where.is_main:
                 return {"status": "completed", "best_val_ppl": perplexity(fit.best_val_loss), "test_loss": test_loss}
+            tested_with = _test_with(cfg, model, data, device, trainer)
             generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
             text = format_words(sample_words(model, data.vocab, **cfg.generate, generator=generator))
             signals.raise_if_received(fit.last_checkpoint)
@@ -78,6 +82,7 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             "best_val_ppl": perplexity(fit.best_val_loss),
             "test_loss": test_loss,
             "test_ppl": perplexity(test_loss),
+            **{f"test_ppl_{name}": scored["ppl"] for name, scored in tested_with.items()},
             "num_params": sum(p.numel() for p in model.parameters()),
             "epochs_run": fit.epochs_run,
             "train_tokens_per_sec": fit.train_tokens_per_sec,
@@ -87,9 +92,26 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             "processes": where.world_size,
             "wall_s": time.perf_counter() - started,
         }
+        if tested_with:
+            results["test_with"] = tested_with
         atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
         logger.log_summary(results)
         logger.log_samples(text)
     finally:
         logger.finish()
     return results
+
+
+def _test_with(cfg: DictConfig, model: Any, data: Any, device: torch.device, trainer: Any) -> dict[str, dict[str, Any]]:
+    """The run's ``test_with`` methods on the test split (:mod:`lmlab.evaluation.methods`), on the main
+    process only: loss, perplexity and the settings each used (a searched lambda, its validation figure)."""
+    tested = {}
+    for name, (method, settings) in test_methods(cfg).items():
+
+        def stream(split: str, bptt: int | None = None) -> TokenStream:
+            return data.eval_stream(getattr(data.corpus, split), bptt).to(device)
+
+        inputs = EvaluationInputs(model, "test", stream, lambda windows: trainer.evaluate(model, windows, device))
+        scored = method(inputs, **settings)
+        tested[name] = {"loss": scored.loss, "ppl": perplexity(scored.loss), "settings": scored.settings}
+    return tested

@@ -37,7 +37,7 @@ from lmlab.training.optim import Schedule
 
 # Rules for arguments whose target does not annotate them usefully (torch's own classes).
 OPTIMIZER_HINTS = {"lr": PositiveFloat, "weight_decay": NonNegativeFloat}
-TOP_LEVEL_HINTS = {"seed": Seed | None, "plugins": list[str]}
+TOP_LEVEL_HINTS = {"seed": Seed | None, "plugins": list[str], "test_with": list[str]}
 BENCH_HINTS = {
     "steps": PositiveInt,
     "warmup": PositiveInt,
@@ -93,6 +93,8 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
     if command == "evaluate":
         check_value("split", cfg.split, Literal["train", "valid", "test"])
         evaluation_method(cfg)
+    if command == "run":
+        test_methods(cfg)
     for key, hint in BENCH_HINTS.items():
         if cfg.get("bench") is not None and key in cfg.bench:
             check_value(f"bench.{key}", _plain(cfg.bench[key]), hint)
@@ -103,6 +105,29 @@ def evaluation_method(cfg: DictConfig) -> tuple[Callable[..., Any], dict[str, An
     method = METHODS.lookup(cfg.method)
     node = cfg.get(cfg.method)
     return method, method_settings(cfg.method, _plain(node) if OmegaConf.is_dict(node) else {})
+
+
+def test_methods(cfg: DictConfig) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    """``lmlab.run``'s ``test_with``: each named method and its checked settings (its config section)."""
+    names = list(_plain(cfg.get("test_with")) or [])
+    for name in sorted(METHODS):  # every section, named or not: a typo is refused, not left to do nothing
+        node = cfg.get(name)
+        if OmegaConf.is_dict(node) and name not in names:
+            method_settings(name, _plain(node))
+    methods = {}
+    for name in names:
+        if name == "static":
+            raise ConfigError("test_with=[static]: the plain test is always reported; name other methods, e.g. [ngram]")
+        if names.count(name) > 1:
+            raise ConfigError(f"test_with names {name} twice; name each method once")
+        if name not in METHODS:
+            raise ConfigError(
+                f"test_with=[{name}]: not a registered evaluation method; registered: {sorted(METHODS)} "
+                "(one of your own: import the module that registers it with plugins=[module])"
+            )
+        node = cfg.get(name)
+        methods[name] = METHODS.lookup(name), method_settings(name, _plain(node) if OmegaConf.is_dict(node) else {})
+    return methods
 
 
 def model_arguments(node: DictConfig) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class ConsoleLogger(Logger):
 
     def log_summary(self, results: dict[str, Any]) -> None:
         self.say(f"test-loss: {results['test_loss']:.2f} | test-pp: {format_ppl(results['test_ppl'])}")
+        for name, scored in results.get("test_with", {}).items():
+            self.say(f"test-loss: {scored['loss']:.2f} | test-pp: {format_ppl(scored['ppl'])} ({name})")
         self._finished = True
 
     def log_samples(self, text: str) -> None:

@@ -106,6 +106,49 @@ def test_the_cli_reports_each_method_and_leaves_the_checkpoint_untouched(checkpo
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
+def test_a_run_reports_its_test_with_methods_as_evaluate_does(tmp_path, corpus_dir, compose_cfg):
+    """``test_with=[ngram, cache]``: each method's test figure beside the plain one, the same as
+    ``lmlab.evaluate method=<name>`` gives on the run's best checkpoint afterwards."""
+    overrides = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=2", "test_with=[ngram,cache]"]
+    results = train_and_report(compose_cfg([*overrides, "ngram.search=true"]), tmp_path / "run")
+    assert set(results["test_with"]) == {"ngram", "cache"}
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    for method, extra in (("ngram", ["ngram.search=true"]), ("cache", [])):
+        proc = _evaluate(f"checkpoint={best}", f"method={method}", f"output={tmp_path / method}.json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        report, reported = json.loads(proc.stdout.splitlines()[-1]), results["test_with"][method]
+        assert reported["loss"] == pytest.approx(report["loss"], rel=1e-6)
+        assert results[f"test_ppl_{method}"] == reported["ppl"]
+        assert _without_timings(reported["settings"]) == _without_timings(report["settings"])  # the same lambda
+    assert results["test_with"]["ngram"]["loss"] < results["test_loss"]  # the n-gram of this small corpus helps
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["test_with"] == results["test_with"]
+
+
+def _without_timings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if not k.endswith("_seconds")}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["test_with=[static]"], "test_with=[static]: the plain test is always reported"),
+        (["test_with=[magic]"], "test_with=[magic]: not a registered evaluation method; registered: ['cache',"),
+        (["test_with=[ngram,ngram]"], "test_with names ngram twice"),
+        (["test_with=[ngram]", "ngram.lambda=2"], "ngram.lambda=2 is invalid: it must be a number in [0, 1]"),
+        (["+cache.sise=10"], "cache.sise is not a setting of method cache; valid keys: size, theta, lambda, search"),
+    ],
+)
+def test_bad_test_with_settings_are_refused_before_any_work(overrides, message, tmp_path, corpus_dir):
+    out = tmp_path / "refused"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmlab.run", *TINY, f"dataset.path={corpus_dir}", *overrides, f"hydra.run.dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
