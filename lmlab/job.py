@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from lmlab.config.validation import test_methods
 from lmlab.data.batching import TokenStream
+from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import EvaluationInputs
 from lmlab.evaluation.metrics import perplexity
 from lmlab.evaluation.sampling import format_words, sample_words
@@ -105,13 +106,18 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
 def _test_with(cfg: DictConfig, model: Any, data: Any, device: torch.device, trainer: Any) -> dict[str, dict[str, Any]]:
     """The run's ``test_with`` methods on the test split (:mod:`lmlab.evaluation.methods`), on the main
     process only: loss, perplexity and the settings each used (a searched lambda, its validation figure)."""
+
+    def stream(split: str, bptt: int | None = None) -> TokenStream:
+        return data.eval_stream(getattr(data.corpus, split), bptt).to(device)
+
+    def static_loss(windows: TokenStream) -> float:
+        if distributed.place().world_size > 1:  # Trainer.evaluate is collective; the other processes have left
+            raise ConfigError("a test_with method that asks for the plain evaluation runs in one process only")
+        return trainer.evaluate(model, windows, device)
+
+    inputs = EvaluationInputs(model, "test", stream, static_loss)
     tested = {}
     for name, (method, settings) in test_methods(cfg).items():
-
-        def stream(split: str, bptt: int | None = None) -> TokenStream:
-            return data.eval_stream(getattr(data.corpus, split), bptt).to(device)
-
-        inputs = EvaluationInputs(model, "test", stream, lambda windows: trainer.evaluate(model, windows, device))
         scored = method(inputs, **settings)
         tested[name] = {"loss": scored.loss, "ppl": perplexity(scored.loss), "settings": scored.settings}
     return tested

@@ -73,6 +73,24 @@ def test_fused_target_log_probs_match_the_plain_ones(bias):
         assert torch.allclose(linear_target_log_probs(h, w, b, y).double(), plain, rtol=1e-5, atol=1e-4)
 
 
+def test_two_forward_passes_before_a_backward_keep_their_own_probabilities():
+    """The probabilities live in a block kept between steps; a second forward pass made while the first
+    still waits for its backward must not write over them."""
+    torch.manual_seed(1)
+    h, w = torch.randn(50, 8, requires_grad=True), torch.randn(300, 8, requires_grad=True)
+    y, u = torch.randint(0, 300, (50,)), torch.randn(50)
+    reference = [F.log_softmax(F.linear(x, w), -1).gather(1, y.unsqueeze(1)).squeeze(1) for x in (h, 3 * h)]
+    (sum(r * u for r in reference)).sum().backward()
+    expected = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    first, second = (linear_target_log_probs(x, w, None, y) for x in (h, 3 * h))
+    (first * u + second * u).sum().backward()
+    assert torch.allclose(h.grad, expected[0], atol=1e-5) and torch.allclose(w.grad, expected[1], atol=1e-5)
+    step = linear_target_log_probs(h, w, None, y)  # both freed: the kept block again, still right
+    (step * u).sum().backward()
+    assert torch.allclose(step, reference[0], atol=1e-5)
+
+
 def test_fused_loss_is_exact_where_the_target_probability_underflows():
     """A confidently wrong model: p(target) ~ e^-200 is 0 in fp32, yet the loss must stay exact, on the
     CPU's path (recompute such rows) and on the GPUs' sync-free one (log-sum-exp from the row max)."""
