@@ -17,6 +17,10 @@ A step dispatches a fixed, small number of operators (each one a kernel launch o
 are one block when they fit :data:`LOGITS_BUDGET` (the default model's do), else equal row chunks. In
 fp32 they are written into a buffer kept from one step to the next (``out=``), so a block larger than
 glibc's mmap threshold (32 MiB) is not page-faulted in afresh at every step on a CPU.
+
+:func:`linear_target_log_probs` is the same layer for a model that mixes the softmax's probability of each
+target with something else (a pointer): log p(target) per token, whose gradient arrives per token in
+backward (:class:`_LinearTargetLogProbs`).
 """
 
 from __future__ import annotations
@@ -177,9 +181,10 @@ class _LinearTargetLogProbs(torch.autograd.Function):
         column = targets.unsqueeze(1)
         probs, ctx.lease = _leased_block(features.device, features.size(0), weight.size(0))
         if features.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(features.device.type):
-            torch.mm(features, weight.t(), out=probs) if bias is None else torch.addmm(
-                bias, features, weight.t(), out=probs
-            )
+            if bias is None:
+                torch.mm(features, weight.t(), out=probs)
+            else:
+                torch.addmm(bias, features, weight.t(), out=probs)
         else:  # autocast: the GEMM in its dtype, the softmax in fp32
             probs.copy_(features @ weight.t())
             if bias is not None:
