@@ -108,13 +108,12 @@ def evaluation_method(cfg: DictConfig) -> tuple[Callable[..., Any], dict[str, An
 
 
 def test_methods(cfg: DictConfig) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
-    """``lmlab.run``'s ``test_with``: each named method and its checked settings (its config section)."""
+    """``lmlab.run``'s ``test_with``: each named method and its checked settings (its config section).
+    Every method's section is checked, named or not: a typo there is refused, not left to do nothing."""
+    settings = {
+        name: method_settings(name, _plain(cfg[name])) for name in sorted(METHODS) if OmegaConf.is_dict(cfg.get(name))
+    }
     names = list(_plain(cfg.get("test_with")) or [])
-    for name in sorted(METHODS):  # every section, named or not: a typo is refused, not left to do nothing
-        node = cfg.get(name)
-        if OmegaConf.is_dict(node) and name not in names:
-            method_settings(name, _plain(node))
-    methods = {}
     for name in names:
         if name == "static":
             raise ConfigError("test_with=[static]: the plain test is always reported; name other methods, e.g. [ngram]")
@@ -125,9 +124,7 @@ def test_methods(cfg: DictConfig) -> dict[str, tuple[Callable[..., Any], dict[st
                 f"test_with=[{name}]: not a registered evaluation method; registered: {sorted(METHODS)} "
                 "(one of your own: import the module that registers it with plugins=[module])"
             )
-        node = cfg.get(name)
-        methods[name] = METHODS.lookup(name), method_settings(name, _plain(node) if OmegaConf.is_dict(node) else {})
-    return methods
+    return {name: (METHODS.lookup(name), settings.get(name, {})) for name in names}
 
 
 def model_arguments(node: DictConfig) -> dict[str, Any]:
