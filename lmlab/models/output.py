@@ -47,12 +47,14 @@ def _row_chunks(n_rows: int, vocab_size: int) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, n_rows, rows)]
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits (rows, vocab): into the kept buffer where everything is fp32, else in the autocast
-    dtype (the GEMM is the costly part) and then converted."""
+def _logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 logits (rows, vocab), into ``out`` if given: else into the kept buffer where everything is fp32,
+    or in the autocast dtype (the GEMM is the costly part) and then converted."""
     rows, vocab = h.size(0), weight.size(0)
     if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
-        out = _views.get((h.device, rows, vocab))
+        out = _views.get((h.device, rows, vocab)) if out is None else out
         if out is None:
             # Made as normal tensors even under inference mode (evaluation): an inference tensor, or a view
             # made there, could not be written by the training step that reuses it.
@@ -65,7 +67,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         if bias is None:
             return torch.mm(h, weight.t(), out=out)
         return torch.addmm(bias, h, weight.t(), out=out)
-    logits = (h @ weight.t()).float()
+    logits = (h @ weight.t()).float() if out is None else out.copy_(h @ weight.t())
     return logits if bias is None else logits.add_(bias)
 
 
@@ -180,15 +182,7 @@ class _LinearTargetLogProbs(torch.autograd.Function):
     ) -> torch.Tensor:
         column = targets.unsqueeze(1)
         probs, ctx.lease = _leased_block(features.device, features.size(0), weight.size(0))
-        if features.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(features.device.type):
-            if bias is None:
-                torch.mm(features, weight.t(), out=probs)
-            else:
-                torch.addmm(bias, features, weight.t(), out=probs)
-        else:  # autocast: the GEMM in its dtype, the softmax in fp32
-            probs.copy_(features @ weight.t())
-            if bias is not None:
-                probs.add_(bias)
+        _logits(features, weight, bias, out=probs)
         picked = _softmax_and_target_log_probs(probs, column)
         ctx.save_for_backward(features, weight, column)
         ctx.probs, ctx.has_bias = probs, bias is not None
