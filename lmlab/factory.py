@@ -105,6 +105,7 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
     resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
     data = build_dataset(cfg.dataset)
     model = model_class(cfg.model.name)(len(data.vocab), **model_arguments(cfg.model)).to(device)  # validated
+    model.take_corpus(data.corpus.train)
     if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:
         print(
             f"note: a full softmax over {len(data.vocab):,} words makes the output layer most of the model's cost; "

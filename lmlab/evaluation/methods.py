@@ -15,7 +15,7 @@ command line (a setting named like a Python keyword takes a trailing ``_``: ``ca
   ``size`` (feature, next word) pairs of each column form a cache; the cache distribution puts weight
   ``exp(theta · h_t · h_i)`` on the word that followed ``h_i``, and is mixed with the model's:
   ``p = (1 - lambda) p_model + lambda p_cache``. Positions before the first cached pair use the model.
-- **ngram**: an interpolated Kneser-Ney n-gram of the training split (:mod:`lmlab.evaluation.ngram`) is
+- **ngram**: an interpolated Kneser-Ney n-gram of the training split (:mod:`lmlab.models.kneser_ney`) is
   mixed in, ``p = (1 - lambda) p_model + lambda p_ngram``. Static: its counts come from the training split
   only and it conditions on the last ``order - 1`` words, so nothing is learnt from the scored text (unlike
   cache and dynamic). Small corpora gain most, where exact phrases are what a regularised model blurs.
@@ -48,8 +48,8 @@ from lmlab.config.schema import (
 from lmlab.data.batching import TokenStream
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.evaluation.metrics import perplexity
-from lmlab.evaluation.ngram import KneserNey
 from lmlab.models import LanguageModel, diverged
+from lmlab.models.kneser_ney import KneserNey
 from lmlab.registry import Registry
 
 

@@ -1,7 +1,9 @@
 """Language models: the contract (:class:`LanguageModel`), the registry, and the built-in models.
 
 Importing this package registers ``rnn`` (LSTM/GRU), ``transformer``, and each of them with a pointer
-sentinel (:mod:`lmlab.models.pointer`): ``pointer_rnn``, ``pointer_transformer``.
+sentinel (:mod:`lmlab.models.pointer`): ``pointer_rnn``, ``pointer_transformer``; and those two with a
+Kneser-Ney n-gram of the training text mixed in by a learned gate (:mod:`lmlab.models.ngram_mixture`):
+``ngram_pointer_rnn``, ``ngram_pointer_transformer``.
 """
 
 from lmlab.models.base import (
@@ -15,6 +17,11 @@ from lmlab.models.base import (
     model_class,
     register_model,
 )
+from lmlab.models.ngram_mixture import (
+    NgramMixture,
+    NgramPointerRNNLanguageModel,
+    NgramPointerTransformerLanguageModel,
+)
 from lmlab.models.pointer import PointerRNNLanguageModel, PointerSentinel, PointerTransformerLanguageModel
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.models.transformer import TransformerLanguageModel
@@ -22,6 +29,9 @@ from lmlab.models.transformer import TransformerLanguageModel
 __all__ = [
     "MODELS",
     "LanguageModel",
+    "NgramMixture",
+    "NgramPointerRNNLanguageModel",
+    "NgramPointerTransformerLanguageModel",
     "PointerRNNLanguageModel",
     "PointerSentinel",
     "PointerTransformerLanguageModel",

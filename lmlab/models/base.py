@@ -60,6 +60,12 @@ class LanguageModel(nn.Module):
                 count += 1
         return count
 
+    def take_corpus(self, train_tokens: torch.Tensor) -> None:
+        """Called by the runner once, before training (and before a resume's weights are loaded), with the
+        training split's word ids (1-D, in order). A model that keeps statistics of its training text (the
+        counts of :class:`~lmlab.models.ngram_mixture.NgramMixture`) takes them here and keeps them in its
+        state dict, so that a checkpoint carries them. The default ignores them."""
+
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """The state before the first window of ``batch_size`` columns (None: no state)."""
         return None

@@ -25,6 +25,7 @@ from lmlab.models import LanguageModel, check_model_arguments, model_class
 from lmlab.training.rng import rng_state
 
 FORMAT = "lmlab-checkpoint"
+EXTRA_STATE = "_extra_state"  # the state-dict key of what a module's get_extra_state returns (nn.Module's)
 VERSION = 2
 
 
@@ -151,13 +152,17 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module, weights: dict[
     """``model.load_state_dict(weights)``, checked first: the same names and shapes (no partial loads,
     no broadcasting), else one line saying the file does not fit."""
     expected = model.state_dict()
-    wrong = sorted(set(expected) ^ set(weights)) or [k for k in expected if expected[k].shape != weights[k].shape]
+    shaped = [k for k in expected if not k.endswith(EXTRA_STATE)]  # a module's extra state: its own to check
+    wrong = sorted(set(expected) ^ set(weights)) or [k for k in shaped if expected[k].shape != weights[k].shape]
     if wrong:
         raise CheckpointError(
             f"{path} does not fit its model: the weights of {printable(', '.join(wrong[:3]))} are missing, extra "
             "or of another shape; use a checkpoint made by this model"
         )
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except CheckpointError as err:  # a module refused its extra state (e.g. an n-gram's text)
+        raise CheckpointError(f"{path} is damaged: {err}; use another checkpoint") from None
 
 
 def _head(path: Path, size: int = 4096) -> bytes:

@@ -13,9 +13,9 @@ import torch
 
 from lmlab.data.batching import TokenStream
 from lmlab.evaluation.methods import cache_scores, dynamic_loss, gradient_rms, mixed_loss, search_cache, target_probs
-from lmlab.evaluation.ngram import KneserNey
 from lmlab.job import train_and_report
 from lmlab.models import build_model
+from lmlab.models.kneser_ney import KneserNey
 from lmlab.training.trainer import Trainer
 from tests.conftest import TINY, train_tiny_run
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmlab.errors import ConfigError
-from lmlab.evaluation.ngram import KneserNey, discounts, max_order
+from lmlab.models.kneser_ney import KneserNey, discounts, max_order
 
 V = 40
 
@@ -22,12 +22,17 @@ def _corpus(n: int = 3000, seed: int = 0) -> torch.Tensor:
     return torch.tensor(words)
 
 
-def _reference(tokens: list[int], order: int):
-    """p(w | history) by the textbook formulas, one dict lookup at a time."""
+def _reference(tokens: list[int], order: int, left_out: tuple[int, ...] = (), fixed_discounts=None):
+    """p(w | history) by the textbook formulas, one dict lookup at a time; ``left_out``: one occurrence of
+    that n-gram taken out of the text's counts (each of its endings once), with ``fixed_discounts``."""
     raw = defaultdict(int)
     for k in range(1, order + 1):
         for i in range(len(tokens) - k + 1):
             raw[tuple(tokens[i : i + k])] += 1
+    for j in range(1, len(left_out) + 1):
+        raw[left_out[-j:]] -= 1
+        if raw[left_out[-j:]] == 0:
+            del raw[left_out[-j:]]
     table = [None] + [defaultdict(int) for _ in range(order)]
     for gram, c in raw.items():
         if len(gram) == order:
@@ -36,7 +41,7 @@ def _reference(tokens: list[int], order: int):
             table[len(gram) - 1][gram[1:]] += 1  # one more distinct word before gram[1:]
     stats = []
     for k in range(1, order + 1):
-        d = discounts(torch.tensor(list(table[k].values()))).tolist()
+        d = fixed_discounts[k - 1] if fixed_discounts else discounts(torch.tensor(list(table[k].values()))).tolist()
         total, taken = defaultdict(float), defaultdict(float)
         for gram, c in table[k].items():
             total[gram[:-1]] += c
@@ -73,6 +78,38 @@ def test_probabilities_are_the_textbook_formulas_and_sum_to_one(order):
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
     for history in padded[::40]:  # after any history, seen or not, short or full: a distribution
         assert model.probs(history.repeat(V, 1), torch.arange(V)).sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_leave_one_out_scores_each_occurrence_as_if_the_text_had_not_held_it():
+    order, tokens = 3, _corpus(1200)
+    model = KneserNey(tokens, V, order)
+    fixed = [table.discount.tolist() for table in model.orders]
+    positions = list(range(2, 1200, 7)) + [2]
+    history = torch.stack([tokens[i - 2 : i] for i in positions])
+    got, _ = model.score(history, tokens[positions], leave_one_out=True)
+    for row, i in enumerate(positions):
+        gram = tuple(tokens[i - 2 : i + 1].tolist())
+        want = _reference(tokens.tolist(), order, left_out=gram, fixed_discounts=fixed)(list(gram[:2]), gram[2])
+        assert got[row].item() == pytest.approx(want, rel=1e-12), (i, gram)
+    # a phrase seen once is, without itself, unseen: below its full-count probability, matched shorter
+    once = [i for i in positions if model._raw_counts(3)[1][torch.searchsorted(model._raw_counts(3)[0], int(
+        (tokens[i - 2] * V + tokens[i - 1]) * V + tokens[i]))] == 1]  # fmt: skip
+    assert once
+    full, full_matched = model.score(history, tokens[positions])
+    loo, loo_matched = model.score(history, tokens[positions], leave_one_out=True)
+    assert bool((loo <= full).all()) and bool((loo < full).any())
+    assert bool((loo_matched <= full_matched).all())
+
+
+def test_the_distribution_after_a_history_is_every_word_scored():
+    model = KneserNey(_corpus(), V, 4)
+    history = torch.tensor([[-1, -1, -1], [-1, -1, 2], [1, 2, 3], [39, 39, 39], [5, 1, 2], [-1, 3, 4]])
+    dense, matched = model.distribution(history)
+    assert dense.shape == (6, V) and torch.allclose(dense.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-12)
+    for row in range(6):
+        p, m = model.score(history[row].repeat(V, 1), torch.arange(V))
+        assert torch.allclose(dense[row], p, rtol=1e-12, atol=0) and bool((m == matched[row]).all())
+    assert matched.tolist()[:3] == [0, 1, 3]
 
 
 def test_an_unseen_context_backs_off_and_a_seen_phrase_is_likely():

@@ -1,4 +1,5 @@
-"""A Kneser-Ney n-gram model of the training split, to mix with a trained model (``method=ngram``).
+"""A Kneser-Ney n-gram model of the training split: mixed into a trained model at evaluation
+(``method=ngram``) or inside one while it trains (:mod:`lmlab.models.ngram_mixture`).
 
 Interpolated modified Kneser-Ney (Chen & Goodman 1998, "An empirical study of smoothing techniques for
 language modeling"). For order k = 1 .. n, with h the last k-1 words and h' the last k-2::
@@ -19,6 +20,13 @@ take no Python step per token. The keys bound the order: ``V ** order`` must fit
 
 How a column's first positions are scored: their history is what the column holds before them, as for
 the model (whose state also starts empty there); a shorter history uses the lower orders only.
+
+Leave-one-out (``leave_one_out=True``, for the training text's own positions): each position is scored
+with its own occurrence taken out of the counts, as if the text had not held it — one fewer n-gram at
+the top order, and below it one fewer distinct word before the k-gram where that (k+1)-gram occurred only
+there. Without it a model trained beside the counts learns to trust them on the training text, where
+every n-gram has been seen at least once, far more than on text they have not seen. The discounts stay
+the whole text's.
 """
 
 from __future__ import annotations
@@ -115,12 +123,23 @@ class KneserNey:
             if k > 1:
                 longer = torch.unique(ngram_keys(tokens, k, vocab_size))
         self.orders: list[_Order] = orders[::-1]  # order 1 first
+        self.tokens = tokens
+        self._raw: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # leave-one-out's raw counts, by order
 
     def probs(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """p(target | history) in float64 for (N, order-1) histories (oldest first; -1 where a position has
         no word, i.e. before the start of its text) and (N,) targets."""
+        return self.score(history, targets)[0]
+
+    def score(
+        self, history: torch.Tensor, targets: torch.Tensor, leave_one_out: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p(target | history) in float64, the number of history words the longest context seen in the
+        counts has: 0 .. order-1), for histories and targets as :meth:`probs` takes them.
+        ``leave_one_out``: the positions are occurrences in the counted text, each scored without itself."""
         history, targets = history.to("cpu", torch.long), targets.to("cpu", torch.long)
         p = torch.full(targets.shape, 1.0 / self.vocab_size, dtype=torch.float64)
+        matched = torch.zeros(targets.shape, dtype=torch.long)
         for k, table in enumerate(self.orders, start=1):
             words = history[:, history.size(1) - (k - 1) :]
             present = (words >= 0).all(dim=1)
@@ -130,9 +149,66 @@ class KneserNey:
             found, where = _find(table.keys, context * self.vocab_size + targets)
             count = torch.where(found, table.counts[where], 0)
             total = table.context_total[at]
-            mixed = (count - table.discount[count.clamp(max=3)]).clamp_min(0) / total + table.context_gamma[at] * p
+            taken = table.context_gamma[at] * total  # the mass the discounts take from this context
+            if leave_one_out:
+                removed = (found & self._only_there(k, history, targets)).long()
+                less = count - removed
+                taken = taken + table.discount[less.clamp(max=3)] - table.discount[count.clamp(max=3)]
+                count, total = less, total - removed
+                seen &= total > 0
+            total = total.clamp_min(1)  # where unseen: not used
+            mixed = ((count - table.discount[count.clamp(max=3)]).clamp_min(0) + taken * p) / total
             p = torch.where(seen, mixed, p)
-        return p
+            matched = torch.where(seen, k - 1, matched)
+        return p, matched
+
+    def _only_there(self, k: int, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Whether taking a position's occurrence out takes one count off its k-gram at order k: at the top
+        order always (its own n-gram); below it when the (k+1)-gram ending there occurred only there
+        (then one distinct word before the k-gram is gone). False where the history is too short to say."""
+        if k == self.order:
+            return (history >= 0).all(dim=1)
+        words = history[:, history.size(1) - k :]
+        keys, counts = self._raw_counts(k + 1)
+        found, where = _find(keys, pack(torch.cat([words.clamp_min(0), targets[:, None]], 1), self.vocab_size))
+        return (words >= 0).all(dim=1) & found & (counts[where] == 1)
+
+    def _raw_counts(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sorted keys of the text's k-grams and how often each occurs (built on first use)."""
+        if k == self.order:
+            return self.orders[-1].keys, self.orders[-1].counts
+        if k not in self._raw:
+            self._raw[k] = torch.unique(ngram_keys(self.tokens, k, self.vocab_size), return_counts=True)
+        return self._raw[k]
+
+    def distribution(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p(w | history) for every word, (N, vocab) float64; the matched context length as :meth:`score`)
+        for (N, order-1) histories: each order scales the one below by its back-off weight where its
+        context was seen and adds the discounted counts of the words seen after that context."""
+        history = history.to("cpu", torch.long)
+        rows = history.size(0)
+        p = torch.full((rows, self.vocab_size), 1.0 / self.vocab_size, dtype=torch.float64)
+        matched = torch.zeros(rows, dtype=torch.long)
+        for k, table in enumerate(self.orders, start=1):
+            words = history[:, history.size(1) - (k - 1) :]
+            context = pack(words.clamp_min(0), self.vocab_size)
+            seen, at = _find(table.contexts, context)
+            seen &= (words >= 0).all(dim=1)
+            if not bool(seen.any()):
+                continue
+            rows_seen, context, at = seen.nonzero().squeeze(1), context[seen], at[seen]
+            # the words seen after each context: one contiguous run of the sorted keys
+            first = torch.searchsorted(table.keys, context * self.vocab_size)
+            length = torch.searchsorted(table.keys, (context + 1) * self.vocab_size) - first
+            owner = torch.repeat_interleave(torch.arange(rows_seen.numel()), length)
+            entry = torch.arange(int(length.sum())) - torch.repeat_interleave(length.cumsum(0) - length, length)
+            entry += first[owner]
+            count = table.counts[entry]
+            gained = (count - table.discount[count.clamp(max=3)]).clamp_min(0) / table.context_total[at][owner]
+            p[rows_seen] *= table.context_gamma[at].unsqueeze(1)
+            p[rows_seen[owner], table.keys[entry] % self.vocab_size] += gained
+            matched[rows_seen] = k - 1
+        return p, matched
 
     def column_probs(self, columns: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """p of each target of a (L, B) stream's columns, rows 1 .. ``rows`` (default all), flattened row
