@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config.schema import PositiveInt
+from lmlab.config.schema import PositiveInt, Probability
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.base import LanguageModel, State, register_model
 from lmlab.models.kneser_ney import KneserNey, max_order
@@ -42,16 +42,23 @@ class NgramMixture(LanguageModel):
     """Mixin: put it before a :class:`~lmlab.models.base.LanguageModel` (the *body*) in a class's bases and
     the class is the body + an ``ngram_order`` Kneser-Ney model of its training text, mixed by a gate. The
     body's ``loss``/``log_probs``/``target_log_probs``/``context_vectors``/``regularization`` are handed
-    its own part of the features."""
+    its own part of the features.
 
-    def __init__(self, vocab_size: int, ngram_order: PositiveInt = 4, **body_arguments) -> None:
+    ``ngram_coupling`` (0 .. 1): how much of the body's gradient comes from the mixture's likelihood rather
+    than its own; the gate always learns from the mixture, and the loss is always the mixture's. At 1 the
+    body may specialise in what the counts miss, and may also stop learning (a gate that hands the counts
+    everything early leaves it no gradient); at 0 it trains as it would alone."""
+
+    def __init__(
+        self, vocab_size: int, ngram_order: PositiveInt = 4, ngram_coupling: Probability = 0.0, **body_arguments
+    ) -> None:
         if ngram_order > max_order(vocab_size):
             raise ConfigError(
                 f"model.ngram_order={ngram_order} is too high for a {vocab_size:,}-word vocabulary (its n-grams "
                 f"do not fit 64-bit keys); give model.ngram_order={max_order(vocab_size)} or less"
             )
         super().__init__(vocab_size, **body_arguments)
-        self.ngram_order, self.ngram_width = ngram_order, ngram_order - 1
+        self.ngram_order, self.ngram_width, self.ngram_coupling = ngram_order, ngram_order - 1, ngram_coupling
         self.ngram_gate = nn.Linear(self.context_dim, 1, bias=False)  # the bias: by matched length
         nn.init.zeros_(self.ngram_gate.weight)
         start = math.log(GATE_AT_START / (1 - GATE_AT_START))
@@ -125,7 +132,15 @@ class NgramMixture(LanguageModel):
         p, matched = self.counts.score(history.reshape(-1, self.ngram_width), targets.reshape(-1), self.training)
         keep, take = self._log_gates(body, matched.to(targets.device).view(targets.shape))
         from_counts = p.to(targets.device, torch.float32).view(targets.shape).log()
-        return torch.logaddexp(keep + from_body, take + from_counts)
+        mixed = torch.logaddexp(keep + from_body, take + from_counts)
+        if not (self.training and torch.is_grad_enabled()) or self.ngram_coupling == 1:
+            return mixed
+        # The same value, but the body learns (1 - coupling) from its own likelihood: fully coupled, a gate
+        # that learns early that the counts beat an untrained body hands them everything, and the body,
+        # whose gradient the gate scales by its share, stops learning (round N).
+        gate_only = torch.logaddexp(keep + from_body.detach(), take + from_counts)
+        alone = from_body - from_body.detach()  # 0, with the body's own gradient
+        return self.ngram_coupling * mixed + (1 - self.ngram_coupling) * (gate_only + alone)
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return -self.target_log_probs(features, targets).mean()

@@ -196,3 +196,16 @@ def test_diverging_dynamic_evaluation_is_an_error_not_a_nan():
     rms = gradient_rms(model, _stream(seed=1), batches=5)
     with pytest.raises(NonFiniteLoss, match=r"dynamic evaluation diverged after .* lower dynamic.lr"):
         dynamic_loss(model, _stream(), rms, lr=1e6, decay=0.0)
+
+
+def test_a_model_with_its_counts_inside_trains_and_its_checkpoint_scores_alone(tmp_path, corpus_dir, compose_cfg):
+    """``model=ngram_pointer_lstm``: the n-gram is part of the model; its checkpoint carries the counts, so
+    ``lmlab.evaluate`` gives the run's own test figure, and it beats the same model without them."""
+    overrides = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=2", "model.pointer_window=20"]
+    plain = train_and_report(compose_cfg([*overrides, "model=pointer_lstm"]), tmp_path / "plain")
+    mixed = train_and_report(compose_cfg([*overrides, "model=ngram_pointer_lstm"]), tmp_path / "mixed")
+    assert mixed["test_loss"] < plain["test_loss"]
+    best = tmp_path / "mixed" / "checkpoints" / "best.pt"
+    proc = _evaluate(f"checkpoint={best}", f"output={tmp_path / 'static'}.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["loss"] == pytest.approx(mixed["test_loss"], rel=1e-6)

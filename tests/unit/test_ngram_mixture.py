@@ -129,3 +129,22 @@ def test_the_counts_ride_in_the_state_dict_and_a_damaged_copy_is_refused(tmp_pat
                           (torch.ones(3), "not a list of word ids")):  # fmt: skip
         with pytest.raises(CheckpointError, match=rf"^{tmp_path}/a.pt is damaged: its n-gram's text .*{what}"):
             load_weights(tmp_path / "a.pt", fresh, {**weights, "_extra_state": damaged})
+
+
+@pytest.mark.parametrize("coupling", [0.0, 0.5, 1.0])
+def test_the_loss_is_the_mixtures_and_the_body_learns_its_coupling_share_from_it(coupling):
+    model = _model("rnn").train()
+    model.ngram_coupling = coupling
+    tokens = _text(31, seed=6).view(-1, 1)
+    features, _ = model(tokens[:-1], model.init_state(1))
+    body = model._ngram_parts(features)[0]
+    from_body = model.__class__.__mro__[2].target_log_probs(model, body, tokens[1:])
+    loss = model.loss(features, tokens[1:])
+    model.ngram_coupling = 1.0
+    mixed = model.loss(features, tokens[1:])
+    assert loss.item() == pytest.approx(mixed.item(), abs=1e-6)  # the figure is always the mixture's
+    weight = model.embedding.weight
+    grads = [torch.autograd.grad(value, weight, retain_graph=True)[0] for value in (loss, mixed, -from_body.mean())]
+    assert torch.allclose(grads[0], coupling * grads[1] + (1 - coupling) * grads[2], atol=1e-6)
+    gate = [torch.autograd.grad(value, model.ngram_gate_bias, retain_graph=True)[0] for value in (loss, mixed)]
+    assert torch.allclose(gate[0], gate[1], atol=1e-7)  # the gate learns from the mixture alone
