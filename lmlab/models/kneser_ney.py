@@ -184,31 +184,38 @@ class KneserNey:
     def distribution(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(p(w | history) for every word, (N, vocab) float64; the matched context length as :meth:`score`)
         for (N, order-1) histories: each order scales the one below by its back-off weight where its
-        context was seen and adds the discounted counts of the words seen after that context."""
+        context was seen and adds the discounted counts of the words seen after that context. Order 1 is
+        the same after every history: it is computed once."""
         history = history.to("cpu", torch.long)
         rows = history.size(0)
-        p = torch.full((rows, self.vocab_size), 1.0 / self.vocab_size, dtype=torch.float64)
+        p = torch.full((1, self.vocab_size), 1.0 / self.vocab_size, dtype=torch.float64)
+        self._back_off(p, self.orders[0], torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool))
+        p = p.expand(rows, -1).clone()
         matched = torch.zeros(rows, dtype=torch.long)
-        for k, table in enumerate(self.orders, start=1):
+        for k, table in enumerate(self.orders[1:], start=2):
             words = history[:, history.size(1) - (k - 1) :]
             context = pack(words.clamp_min(0), self.vocab_size)
-            seen, at = _find(table.contexts, context)
-            seen &= (words >= 0).all(dim=1)
-            if not bool(seen.any()):
-                continue
-            rows_seen, context, at = seen.nonzero().squeeze(1), context[seen], at[seen]
-            # the words seen after each context: one contiguous run of the sorted keys
-            first = torch.searchsorted(table.keys, context * self.vocab_size)
-            length = torch.searchsorted(table.keys, (context + 1) * self.vocab_size) - first
-            owner = torch.repeat_interleave(torch.arange(rows_seen.numel()), length)
-            entry = torch.arange(int(length.sum())) - torch.repeat_interleave(length.cumsum(0) - length, length)
-            entry += first[owner]
-            count = table.counts[entry]
-            gained = (count - table.discount[count.clamp(max=3)]).clamp_min(0) / table.context_total[at][owner]
-            p[rows_seen] *= table.context_gamma[at].unsqueeze(1)
-            p[rows_seen[owner], table.keys[entry] % self.vocab_size] += gained
-            matched[rows_seen] = k - 1
+            seen = self._back_off(p, table, context, (words >= 0).all(dim=1))
+            matched[seen] = k - 1
         return p, matched
+
+    def _back_off(self, p: torch.Tensor, table: _Order, context: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Make each row of ``p`` (the order below's distributions) this order's where its context was seen,
+        in place; returns where it was."""
+        seen, at = _find(table.contexts, context)
+        seen &= present
+        p.mul_(torch.where(seen, table.context_gamma[at], 1.0).unsqueeze(1))
+        rows, context, at = seen.nonzero().squeeze(1), context[seen], at[seen]
+        # the words seen after each context: one contiguous run of the sorted keys
+        first = torch.searchsorted(table.keys, context * self.vocab_size)
+        length = torch.searchsorted(table.keys, (context + 1) * self.vocab_size) - first
+        owner = torch.repeat_interleave(torch.arange(rows.numel()), length)
+        entry = torch.arange(int(length.sum())) - torch.repeat_interleave(length.cumsum(0) - length, length)
+        entry += first[owner]
+        count = table.counts[entry]
+        gained = (count - table.discount[count.clamp(max=3)]).clamp_min(0) / table.context_total[at][owner]
+        p.index_put_((rows[owner], table.keys[entry] % self.vocab_size), gained, accumulate=True)
+        return seen
 
     def column_probs(self, columns: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """p of each target of a (L, B) stream's columns, rows 1 .. ``rows`` (default all), flattened row
