@@ -177,6 +177,22 @@ def drop_words(embedded: torch.Tensor, tokens: torch.Tensor, p: float, vocab_siz
     return embedded * word_mask[tokens].unsqueeze(-1)
 
 
+def keep_mask(shape: tuple[int, ...] | torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Dropout mask (0 or 1/(1-p)). On CPU, uniform draws compared with p take under half the time of
+    the per-element ``bernoulli_`` that ``F.dropout`` uses (experiments/transformer.md, stop 26)."""
+    mask = torch.rand(shape, device=device).ge_(p).div_(1 - p)
+    return mask if mask.dtype == dtype else mask.to(dtype)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout(x, p, training)``, with :func:`keep_mask`'s masks on a CPU (one fused kernel elsewhere)."""
+    if not (training and p):
+        return x
+    if x.device.type != "cpu":
+        return nn.functional.dropout(x, p, training=True)
+    return x * keep_mask(x.shape, p, x.dtype, x.device)
+
+
 def same_layout(state: State, reference: State) -> bool:
     """Whether ``state`` has the nesting of ``reference``, with tensors of the same shape and dtype."""
     if isinstance(reference, torch.Tensor):

@@ -16,8 +16,8 @@ from torch import nn
 from lmlab.config.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
-from lmlab.models.base import LanguageModel, State, drop_words, register_model, same_layout
-from lmlab.models.output import as_dtype, linear_cross_entropy, linear_target_log_probs
+from lmlab.models.base import LanguageModel, State, drop_words, keep_mask, register_model, same_layout
+from lmlab.models.output import linear_cross_entropy, linear_target_log_probs
 
 LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 Hidden = list[LayerState]
@@ -159,7 +159,7 @@ class RNNLanguageModel(LanguageModel):
         if not shared:
             return [None] * len(sites)
         shape = (len(sites), *tokens.shape, widths.pop())
-        return list(_keep_mask(shape, sites[0], torch.float32, tokens.device).unbind(0))
+        return list(keep_mask(shape, sites[0], torch.float32, tokens.device).unbind(0))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         emb = self.embedding(tokens)
@@ -175,7 +175,7 @@ class RNNLanguageModel(LanguageModel):
         if not self.locked_dropout and x.device.type != "cpu":
             return F.dropout(x, p, training=True)  # one fused kernel on GPUs
         shape = (1, *x.shape[1:]) if self.locked_dropout else x.shape  # locked: one mask for all steps
-        return x * _keep_mask(shape, p, x.dtype, x.device)
+        return x * keep_mask(shape, p, x.dtype, x.device)
 
     def _run_layer(self, rnn: nn.RNNBase, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         if not (self.training and self.weight_drop):
@@ -235,9 +235,3 @@ class RNNLanguageModel(LanguageModel):
         else:
             logp = F.log_softmax(self.decoder(flat), -1)
         return logp.view(*features.shape[:-1], self.vocab_size)
-
-
-def _keep_mask(shape: tuple[int, ...] | torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Dropout mask (0 or 1/(1-p)). On CPU, uniform draws compared with p take under half the time of
-    the per-element ``bernoulli_`` that ``F.dropout`` uses (0.47 vs 1.27 ms per 2×200 LSTM mask)."""
-    return as_dtype(torch.rand(shape, device=device).ge_(p).div_(1 - p), dtype)

@@ -25,7 +25,7 @@ from torch import nn
 from lmlab.config.schema import IncreasingInts, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
-from lmlab.models.base import LanguageModel, drop_words, register_model
+from lmlab.models.base import LanguageModel, drop_words, dropout, register_model
 from lmlab.models.output import linear_cross_entropy, linear_target_log_probs
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, heads, positions, head_dim)
@@ -123,7 +123,7 @@ class TransformerLanguageModel(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         """tokens (T, B) → features (T, B, d_model); the state is the KV cache (None: empty)."""
-        x = F.dropout(self._embed(tokens.t()), self.dropout_input, self.training)  # (B, T, D)
+        x = dropout(self._embed(tokens.t()), self.dropout_input, self.training)  # (B, T, D)
         past = state[0][0].size(2) if state else 0
         cos, sin = self._rotary(past + tokens.size(0), x.device)
         new_state: KVCache = []
@@ -221,8 +221,8 @@ class Block(nn.Module):
             dropout_p=self.dropout_attention if self.training else 0.0,
         )  # fmt: skip
         attended = attended.transpose(1, 2).reshape(batch, steps, d_model)
-        x = x + F.dropout(self.proj(attended), self.dropout_residual, self.training)
-        x = x + F.dropout(self.mlp(self.norm2(x)), self.dropout_residual, self.training)
+        x = x + dropout(self.proj(attended), self.dropout_residual, self.training)
+        x = x + dropout(self.mlp(self.norm2(x)), self.dropout_residual, self.training)
         return x, (k, v)
 
 

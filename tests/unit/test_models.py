@@ -3,7 +3,7 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.models import RNNLanguageModel, build_model
-from lmlab.models.rnn import _keep_mask
+from lmlab.models.base import keep_mask
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -44,7 +44,7 @@ def test_tied_gradient_is_dense_and_equals_the_plain_embeddings():
 
 def test_dropout_masks_keep_the_right_share_and_scale():
     torch.manual_seed(0)
-    mask = _keep_mask((200, 50, 40), 0.3, torch.float32, torch.device("cpu"))
+    mask = keep_mask((200, 50, 40), 0.3, torch.float32, torch.device("cpu"))
     assert mask.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
     assert (mask > 0).float().mean().item() == pytest.approx(0.7, abs=0.005)
     model = RNNLanguageModel(30, embed_dim=6, hidden_dim=6, dropout=0.5, locked_dropout=True).train()
