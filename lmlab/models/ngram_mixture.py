@@ -87,7 +87,7 @@ class NgramMixture(LanguageModel):
 
     def set_extra_state(self, state: object) -> None:
         if not (isinstance(state, torch.Tensor) and state.dim() == 1 and state.dtype == torch.int32):
-            raise CheckpointError("its n-gram's text (_extra_state) is not a list of word ids")
+            raise CheckpointError("its n-gram's text (_extra_state) is not the 1-D int32 word ids lmlab writes")
         if not state.is_meta:
             self._set_text(state.cpu(), "its n-gram's text (_extra_state)")
 
