@@ -141,6 +141,8 @@ class KneserNey:
         p = torch.full(targets.shape, 1.0 / self.vocab_size, dtype=torch.float64)
         matched = torch.zeros(targets.shape, dtype=torch.long)
         for k, table in enumerate(self.orders, start=1):
+            if table.keys.numel() == 0:  # a text too short for this order: it hands p on unchanged
+                continue
             words = history[:, history.size(1) - (k - 1) :]
             present = (words >= 0).all(dim=1)
             context = pack(words.clamp_min(0), self.vocab_size)
@@ -170,6 +172,8 @@ class KneserNey:
             return (history >= 0).all(dim=1)
         words = history[:, history.size(1) - k :]
         keys, counts = self._raw_counts(k + 1)
+        if keys.numel() == 0:
+            return torch.zeros(targets.shape, dtype=torch.bool)
         found, where = _find(keys, pack(torch.cat([words.clamp_min(0), targets[:, None]], 1), self.vocab_size))
         return (words >= 0).all(dim=1) & found & (counts[where] == 1)
 
@@ -202,6 +206,8 @@ class KneserNey:
     def _back_off(self, p: torch.Tensor, table: _Order, context: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Make each row of ``p`` (the order below's distributions) this order's where its context was seen,
         in place; returns where it was."""
+        if table.keys.numel() == 0:  # a text too short for this order
+            return torch.zeros_like(present)
         seen, at = _find(table.contexts, context)
         seen &= present
         p.mul_(torch.where(seen, table.context_gamma[at], 1.0).unsqueeze(1))

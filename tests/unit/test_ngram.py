@@ -112,6 +112,18 @@ def test_the_distribution_after_a_history_is_every_word_scored():
     assert matched.tolist()[:3] == [0, 1, 3]
 
 
+@pytest.mark.parametrize("length", [0, 1, 2])
+def test_a_text_too_short_for_the_order_scores_what_it_can(length):
+    model, history = KneserNey(torch.arange(length), V, 3), torch.tensor([[-1, -1], [0, 1], [5, 6]])
+    for leave_one_out in (False, True):
+        p, matched = model.score(history, torch.tensor([1, 2, 3]), leave_one_out)
+        assert bool((p > 0).all()) and matched.max().item() <= max(length - 1, 0)
+    dense, _ = model.distribution(history)
+    assert torch.allclose(dense.sum(1), torch.ones(3, dtype=torch.float64))
+    if length == 0:  # no text: every word 1/V
+        assert torch.allclose(dense, torch.full((3, V), 1.0 / V, dtype=torch.float64))
+
+
 def test_an_unseen_context_backs_off_and_a_seen_phrase_is_likely():
     model = KneserNey(_corpus(), V, 3)
     seen, unseen = model.probs(torch.tensor([[2, 3], [39, 39]]), torch.tensor([4, 4]))
