@@ -84,7 +84,10 @@ def test_cli_run_help_and_cfg_job():
     assert out.returncode == 0, out.stderr
     assert "cell: gru" in out.stdout and "name: rnn" in out.stdout
     help_text = cli("lmlab.run", "--help")
-    models = "model: gru, lstm, pointer_lstm, pointer_transformer, transformer"
+    models = (
+        "model: gru, lstm, ngram_pointer_lstm, ngram_pointer_transformer, pointer_lstm, pointer_transformer, "
+        "transformer"
+    )
     assert help_text.returncode == 0 and models in help_text.stdout
 
 
