@@ -46,6 +46,15 @@ def max_order(vocab_size: int) -> int:
     return max(1, int(KEY_BITS * math.log(2) / math.log(max(vocab_size, 2))))
 
 
+def check_order(order: int, vocab_size: int, key: str) -> None:
+    """Refuse, in one line naming the config ``key``, an order whose n-grams do not fit 64-bit keys."""
+    if order > max_order(vocab_size):
+        raise ConfigError(
+            f"{key}={order} is too high for a {vocab_size:,}-word vocabulary (its n-grams do not fit "
+            f"64-bit keys); give {key}={max_order(vocab_size)} or less"
+        )
+
+
 def pack(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(..., k) word ids as one key each (the first column the most significant digit)."""
     key = torch.zeros(words.shape[:-1], dtype=torch.long, device=words.device)
@@ -105,11 +114,7 @@ class KneserNey:
     """Interpolated modified Kneser-Ney of ``order`` over ``tokens`` (1-D ids below ``vocab_size``)."""
 
     def __init__(self, tokens: torch.Tensor, vocab_size: int, order: int) -> None:
-        if order > max_order(vocab_size):
-            raise ConfigError(
-                f"ngram.order={order} is too high for a {vocab_size:,}-word vocabulary (its n-grams do not fit "
-                f"64-bit keys); give ngram.order={max_order(vocab_size)} or less"
-            )
+        check_order(order, vocab_size, "ngram.order")
         tokens = tokens.detach().to("cpu", torch.long).flatten()
         self.vocab_size, self.order = vocab_size, order
         # From the top order down, each order's distinct n-grams counted once: the top order's are its

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config.schema import PositiveInt, Probability
-from lmlab.errors import CheckpointError, ConfigError
+from lmlab.errors import CheckpointError
 from lmlab.models.base import LanguageModel, State, register_model
-from lmlab.models.kneser_ney import KneserNey, max_order
+from lmlab.models.kneser_ney import KneserNey, check_order
 from lmlab.models.pointer import PointerRNNLanguageModel, PointerTransformerLanguageModel
 
 GATE_AT_START = 0.1  # the counts' share before training: below a static mixture's; the gate learns the rest
@@ -56,11 +56,7 @@ class NgramMixture(LanguageModel):
     def __init__(
         self, vocab_size: int, ngram_order: PositiveInt = 4, ngram_coupling: Probability = 0.0, **body_arguments
     ) -> None:
-        if ngram_order > max_order(vocab_size):
-            raise ConfigError(
-                f"model.ngram_order={ngram_order} is too high for a {vocab_size:,}-word vocabulary (its n-grams "
-                f"do not fit 64-bit keys); give model.ngram_order={max_order(vocab_size)} or less"
-            )
+        check_order(ngram_order, vocab_size, "model.ngram_order")  # before any text is counted
         super().__init__(vocab_size, **body_arguments)
         self.ngram_order, self.ngram_width, self.ngram_coupling = ngram_order, ngram_order - 1, ngram_coupling
         self.ngram_gate = nn.Linear(self.context_dim, 1, bias=False)  # the bias: by matched length
