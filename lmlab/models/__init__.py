@@ -3,9 +3,7 @@
 Importing this package registers ``rnn`` (LSTM/GRU), ``transformer``, and each of them with a pointer
 sentinel (:mod:`lmlab.models.pointer`): ``pointer_rnn``, ``pointer_transformer``; and those two with a
 Kneser-Ney n-gram of the training text mixed in by a learned gate (:mod:`lmlab.models.ngram_mixture`):
-``ngram_pointer_rnn``, ``ngram_pointer_transformer``; and the pointer models whose softmax such an n-gram
-teaches while they train (:mod:`lmlab.models.ngram_teacher`): ``taught_pointer_rnn``,
-``taught_pointer_transformer``.
+``ngram_pointer_rnn``, ``ngram_pointer_transformer``.
 """
 
 from lmlab.models.base import (
@@ -24,11 +22,6 @@ from lmlab.models.ngram_mixture import (
     NgramPointerRNNLanguageModel,
     NgramPointerTransformerLanguageModel,
 )
-from lmlab.models.ngram_teacher import (
-    NgramTeacher,
-    TaughtPointerRNNLanguageModel,
-    TaughtPointerTransformerLanguageModel,
-)
 from lmlab.models.pointer import PointerRNNLanguageModel, PointerSentinel, PointerTransformerLanguageModel
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.models.transformer import TransformerLanguageModel
@@ -39,14 +32,11 @@ __all__ = [
     "NgramMixture",
     "NgramPointerRNNLanguageModel",
     "NgramPointerTransformerLanguageModel",
-    "NgramTeacher",
     "PointerRNNLanguageModel",
     "PointerSentinel",
     "PointerTransformerLanguageModel",
     "RNNLanguageModel",
     "State",
-    "TaughtPointerRNNLanguageModel",
-    "TaughtPointerTransformerLanguageModel",
     "TransformerLanguageModel",
     "build_model",
     "check_model_arguments",

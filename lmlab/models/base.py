@@ -93,12 +93,6 @@ class LanguageModel(nn.Module):
         :mod:`lmlab.models.pointer`). Models that cannot say raise NotImplementedError."""
         raise NotImplementedError
 
-    def softmax_layer(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(weight (V, D), bias (V,) or None) where the model's distribution is softmax(h weightᵀ + bias)
-        over its :meth:`context_vectors` h — what a teacher of the softmax
-        (:mod:`lmlab.models.ngram_teacher`) needs; None (the default) for any other output layer."""
-        return None
-
     def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """The part of ``features`` (T, B, ·) that describes each position's context, (T, B, D): the keys
         a neural cache compares. The default: the features themselves."""

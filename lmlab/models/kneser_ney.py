@@ -102,24 +102,6 @@ class _Order:
         return cls(keys, counts, discount, contexts, total, taken / total)
 
 
-@dataclass
-class OrderView:
-    """What one order's table says about N positions (a history and a target each), after leave-one-out
-    where asked: ``p_k(target) = (discounted(count) + taken * p_{k-1}(target)) / total`` where ``seen``."""
-
-    discount: torch.Tensor  # the order's [0, D1, D2, D3+]
-    seen: torch.Tensor  # (N,) bool: the context was seen (and still is, without the position itself)
-    at: torch.Tensor  # (N,) the context's index in the table's contexts (meaningless where not seen)
-    count: torch.Tensor  # (N,) the target's count after the context
-    total: torch.Tensor  # (N,) float64: the context's total count (>= 1)
-    taken: torch.Tensor  # (N,) float64: the mass the discounts take from the context
-    raw_count: torch.Tensor  # count and total before leave-one-out
-    raw_total: torch.Tensor
-
-    def discounted(self, count: torch.Tensor) -> torch.Tensor:
-        return (count - self.discount[count.clamp(max=3)]).clamp_min(0)
-
-
 def _find(table: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(found, index) of each key in a sorted table."""
     if table.numel() == 0:
@@ -160,33 +142,21 @@ class KneserNey:
         """(p(target | history) in float64, the number of history words the longest context seen in the
         counts has: 0 .. order-1), for histories and targets as :meth:`probs` takes them.
         ``leave_one_out``: the positions are occurrences in the counted text, each scored without itself."""
+        history, targets = history.to("cpu", torch.long), targets.to("cpu", torch.long)
         p = torch.full(targets.shape, 1.0 / self.vocab_size, dtype=torch.float64)
         matched = torch.zeros(targets.shape, dtype=torch.long)
-        for k, view in self.order_views(history, targets, leave_one_out):
-            mixed = (view.discounted(view.count) + view.taken * p) / view.total
-            p = torch.where(view.seen, mixed, p)
-            matched = torch.where(view.seen, k - 1, matched)
-        return p, matched
-
-    def order_views(
-        self, history: torch.Tensor, targets: torch.Tensor, leave_one_out: bool = False
-    ) -> list[tuple[int, OrderView]]:
-        """(k, what order k's table says about each position) for k = 1 .. order, skipping orders a text
-        too short has no n-grams of (they hand the order below on unchanged). Arguments as :meth:`score`."""
-        history, targets = history.to("cpu", torch.long), targets.to("cpu", torch.long)
-        views = []
         for k, table in enumerate(self.orders, start=1):
-            if table.keys.numel() == 0:
+            if table.keys.numel() == 0:  # a text too short for this order: it hands p on unchanged
                 continue
             words = history[:, history.size(1) - (k - 1) :]
+            present = (words >= 0).all(dim=1)
             context = pack(words.clamp_min(0), self.vocab_size)
             seen, at = _find(table.contexts, context)
-            seen &= (words >= 0).all(dim=1)
+            seen &= present
             found, where = _find(table.keys, context * self.vocab_size + targets)
             count = torch.where(found, table.counts[where], 0)
             total = table.context_total[at]
             taken = table.context_gamma[at] * total  # the mass the discounts take from this context
-            raw_count, raw_total = count, total
             if leave_one_out:
                 removed = (found & self._only_there(k, history, targets)).long()
                 less = count - removed
@@ -194,8 +164,10 @@ class KneserNey:
                 count, total = less, total - removed
                 seen &= total > 0
             total = total.clamp_min(1)  # where unseen: not used
-            views.append((k, OrderView(table.discount, seen, at, count, total, taken, raw_count, raw_total)))
-        return views
+            mixed = ((count - table.discount[count.clamp(max=3)]).clamp_min(0) + taken * p) / total
+            p = torch.where(seen, mixed, p)
+            matched = torch.where(seen, k - 1, matched)
+        return p, matched
 
     def _only_there(self, k: int, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Whether taking a position's occurrence out takes one count off its k-gram at order k: at the top

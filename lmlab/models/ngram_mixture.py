@@ -21,8 +21,8 @@ Measured (experiments/transformer.md, stop 26): this ties at best with the same 
 training with one share picked on the validation split (``test_with=[ngram]``): the gate learns on training
 text, where the network is better than it will be on new text, so it gives the counts too small a share.
 
-State and features: the body's, with the last order-1 words before each target beside them
-(:mod:`lmlab.models.history`).
+State: (the body's state, the last order-1 input words of each column (order-1, B); -1 before its first).
+Features: ``[ body features | the order-1 history words of each position (as floats: ids < 2**24) ]``.
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ from torch import nn
 
 from lmlab.config.schema import PositiveInt, Probability
 from lmlab.errors import CheckpointError
-from lmlab.models.base import register_model
-from lmlab.models.history import HistoryFeatures
+from lmlab.models.base import LanguageModel, State, register_model
 from lmlab.models.kneser_ney import KneserNey, check_order
 from lmlab.models.pointer import PointerRNNLanguageModel, PointerTransformerLanguageModel
 
 GATE_AT_START = 0.1  # the counts' share before training: below a static mixture's; the gate learns the rest
 
 
-class NgramMixture(HistoryFeatures):
+class NgramMixture(LanguageModel):
     """Mixin: put it before a :class:`~lmlab.models.base.LanguageModel` (the *body*) in a class's bases and
     the class is the body + an ``ngram_order`` Kneser-Ney model of its training text, mixed by a gate. The
     body's ``loss``/``log_probs``/``target_log_probs``/``context_vectors``/``regularization`` are handed
@@ -59,7 +58,7 @@ class NgramMixture(HistoryFeatures):
     ) -> None:
         check_order(ngram_order, vocab_size, "model.ngram_order")  # before any text is counted
         super().__init__(vocab_size, **body_arguments)
-        self.ngram_order, self.history_width, self.ngram_coupling = ngram_order, ngram_order - 1, ngram_coupling
+        self.ngram_order, self.ngram_width, self.ngram_coupling = ngram_order, ngram_order - 1, ngram_coupling
         self.ngram_gate = nn.Linear(self.context_dim, 1, bias=False)  # the bias: by matched length
         nn.init.zeros_(self.ngram_gate.weight)
         start = math.log(GATE_AT_START / (1 - GATE_AT_START))
@@ -95,21 +94,47 @@ class NgramMixture(HistoryFeatures):
         self._text, self._counts = tokens.to(torch.int32).clone(), None
 
     # ------------------------------------------------------------------------------- the model
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        words = torch.full((self.ngram_width, batch_size), -1, dtype=torch.long, device=device)
+        return (super().init_state(batch_size, device), words)
+
+    def state_fits(self, state: State, batch_size: int) -> bool:
+        if not (isinstance(state, (list, tuple)) and len(state) == 2):
+            return False
+        body, words = state
+        fits = isinstance(words, torch.Tensor) and words.dtype == torch.long
+        return fits and words.shape == (self.ngram_width, batch_size) and super().state_fits(body, batch_size)
+
+    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        body, past_words = state
+        features, body = super().forward(tokens, body)
+        steps, words = tokens.size(0), torch.cat([past_words, tokens])  # (order-1 + T, B)
+        # the history of step t's target: the order-1 words up to and including its input, words[t+1 ..]
+        history = [words[i + 1 : i + 1 + steps] for i in range(self.ngram_width)]
+        history = torch.stack(history, -1) if history else words.new_zeros(steps, tokens.size(1), 0)
+        features = torch.cat([features.float(), history.float()], -1)
+        return features, (body, words[words.size(0) - self.ngram_width :])
+
+    def _ngram_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the body's features, the history words (…, order-1))."""
+        body, history = features.split([features.size(-1) - self.ngram_width, self.ngram_width], -1)
+        return body, history.long()
+
     def _log_gates(self, body: torch.Tensor, matched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log(1 - g), log g) per position. The gate reads the direction of h, detached: it learns where to
         trust the counts without pulling h towards saying so (which cost the body much of its perplexity:
         experiments/transformer.md, stop 26), and its gradient stays of the size of one vector per token
         whatever the body's scale (a Transformer's h is ~sqrt(D) long), so it does not eat the step's share
         under gradient clipping."""
-        direction = F.normalize(self.body_context_vectors(body).detach().float(), dim=-1)
+        direction = F.normalize(super().context_vectors(body).detach().float(), dim=-1)
         logit = self.ngram_gate(direction).squeeze(-1) + self.ngram_gate_bias[matched]
         return F.logsigmoid(-logit), F.logsigmoid(logit)
 
     def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        body, history = self.split_history(features)
+        body, history = self._ngram_parts(features)
         from_body = super().target_log_probs(body, targets)
         # While training, the positions are the counted text's own: each without itself.
-        p, matched = self.counts.score(history.reshape(-1, self.history_width), targets.reshape(-1), self.training)
+        p, matched = self.counts.score(history.reshape(-1, self.ngram_width), targets.reshape(-1), self.training)
         keep, take = self._log_gates(body, matched.to(targets.device).view(targets.shape))
         from_counts = p.to(targets.device, torch.float32).view(targets.shape).log()
         mixed = torch.logaddexp(keep + from_body, take + from_counts)
@@ -126,12 +151,18 @@ class NgramMixture(HistoryFeatures):
         return -self.target_log_probs(features, targets).mean()
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
-        body, history = self.split_history(features)
+        body, history = self._ngram_parts(features)
         from_body = super().log_probs(body).float()
-        p, matched = self.counts.distribution(history.reshape(-1, self.history_width))
+        p, matched = self.counts.distribution(history.reshape(-1, self.ngram_width))
         keep, take = self._log_gates(body, matched.to(body.device).view(body.shape[:-1]))
         from_counts = p.to(body.device, torch.float32).view(from_body.shape).log()
         return torch.logaddexp(keep.unsqueeze(-1) + from_body, take.unsqueeze(-1) + from_counts)
+
+    def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        return super().context_vectors(self._ngram_parts(features)[0])
+
+    def regularization(self, features: torch.Tensor) -> torch.Tensor | None:
+        return super().regularization(self._ngram_parts(features)[0])
 
     @property
     def static_shapes(self) -> bool:

@@ -21,9 +21,9 @@ a Transformer's KV cache), so a window of 35 steps still points 1,000 words back
 What ``loss``/``log_probs`` need rides in the features, concatenated on the last axis (fp32; word ids are
 exact in fp32 below 2**24)::
 
-    features (T, B, F + 2L + 1) = [ the body's (F: h, its context vectors, or more) | a_1 .. a_L | g | x_{j+1} ]
+    features (T, B, D + 2L + 1) = [ h (D) | a_1 .. a_L | g | x_{j+1} for the L positions ]
 
-:meth:`PointerSentinel.context_vectors` hands the neural cache h only.
+:meth:`PointerSentinel.context_vectors` hands the neural cache the h part only.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ GATE_AT_START = 0.9  # the softmax's share before training: the pointer must ear
 class PointerSentinel(LanguageModel):
     """Mixin: put it before a :class:`~lmlab.models.base.LanguageModel` (the *body*) in a class's bases
     and the class is the body (every argument of it) + a pointer over its last ``pointer_window``
-    positions. The pointer compares the body's :meth:`context_vectors` (``context_dim`` wide); the body's
-    ``loss``/``log_probs``/``target_log_probs``/``regularization`` are handed its own features, with the
-    pointer's parts split off. State: (the body's state, the last L context
+    positions. The body's :meth:`forward` features must be its context vectors, ``context_dim`` wide,
+    and its ``loss``/``log_probs``/``target_log_probs``/``regularization`` must read them — which the
+    mixin hands them with the pointer's parts split off. State: (the body's state, the last L context
     vectors (L, B, D), the input words at those positions (L, B); -1 where the column has no word yet)."""
 
     def __init__(self, vocab_size: int, pointer_window: PositiveInt = 100, **body_arguments) -> None:
@@ -84,8 +84,7 @@ class PointerSentinel(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         body, past_outputs, past_words = state
-        body_features, body = super().forward(tokens, body)
-        h = super().context_vectors(body_features)
+        h, body = super().forward(tokens, body)
         steps, batch, window = tokens.size(0), tokens.size(1), self.window
         outputs = torch.cat([past_outputs.to(h.dtype), h])  # (L + T, B, D): position L + t is step t
         words = torch.cat([past_words, tokens])  # (L + T, B)
@@ -101,24 +100,23 @@ class PointerSentinel(LanguageModel):
         followed_by = columns.gather(2, before + 1)  # (T, B, L)
         sentinel = (query * self.sentinel.to(query.dtype)).sum(-1, keepdim=True) + self.sentinel_bias
         attention = torch.softmax(torch.cat([scores, sentinel], -1).float(), -1)  # (T, B, L + 1)
-        features = torch.cat([body_features.float(), attention, followed_by.clamp_min(0).float()], -1)
+        features = torch.cat([h.float(), attention, followed_by.clamp_min(0).float()], -1)
         return features, (body, outputs[-window:], words[-window:])
 
     def _parts(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the body's features, pointer weights a (…, L), softmax share g (…, 1), word ids (…, L))."""
-        body_width = features.size(-1) - 2 * self.window - 1
-        body, attention, words = features.split([body_width, self.window + 1, self.window], -1)
-        return body, attention[..., : self.window], attention[..., self.window :], words.long()
+        """(h, pointer weights a (…, L), softmax share g (…, 1), word ids (…, L))."""
+        h, attention, words = features.split([self.dim, self.window + 1, self.window], -1)
+        return h, attention[..., : self.window], attention[..., self.window :], words.long()
 
     def context_vectors(self, features: torch.Tensor) -> torch.Tensor:
-        return super().context_vectors(self._parts(features)[0])
+        return self._parts(features)[0]
 
     def regularization(self, features: torch.Tensor) -> torch.Tensor | None:
         return super().regularization(self._parts(features)[0])
 
     def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        body, pointer, gate, words = self._parts(features)
-        from_softmax = gate.squeeze(-1) * super().target_log_probs(body, targets).exp()
+        h, pointer, gate, words = self._parts(features)
+        from_softmax = gate.squeeze(-1) * super().target_log_probs(h, targets).exp()
         from_pointer = (pointer * (words == targets.unsqueeze(-1))).sum(-1)
         return (from_softmax + from_pointer).clamp_min(1e-30).log()
 
@@ -126,8 +124,8 @@ class PointerSentinel(LanguageModel):
         return -self.target_log_probs(features, targets).mean()
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
-        body, pointer, gate, words = self._parts(features)
-        probs = (super().log_probs(body).float().exp() * gate).scatter_add(-1, words, pointer)
+        h, pointer, gate, words = self._parts(features)
+        probs = (super().log_probs(h).float().exp() * gate).scatter_add(-1, words, pointer)
         return probs.clamp_min(1e-30).log()
 
     def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:

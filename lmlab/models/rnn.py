@@ -220,9 +220,6 @@ class RNNLanguageModel(LanguageModel):
             return self.adaptive.loss(flat, targets.reshape(-1), self.embedding.weight)
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets.reshape(-1))
 
-    def softmax_layer(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        return None if self.adaptive is not None else (self.decoder.weight, self.decoder.bias)
-
     def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         flat, flat_targets = features.reshape(-1, features.size(-1)), targets.reshape(-1)
         if self.adaptive is None:

@@ -162,9 +162,6 @@ class TransformerLanguageModel(LanguageModel):
     def context_dim(self) -> int:
         return self.d_model
 
-    def softmax_layer(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        return None if self.adaptive is not None else (self.embedding.weight, self.output_bias)
-
     def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         flat, flat_targets = features.reshape(-1, self.d_model), targets.reshape(-1)
         if self.adaptive is not None:  # only the targets' clusters are scored
