@@ -1,4 +1,4 @@
-"""A learning rate that follows the run's horizon — its steps or its time budget — whatever the corpus size.
+"""A learning rate that follows the run's horizon — its steps, epochs or time budget — whatever the corpus size.
 
 :class:`WarmupDecay` is a hook (``hooks.lr_schedule``), not a torch scheduler, because its horizon may be
 wall-clock time: it reads the time budget's clock (``state.elapsed_s``, kept by
@@ -35,8 +35,10 @@ DECAYS = {
 
 class WarmupDecay(Hook):
     """Warm up, hold, then decay the LR of every parameter group to ``final_lr_ratio`` of its configured
-    value by the end of the horizon: ``total_steps`` optimizer steps or ``max_time_s`` seconds of
-    training, whichever comes first (the recipes tie the latter to ``hooks.time_budget.max_time_s``)."""
+    value by the end of the horizon: ``total_steps`` optimizer steps, ``epochs`` passes over the training
+    split or ``max_time_s`` seconds of training, whichever comes first (the recipes tie the last to
+    ``hooks.time_budget.max_time_s``, and ``cpu_transformer`` the epochs to ``trainer.epochs``: on a
+    faster machine it ends after the epochs it was tuned for, its LR at 0, instead of over-fitting)."""
 
     def __init__(
         self,
@@ -46,28 +48,31 @@ class WarmupDecay(Hook):
         final_lr_ratio: Probability = 0.0,
         total_steps: PositiveInt | None = None,
         max_time_s: PositiveFloat | None = None,
+        epochs: PositiveInt | None = None,
     ) -> None:
-        if total_steps is None and max_time_s is None:
+        if total_steps is None and max_time_s is None and epochs is None:
             raise ConfigError(
-                "hooks.lr_schedule has no horizon; set hooks.time_budget.max_time_s (a time budget) or "
-                "hooks.lr_schedule.total_steps"
+                "hooks.lr_schedule has no horizon; set hooks.time_budget.max_time_s (a time budget), "
+                "hooks.lr_schedule.total_steps or hooks.lr_schedule.epochs"
             )
         if decay not in DECAYS:
             raise ConfigError(f"hooks.lr_schedule.decay={decay!r} is unknown; choose one of {sorted(DECAYS)}")
         self.warmup_steps, self.decay, self.decay_start = warmup_steps, decay, decay_start
         self.final_lr_ratio, self.total_steps, self.max_time_s = final_lr_ratio, total_steps, max_time_s
+        self.epochs = epochs
 
-    def progress(self, global_step: int, elapsed_s: float) -> float:
+    def progress(self, global_step: int, elapsed_s: float, epochs_done: float = 0.0) -> float:
         """How much of the horizon is spent (0 → 1)."""
         spent = [global_step / self.total_steps] if self.total_steps else []
         spent += [elapsed_s / self.max_time_s] if self.max_time_s else []
+        spent += [epochs_done / self.epochs] if self.epochs else []
         return min(1.0, max(spent))
 
-    def factor(self, global_step: int, elapsed_s: float) -> float:
+    def factor(self, global_step: int, elapsed_s: float, epochs_done: float = 0.0) -> float:
         """The LR of the next step, as a fraction of the configured LR."""
         if global_step < self.warmup_steps:
             return (global_step + 1) / self.warmup_steps
-        past_hold = (self.progress(global_step, elapsed_s) - self.decay_start) / (1.0 - self.decay_start)
+        past_hold = (self.progress(global_step, elapsed_s, epochs_done) - self.decay_start) / (1.0 - self.decay_start)
         shape = DECAYS[self.decay](min(1.0, max(0.0, past_hold)))
         return self.final_lr_ratio + (1.0 - self.final_lr_ratio) * shape
 
@@ -78,6 +83,6 @@ class WarmupDecay(Hook):
         self._set(ctx)
 
     def _set(self, ctx: FitContext) -> None:
-        factor = self.factor(ctx.state.global_step, ctx.state.elapsed_s)
+        factor = self.factor(ctx.state.global_step, ctx.state.elapsed_s, ctx.epochs_done)
         for group in ctx.optimizer.param_groups:  # a resumed optimizer brings its saved initial_lr back
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor

@@ -33,6 +33,18 @@ def test_the_first_horizon_reached_counts():
     assert schedule.progress(90, 50.0) == pytest.approx(0.9)
 
 
+def test_an_epoch_horizon_ends_the_decay_on_a_machine_faster_than_the_budget():
+    schedule = WarmupDecay(decay="linear", decay_start=0.5, max_time_s=900.0, epochs=6)
+    assert schedule.progress(10, 300.0, epochs_done=4.5) == pytest.approx(0.75)  # the epochs come first
+    assert schedule.factor(10, 300.0, epochs_done=4.5) == pytest.approx(0.5)
+    assert schedule.factor(10, 300.0, epochs_done=6.0) == pytest.approx(0.0)
+    assert schedule.progress(10, 810.0, epochs_done=1.5) == pytest.approx(0.9)  # here the time does
+    ctx = fit_context(lr=2.0)
+    ctx.state.epoch, ctx.state.step, ctx.num_windows = 5, 50, 100  # 4.5 epochs done
+    schedule.on_step_end(ctx)
+    assert ctx.optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
 def test_a_schedule_without_a_horizon_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="hooks.time_budget.max_time_s"):
         WarmupDecay()
