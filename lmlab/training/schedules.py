@@ -3,8 +3,8 @@
 :class:`WarmupDecay` is a hook (``hooks.lr_schedule``), not a torch scheduler, because its horizon may be
 wall-clock time: it reads the time budget's clock (``state.elapsed_s``, kept by
 :class:`~lmlab.training.safeguards.TimeBudget`, saved in checkpoints, the same on every rank) and the step
-count, both of which only the loop knows. Its LR is a pure function of those two, so a resumed run picks
-up the curve where it left it. The shape over the horizon (``progress`` 0 → 1)::
+and epoch counts, which only the loop knows. Its LR is a pure function of those, all saved in checkpoints,
+so a resumed run picks up the curve where it left it. The shape over the horizon (``progress`` 0 → 1)::
 
     lr
     │   ╭──────────╮                 warmup_steps: linear ramp from lr / warmup_steps
