@@ -42,6 +42,8 @@ def test_failing_wandb_warns_once_and_training_goes_on(failure, corpus_dir, tmp_
 
 
 def test_resumed_run_reattaches_the_same_wandb_run(corpus_dir, tmp_path, compose_cfg, monkeypatch):
+    import wandb
+
     overrides = [*TINY, f"dataset.path={corpus_dir}", "logger=wandb", "hooks.progress.log_interval=10"]
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
@@ -49,6 +51,9 @@ def test_resumed_run_reattaches_the_same_wandb_run(corpus_dir, tmp_path, compose
         with pytest.raises(Exception, match="stopped by SIGTERM"):
             train_and_report(compose_cfg(overrides), out)
     train_and_report(compose_cfg(overrides), out)
+    # W&B's service holds a run's records in memory until the stream closes, which can come after
+    # run.finish() returns on a loaded machine; teardown waits for the service to exit.
+    wandb.teardown()
     files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2
     first, second = (summarize(f) for f in files)
