@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         return windows
 
     limit = cfg.trainer.limit_eval_batches
-    inputs = EvaluationInputs(model, cfg.split, stream, lambda s: trainer.evaluate(model, s, device), limit)
+    inputs = EvaluationInputs(model, cfg.split, stream, lambda s: trainer.evaluate(model, s, device), limit, vocab)
     started = time.perf_counter()
     scored = method(inputs, **settings)
     # the scored split's own time: without reading text and without a settings search

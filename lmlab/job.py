@@ -115,7 +115,7 @@ def _test_with(cfg: DictConfig, model: Any, data: Any, device: torch.device, tra
             raise ConfigError("a test_with method that asks for the plain evaluation runs in one process only")
         return trainer.evaluate(model, windows, device)
 
-    inputs = EvaluationInputs(model, "test", stream, static_loss)
+    inputs = EvaluationInputs(model, "test", stream, static_loss, vocab=data.vocab)
     tested = {}
     for name, (method, settings) in test_methods(cfg).items():
         scored = method(inputs, **settings)

@@ -23,6 +23,8 @@ command line (a setting named like a Python keyword takes a trailing ``_``: ``ca
   window the model takes a gradient step on it, RMS-normalised by gradient statistics of the training
   split, with a decay back towards the trained weights. The weights are copied first; the caller's
   model and the checkpoint file are left as they were.
+- **ensemble** (:mod:`lmlab.evaluation.ensemble`): the model mixed with other trained models of the same
+  vocabulary, ``p = sum_k w_k p_k``, equal weights or fitted on the validation split.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from lmlab.config.schema import (
     check_value,
 )
 from lmlab.data.batching import TokenStream
+from lmlab.data.corpus import Vocabulary
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.evaluation.metrics import perplexity
 from lmlab.models import LanguageModel, diverged
@@ -204,6 +207,7 @@ class EvaluationInputs:
     stream: Callable[..., TokenStream]  # stream(split, bptt=None): a split as evaluation windows on the device
     static_loss: Callable[[TokenStream], float]  # the plain evaluation (lmlab.training.Trainer.evaluate)
     limit: int | None = None  # at most this many windows of the scored split
+    vocab: Vocabulary | None = None  # the model's words, for methods that combine it with other models
 
 
 @dataclass
@@ -302,3 +306,6 @@ def dynamic(
     target = inputs.stream(inputs.split, bptt)
     loss = dynamic_loss(inputs.model, target, rms, lr, decay, inputs.limit)
     return Scored(loss, target, {"lr": lr, "decay": decay, "bptt": bptt, "stat_batches": stat_batches})
+
+
+from lmlab.evaluation import ensemble as _ensemble  # noqa: E402, F401  registers method=ensemble (it imports this module)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.errors import DiskFull, LmlabError, RunFolderBusy
 from lmlab.runtime.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
 from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
-from lmlab.runtime.results import find_runs, render, rows
+from lmlab.runtime.results import ENSEMBLE_FILE, find_runs, render, rows
 
 T = TypeVar("T")
 
@@ -179,7 +179,8 @@ class JobRecorder(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _sweep_dir, _sweep_overrides
         _sweep_dir, _sweep_overrides = Path(config.hydra.sweep.dir), list(config.hydra.overrides.task)
-        swept = set((config.hydra.sweeper.get("params") or {}).keys())  # presets and Optuna's search space
+        # presets and Optuna's search space; a group added per job (+experiment) is keyed without its +
+        swept = {key.lstrip("+~") for key in (config.hydra.sweeper.get("params") or {})}
         for override in config.hydra.overrides.task:
             key, _, value = override.partition("=")
             comma_list = "," in value and not value.startswith("[")  # a=1,2 sweeps; a=[1,2] is one list value
@@ -224,4 +225,24 @@ def summarize_sweep(sweep_dir: Path) -> int:
         print(f"best job: {best.folder} (val ppl {best.results['best_val_ppl']:.2f})", flush=True)
     for run in failed:
         print(f"failed job: {run.folder}: {run.results.get('error', '?')}", file=sys.stderr, flush=True)
-    return len(failed)
+    return len(failed) + _print_ensemble(sweep_dir / ENSEMBLE_FILE)
+
+
+def _print_ensemble(path: Path) -> int:
+    """The line of a sweep's ``ensemble.json`` (:mod:`lmlab.runtime.sweep_ensemble`), if it has one; 1 if it failed."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as err:
+        record = {"status": "failed", "error": f"{path} cannot be read ({err})"}
+    if record.get("status") != "completed":
+        print(f"ensemble failed: {record.get('error', '?')}", file=sys.stderr, flush=True)
+        return 1
+    weights = ", ".join(f"{w:.2f}" for w in record["weights"])
+    print(
+        f"ensemble of {len(record['members'])} jobs: {record['split']} ppl {record['ppl']:.2f} "
+        f"(weights {weights}; alone {', '.join(f'{p:.2f}' for p in record['member_ppl'])}): {path}",
+        flush=True,
+    )
+    return 0

@@ -1,0 +1,119 @@
+"""An ensemble: several trained models scored as one, ``p = sum_k w_k p_k`` per word.
+
+Models trained apart make different mistakes, and the mean of their distributions is better than the best
+of them — most of all when they are different kinds of model (a Transformer and an LSTM), and in the
+regime of a small corpus, where each over-fits in its own way. The weights are equal unless ``search``
+picks them on the validation split: the maximum-likelihood mixture weights of fixed distributions, by
+expectation-maximisation (each step can only lower the validation loss; it converges in tens of steps).
+Static like ``method=ngram``: the members are trained models, nothing is learnt from the scored text.
+
+Two ways in:
+
+- ``python -m lmlab.evaluate checkpoint=A method=ensemble ensemble.members=[B,C] ensemble.search=true``
+  (or ``test_with=[ensemble]`` in a run): the checkpoint being evaluated plus ``members``.
+- a multirun whose jobs are the members (``+experiment=cpu_ensemble``: a Transformer and an LSTM trained
+  side by side, one thread each): :class:`lmlab.runtime.sweep_ensemble.EnsembleOfSweep` scores the
+  finished jobs' best checkpoints together when the sweep is over.
+
+Every member must use the same vocabulary, word for word (the same corpus, ``dataset.max_vocab`` and
+``dataset.min_freq``): the distributions are added id by id.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.data.batching import TokenStream
+from lmlab.data.corpus import Vocabulary
+from lmlab.errors import ConfigError
+from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method, target_probs
+from lmlab.evaluation.metrics import perplexity
+from lmlab.models import LanguageModel
+from lmlab.training.checkpoint import model_from_checkpoint
+
+EM_STEPS = 100  # far more than the mixture weights of a few members need to settle (to ~1e-6)
+
+
+def mixture_loss(probs: torch.Tensor, weights: torch.Tensor) -> float:
+    """Mean ``-log sum_k w_k p_k`` in nats; ``probs`` (K, N): each member's probability of each target."""
+    return -(weights.to(probs) @ probs).clamp_min(1e-300).log().mean().item()
+
+
+def mixture_weights(probs: torch.Tensor, steps: int = EM_STEPS) -> torch.Tensor:
+    """The weights (K,) that maximise the mean log-likelihood of ``sum_k w_k p_k`` over the N targets of
+    ``probs`` (K, N), by expectation-maximisation from equal weights: each member's new weight is its mean
+    share of the mixture's probability, ``w_k <- mean_n w_k p_kn / sum_j w_j p_jn``."""
+    weights = torch.full((probs.shape[0],), 1.0 / probs.shape[0], dtype=probs.dtype)
+    for _ in range(steps):
+        shares = weights[:, None] * probs / (weights @ probs).clamp_min(1e-300)
+        weights = shares.mean(dim=1)
+    return weights
+
+
+def load_members(paths: list[str], vocab: Vocabulary, device: torch.device | str) -> list[LanguageModel]:
+    """The models saved at ``paths`` (safely: :func:`model_from_checkpoint`), each refused in one line unless its
+    vocabulary is ``vocab``'s, word for word."""
+    members = []
+    for path in paths:
+        model, member_vocab, _ = model_from_checkpoint(path, device)
+        if member_vocab.words != vocab.words:
+            raise ConfigError(
+                f"ensemble member {path} has another vocabulary ({len(member_vocab)} words, the model being "
+                f"evaluated {len(vocab)}): train every member on the same corpus with the same dataset.max_vocab "
+                "and dataset.min_freq"
+            )
+        members.append(model)
+    return members
+
+
+def score_members(models: list[LanguageModel], stream: TokenStream, limit: int | None = None) -> torch.Tensor:
+    """Each model's probability of each target of ``stream``, (K, N) float64, aligned token by token."""
+    return torch.stack([target_probs(model, stream, limit) for model in models])
+
+
+def score_ensemble(
+    models: list[LanguageModel],
+    stream: Any,
+    split: str,
+    search: bool,
+    limit: int | None = None,
+    names: list[str] | None = None,
+) -> tuple[float, TokenStream, dict[str, Any]]:
+    """The mean loss of ``models``' mixture on ``split`` (``stream(split)``: its evaluation windows), with
+    equal weights or, with ``search``, those that fit the validation split best; and the settings: the
+    weights, each member's own perplexity on ``split``, and the validation figure a search reached."""
+    settings: dict[str, Any] = {"members": names or [f"model {k}" for k in range(len(models))], "search": search}
+    weights = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
+    if search:
+        started = time.perf_counter()
+        valid = score_members(models, stream("valid"), limit)
+        weights = mixture_weights(valid)
+        settings["valid_ppl"] = perplexity(mixture_loss(valid, weights))
+        settings["search_seconds"] = time.perf_counter() - started
+    target = stream(split)
+    probs = score_members(models, target, limit)
+    settings["weights"] = [round(w, 4) for w in weights.tolist()]
+    settings["member_ppl"] = [perplexity(-row.log().mean().item()) for row in probs]  # each alone, for reference
+    return mixture_loss(probs, weights), target, settings
+
+
+@register_method("ensemble")
+def ensemble(inputs: EvaluationInputs, members: list[str] = [], search: bool = False) -> Scored:  # noqa: B006
+    """The model mixed with the models saved at ``members`` (checkpoint paths); ``search``: the weights
+    fitted on the validation split (else equal)."""
+    if not members:
+        raise ConfigError("method=ensemble needs other models: ensemble.members=[PATH,...] (their best.pt files)")
+    if inputs.vocab is None:
+        raise ConfigError("method=ensemble needs the evaluated model's vocabulary, which this caller did not pass")
+    missing = [path for path in members if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"ensemble.members: no checkpoint at {missing[0]}; name the best.pt of each member run")
+    device = next(inputs.model.parameters()).device
+    models = [inputs.model, *load_members(members, inputs.vocab, device)]
+    names = ["the evaluated checkpoint", *members]
+    loss, target, settings = score_ensemble(models, inputs.stream, inputs.split, search, inputs.limit, names)
+    return Scored(loss, target, settings)

@@ -1,0 +1,84 @@
+"""Score a finished multirun's jobs as one ensemble (:mod:`lmlab.evaluation.ensemble`).
+
+A Hydra callback, named by a sweep config (``conf/sweep/cpu_ensemble.yaml``)::
+
+    hydra:
+      callbacks:
+        ensemble:
+          _target_: lmlab.runtime.sweep_ensemble.EnsembleOfSweep
+
+When the sweep is over, in the process that launched it, the best checkpoint of every finished job is
+scored on the test split as one mixture (weights fitted on the validation split unless ``search`` is
+false), with the data the jobs trained on (the first checkpoint's record, as ``lmlab.evaluate`` reads it).
+The result goes to ``ensemble.json`` in the sweep folder, which the sweep's summary prints
+(:func:`lmlab.runtime.records.summarize_sweep`); a failure is written there too (``status: failed``, one
+line) and makes the command exit 1, while the jobs' own results stay as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from lmlab.data.corpus import encode_file
+from lmlab.errors import LmlabError
+from lmlab.evaluation.ensemble import load_members, score_ensemble
+from lmlab.evaluation.metrics import perplexity
+from lmlab.factory import dataset_from_record
+from lmlab.runtime.files import atomic_write_text
+from lmlab.runtime.results import ENSEMBLE_FILE, find_runs
+from lmlab.training.checkpoint import model_from_checkpoint
+
+
+def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = True) -> dict[str, Any]:
+    """Score the best checkpoints of the runs in ``folders`` as one mixture on ``split``; the record that
+    goes to ``ensemble.json``."""
+    started = time.perf_counter()
+    checkpoints = [str(folder / "checkpoints" / "best.pt") for folder in folders]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    first, vocab, state = model_from_checkpoint(checkpoints[0], device)
+    config = state.get("config")
+    data = dataset_from_record(config.get("dataset") if isinstance(config, dict) else None, checkpoints[0])
+    models = [first, *load_members(checkpoints[1:], vocab, device)]
+
+    def stream(name: str, bptt: int | None = None) -> Any:
+        return data.eval_stream(encode_file(data.files[name], vocab), bptt).to(device)
+
+    loss, _, settings = score_ensemble(models, stream, split, search, names=[str(f) for f in folders])
+    return {
+        "status": "completed",
+        "split": split,
+        "loss": loss,
+        "ppl": perplexity(loss),
+        **settings,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+class EnsembleOfSweep(Callback):
+    """When a multirun ends, score its finished jobs together and write ``ensemble.json`` in its folder."""
+
+    def __init__(self, split: str = "test", search: bool = True) -> None:
+        self.split = split
+        self.search = search
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # a resumed sweep's earlier ensemble describes checkpoints that are about to change
+        Path(config.hydra.sweep.dir, ENSEMBLE_FILE).unlink(missing_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        finished = [run.folder for run in find_runs([sweep_dir]) if not run.failed]
+        try:
+            if len(finished) < 2:
+                raise LmlabError(f"an ensemble needs two finished jobs; this sweep has {len(finished)}")
+            record = ensemble_of_runs(sorted(finished), self.split, self.search)
+        except LmlabError as err:
+            record = {"status": "failed", "error": str(err)}
+        atomic_write_text(sweep_dir / ENSEMBLE_FILE, json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,134 @@
+"""Ensembles: the mixture weights are the best on the data they are fitted to, a model with itself is the
+model, ``lmlab.evaluate method=ensemble`` and ``+sweep=cpu_ensemble`` report them, mismatched members are
+refused in one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.evaluation.ensemble import mixture_loss, mixture_weights
+from tests.conftest import TINY, train_tiny_run, write_corpus
+from tests.e2e.test_sweeps import multirun
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mixture_weights_are_the_best_mixture():
+    generator = torch.Generator().manual_seed(0)
+    good_first = torch.rand(4000, generator=generator, dtype=torch.float64) * 0.5 + 0.3
+    good_second = torch.rand(4000, generator=generator, dtype=torch.float64) * 0.5 + 0.3
+    # each member is good on its own half of the targets and poor on the other
+    probs = torch.stack([torch.cat([good_first[:2000], good_first[2000:] * 0.05]),
+                         torch.cat([good_second[:2000] * 0.02, good_second[2000:]])])  # fmt: skip
+    weights = mixture_weights(probs)
+    assert weights.sum().item() == pytest.approx(1.0) and (weights > 0).all()
+    grid = min(mixture_loss(probs, torch.tensor([w, 1 - w], dtype=torch.float64)) for w in torch.linspace(0, 1, 1001))
+    assert mixture_loss(probs, weights) <= grid + 1e-9
+    assert mixture_loss(probs, weights) < min(mixture_loss(probs, torch.eye(2, dtype=torch.float64)[k]) for k in (0, 1))
+
+    dominated = torch.stack([good_first, good_first * 0.5])  # never better anywhere: its weight goes to 0
+    assert mixture_weights(dominated)[1].item() < 0.01
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two finished TINY runs on the same corpus: an LSTM and a Transformer."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    lstm, corpus, overrides, lstm_results = train_tiny_run(folder / "lstm")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab.config import CONF_DIR
+    from lmlab.job import train_and_report
+
+    GlobalHydra.instance().clear()
+    extra = ["model=transformer", "model.d_model=32", "model.num_heads=2", "model.num_layers=1", "model.context=8"]
+    transformer_overrides = [o for o in overrides if not o.startswith(("model.embed_dim", "model.hidden_dim"))]
+    transformer_overrides = [*transformer_overrides, *extra, f"dataset.path={corpus}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        transformer_results = train_and_report(compose("run", overrides=transformer_overrides), folder / "transformer")
+    GlobalHydra.instance().clear()
+    best = [lstm / "checkpoints" / "best.pt", folder / "transformer" / "checkpoints" / "best.pt"]
+    return best, [lstm_results, transformer_results], folder
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmlab.evaluate", "device=cpu", "method=ensemble", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_model_with_itself_is_the_model(members, tmp_path):
+    (lstm, _), (results, _), _ = members
+    proc = _evaluate(f"checkpoint={lstm}", f"ensemble.members=[{lstm}]", f"output={tmp_path / 'e.json'}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["loss"] == pytest.approx(results["test_loss"], rel=1e-5)  # the same targets, token for token
+    assert report["settings"]["weights"] == [0.5, 0.5]
+
+
+def test_two_kinds_of_model_mix_at_least_as_well_as_either_on_validation(members, tmp_path):
+    (lstm, transformer), (lstm_results, transformer_results), _ = members
+    proc = _evaluate(
+        f"checkpoint={lstm}", f"ensemble.members=[{transformer}]", "ensemble.search=true",
+        f"output={tmp_path / 'e.json'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads(proc.stdout.splitlines()[-1])["settings"]
+    assert sum(settings["weights"]) == pytest.approx(1.0, abs=1e-3)
+    best_alone = min(lstm_results["best_val_ppl"], transformer_results["best_val_ppl"])
+    assert settings["valid_ppl"] <= best_alone * (1 + 1e-6)  # the fitted mixture includes each member alone
+    assert settings["member_ppl"][0] == pytest.approx(lstm_results["test_ppl"], rel=1e-5)
+    assert settings["member_ppl"][1] == pytest.approx(transformer_results["test_ppl"], rel=1e-5)
+
+
+def test_bad_members_are_refused_in_one_line(members, tmp_path):
+    (lstm, _), _, _ = members
+    cases = [
+        ([], "method=ensemble needs other models: ensemble.members=[PATH,...]"),
+        ([f"ensemble.members=[{tmp_path / 'missing.pt'}]"], f"ensemble.members: no checkpoint at {tmp_path}"),
+    ]
+    for args, message in cases:
+        proc = _evaluate(f"checkpoint={lstm}", *args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_member_with_another_vocabulary_is_refused(members, tmp_path, compose_cfg):
+    (lstm, _), _, _ = members
+    from lmlab.job import train_and_report
+
+    corpus = write_corpus(tmp_path / "corpus", train=30)  # a smaller sample of the toy language: fewer words
+    train_and_report(compose_cfg([*TINY, f"dataset.path={corpus}", "trainer.epochs=1"]), tmp_path / "run")
+    stranger = tmp_path / "run" / "checkpoints" / "best.pt"
+    proc = _evaluate(f"checkpoint={lstm}", f"ensemble.members=[{stranger}]")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"ensemble member {stranger} has another vocabulary" in proc.stderr
+    assert "same dataset.max_vocab and dataset.min_freq" in proc.stderr
+
+
+def test_the_cpu_ensemble_sweep_scores_its_jobs_together(tmp_path, corpus_dir):
+    """``+sweep=cpu_ensemble``: both recipes trained side by side (joblib, one thread each), then one
+    ``ensemble.json`` in the sweep folder, printed after the jobs' table."""
+    output: list = []
+    base = ["dataset=text_dir", "device=cpu", "hooks.progress.bar=false", "generate.num_words=5"]
+    sweep = multirun(
+        tmp_path, corpus_dir, "+sweep=cpu_ensemble", "trainer.epochs=1", "test_with=[]",
+        "model.adaptive_cutoffs=[8,16]",  # the recipe's 2,000/6,000 are beyond this toy vocabulary
+        base=base, output=output,
+    )  # fmt: skip
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert [j.name for j in jobs] == ["0_experiment=cpu_transformer", "1_experiment=cpu_fast"]
+    results = [json.loads((j / "results.json").read_text()) for j in jobs]
+    assert all(r["torch_threads"] == 1 for r in results)
+    record = json.loads((sweep / "ensemble.json").read_text())
+    assert record["status"] == "completed" and record["members"] == [str(j) for j in jobs]
+    assert record["valid_ppl"] <= min(r["best_val_ppl"] for r in results) * (1 + 1e-6)
+    assert [round(p, 4) for p in record["member_ppl"]] == [round(r["test_ppl"], 4) for r in results]
+    stdout = output[0].stdout
+    assert f"ensemble of 2 jobs: test ppl {record['ppl']:.2f}" in stdout
+    assert stdout.index("ensemble of 2 jobs") > stdout.index("best job:")
