@@ -22,6 +22,7 @@ Every member must use the same vocabulary, word for word (the same corpus, ``dat
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def score_members(models: list[LanguageModel], stream: TokenStream, limit: int |
 
 def score_ensemble(
     models: list[LanguageModel],
-    stream: Any,
+    stream: Callable[..., TokenStream],
     split: str,
     search: bool,
     limit: int | None = None,

@@ -26,6 +26,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import encode_file
 from lmlab.errors import LmlabError
 from lmlab.evaluation.ensemble import load_members, score_ensemble
@@ -47,7 +48,7 @@ def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = Tr
     data = dataset_from_record(config.get("dataset") if isinstance(config, dict) else None, checkpoints[0])
     models = [first, *load_members(checkpoints[1:], vocab, device)]
 
-    def stream(name: str, bptt: int | None = None) -> Any:
+    def stream(name: str, bptt: int | None = None) -> TokenStream:
         return data.eval_stream(encode_file(data.files[name], vocab), bptt).to(device)
 
     loss, _, settings = score_ensemble(models, stream, split, search, names=[str(f) for f in folders])
