@@ -11,7 +11,7 @@ Two ways in:
 
 - ``python -m lmlab.evaluate checkpoint=A method=ensemble ensemble.members=[B,C] ensemble.search=true``
   (or ``test_with=[ensemble]`` in a run): the checkpoint being evaluated plus ``members``.
-- a multirun whose jobs are the members (``+experiment=cpu_ensemble``: a Transformer and an LSTM trained
+- a multirun whose jobs are the members (``+sweep=cpu_ensemble``: a Transformer and an LSTM trained
   side by side, one thread each): :class:`lmlab.runtime.sweep_ensemble.EnsembleOfSweep` scores the
   finished jobs' best checkpoints together when the sweep is over.
 

@@ -46,10 +46,9 @@ def short_dirname(override_dirname: str) -> str:
     swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
     parts = []
     for item in override_dirname.split(","):
-        key = item.partition("=")[0].lstrip("+~")
-        if item.startswith("+sweep=") or (swept and key not in swept):
-            continue  # a preset name or a value every job shares says nothing about the job
         key, sep, value = item.lstrip("+").partition("=")  # +experiment=x: the group's name, not how it was added
+        if item.startswith("+sweep=") or (swept and key.lstrip("~") not in swept):
+            continue  # a preset name or a value every job shares says nothing about the job
         parts.append(f"{key.rsplit('.', 1)[-1]}{sep}{value}")
     name = ",".join(parts)
     if len(name) > MAX_DIRNAME:

@@ -232,17 +232,15 @@ def _print_ensemble(path: Path) -> int:
     """The line of a sweep's ``ensemble.json`` (:mod:`lmlab.runtime.sweep_ensemble`), if it has one; 1 if it failed."""
     try:
         record = json.loads(path.read_text())
+        if record.get("status") != "completed":
+            print(f"ensemble failed: {record.get('error', '?')}", file=sys.stderr, flush=True)
+            return 1
+        weights, alone = (", ".join(f"{x:.2f}" for x in record[key]) for key in ("weights", "member_ppl"))
+        line = f"ensemble of {len(record['members'])} jobs: {record['split']} ppl {record['ppl']:.2f}"
     except FileNotFoundError:
         return 0
-    except (OSError, ValueError) as err:
-        record = {"status": "failed", "error": f"{path} cannot be read ({err})"}
-    if record.get("status") != "completed":
-        print(f"ensemble failed: {record.get('error', '?')}", file=sys.stderr, flush=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # a damaged file: say so, go on
+        print(f"ensemble failed: {path} cannot be read ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
         return 1
-    weights = ", ".join(f"{w:.2f}" for w in record["weights"])
-    print(
-        f"ensemble of {len(record['members'])} jobs: {record['split']} ppl {record['ppl']:.2f} "
-        f"(weights {weights}; alone {', '.join(f'{p:.2f}' for p in record['member_ppl'])}): {path}",
-        flush=True,
-    )
+    print(f"{line} (weights {weights}; alone {alone}): {path}", flush=True)
     return 0

@@ -132,3 +132,22 @@ def test_the_cpu_ensemble_sweep_scores_its_jobs_together(tmp_path, corpus_dir):
     stdout = output[0].stdout
     assert f"ensemble of 2 jobs: test ppl {record['ppl']:.2f}" in stdout
     assert stdout.index("ensemble of 2 jobs") > stdout.index("best job:")
+
+
+@pytest.mark.parametrize(
+    "content, line",
+    [
+        ('{"status": "failed", "error": "an ensemble needs two finished jobs; this sweep has 1"}',
+         "ensemble failed: an ensemble needs two finished jobs; this sweep has 1"),
+        ('{"status": "completed", "ppl": 3.0}', "ensemble failed: "),  # fields missing
+        ('{"status": "compl', "ensemble failed: "),  # truncated
+        ("[1, 2]", "ensemble failed: "),  # not a record
+    ],
+)  # fmt: skip
+def test_a_failed_or_damaged_ensemble_record_is_one_line_and_counts_as_a_failure(content, line, tmp_path, capsys):
+    from lmlab.runtime.records import summarize_sweep
+
+    (tmp_path / "ensemble.json").write_text(content)
+    assert summarize_sweep(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(line) and len(err.splitlines()) == 1 and "Traceback" not in err
