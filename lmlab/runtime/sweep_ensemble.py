@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -32,6 +31,7 @@ from lmlab.errors import LmlabError
 from lmlab.evaluation.ensemble import load_members, score_ensemble
 from lmlab.evaluation.metrics import perplexity
 from lmlab.factory import dataset_from_record
+from lmlab.runtime.devices import select_device
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.results import ENSEMBLE_FILE, find_runs
 from lmlab.training.checkpoint import model_from_checkpoint
@@ -42,7 +42,7 @@ def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = Tr
     goes to ``ensemble.json``."""
     started = time.perf_counter()
     checkpoints = [str(folder / "checkpoints" / "best.pt") for folder in folders]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device("auto", cpu_heap=None)  # as lmlab.evaluate's device=auto picks it; the heap left as is
     first, vocab, state = model_from_checkpoint(checkpoints[0], device)
     config = state.get("config")
     data = dataset_from_record(config.get("dataset") if isinstance(config, dict) else None, checkpoints[0])
