@@ -71,9 +71,10 @@ def _logits(
     return logits if bias is None else logits.add_(bias)
 
 
-def _summed_nll(h, weight, bias, y) -> torch.Tensor:
-    """Sum of -log softmax(logits)[y] over a chunk, exact (in-place log-softmax)."""
-    log_probs = _logits(h, weight, bias)
+def _summed_nll(h, weight, bias, y, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of -log softmax(logits)[y] over a chunk, exact (in-place log-softmax); the logits go into
+    ``out`` if given, else into the kept buffer."""
+    log_probs = _logits(h, weight, bias, out)
     torch.ops.aten._log_softmax.out(log_probs, 1, False, out=log_probs)
     return -log_probs.gather(1, y.unsqueeze(1)).sum()
 
@@ -154,7 +155,11 @@ def _softmax_and_log_likelihood(
         if target_prob.min().item() >= TINY_PROBABILITY:
             return target_prob.log().sum(), target_prob
         tiny = target_prob < TINY_PROBABILITY
-        exact = _summed_nll(h[tiny.squeeze(1)], weight, bias, column[tiny])
+        rows = h[tiny.squeeze(1)]
+        # Into a block of their own: the kept buffer holds ``logits``, the probabilities the gradient is
+        # made of (writing these rows' log-softmax over them wrecked every gradient of the chunk).
+        scratch = torch.empty(rows.size(0), weight.size(0), device=h.device)
+        exact = _summed_nll(rows, weight, bias, column[tiny], out=scratch)
         return target_prob[~tiny].log().sum() - exact, target_prob
     # On a GPU that question would stall the queue. Instead, with j the most likely word,
     # p_j = 1 / sum(exp(logits - logit_j)) >= 1/vocab, so log-sum-exp = logit_j - log p_j (two row maxes).
