@@ -27,7 +27,7 @@ from lmlab.config import CONF_DIR
 from lmlab.config.validation import evaluation_method, validate_config
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import encode_file
-from lmlab.evaluation.methods import EvaluationInputs
+from lmlab.evaluation.methods import EvaluationInputs, check_before_work
 from lmlab.evaluation.metrics import perplexity
 from lmlab.factory import build, build_dataset, dataset_from_record, import_plugins, require_checkpoint
 from lmlab.runtime.files import atomic_write_text
@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     method, settings = evaluation_method(cfg)
     device = build(cfg.device)
     model, vocab, state = model_from_checkpoint(checkpoint, device)
+    check_before_work(cfg.method, settings, vocab)
     overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)
     config = state.get("config")
     record = config.get("dataset") if isinstance(config, dict) else None
@@ -59,7 +60,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         return windows
 
     limit = cfg.trainer.limit_eval_batches
-    inputs = EvaluationInputs(model, cfg.split, stream, lambda s: trainer.evaluate(model, s, device), limit, vocab)
+    static = lambda s: trainer.evaluate(model, s, device)  # noqa: E731
+    inputs = EvaluationInputs(model, cfg.split, stream, static, limit, vocab, trainer.autocast_dtype(device))
     started = time.perf_counter()
     scored = method(inputs, **settings)
     # the scored split's own time: without reading text and without a settings search

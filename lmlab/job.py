@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,9 +19,9 @@ from omegaconf import DictConfig
 
 from lmlab.config.validation import test_methods
 from lmlab.data.batching import TokenStream
-from lmlab.errors import ConfigError
-from lmlab.evaluation.methods import EvaluationInputs
-from lmlab.evaluation.metrics import perplexity
+from lmlab.errors import ConfigError, LmlabError
+from lmlab.evaluation.methods import EvaluationInputs, check_before_work
+from lmlab.evaluation.metrics import no_better_than_uniform, perplexity, uniform_guess_warning
 from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
 from lmlab.loggers.base import Logger
@@ -58,6 +59,8 @@ def train_and_report(
 def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float, on_started: Any) -> dict[str, Any]:
     objects = build_training_objects(cfg)
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
+    for method_name, (_, settings) in test_methods(cfg).items():  # refused now, not after the training
+        check_before_work(method_name, settings, data.vocab)
     where = distributed.place()
     logger = build_logger(cfg, out_dir, *labels) if where.is_main else Logger()  # only rank 0 reports
     meta = checkpoint_meta(cfg, data.vocab.words)
@@ -83,7 +86,8 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             "best_val_ppl": perplexity(fit.best_val_loss),
             "test_loss": test_loss,
             "test_ppl": perplexity(test_loss),
-            **{f"test_ppl_{name}": scored["ppl"] for name, scored in tested_with.items()},
+            "learned": not no_better_than_uniform(fit.best_val_loss, len(data.vocab)),
+            **{f"test_ppl_{name}": scored["ppl"] for name, scored in tested_with.items() if "ppl" in scored},
             "num_params": sum(p.numel() for p in model.parameters()),
             "epochs_run": fit.epochs_run,
             "train_tokens_per_sec": fit.train_tokens_per_sec,
@@ -93,6 +97,8 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             "processes": where.world_size,
             "wall_s": time.perf_counter() - started,
         }
+        if not results["learned"]:
+            results["warning"] = uniform_guess_warning(fit.best_val_loss, len(data.vocab), "at its best")
         if tested_with:
             results["test_with"] = tested_with
         atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -115,9 +121,15 @@ def _test_with(cfg: DictConfig, model: Any, data: Any, device: torch.device, tra
             raise ConfigError("a test_with method that asks for the plain evaluation runs in one process only")
         return trainer.evaluate(model, windows, device)
 
-    inputs = EvaluationInputs(model, "test", stream, static_loss, vocab=data.vocab)
-    tested = {}
+    dtype = trainer.autocast_dtype(device)  # the plain test's precision: every method scores the model the same way
+    inputs = EvaluationInputs(model, "test", stream, static_loss, vocab=data.vocab, dtype=dtype)
+    tested: dict[str, dict[str, Any]] = {}
     for name, (method, settings) in test_methods(cfg).items():
-        scored = method(inputs, **settings)
+        try:
+            scored = method(inputs, **settings)
+        except LmlabError as err:  # the plain figures stand: the failure is recorded beside them
+            print(f"error: test_with {name} failed: {err}", file=sys.stderr, flush=True)
+            tested[name] = {"status": "failed", "error": str(err)}
+            continue
         tested[name] = {"loss": scored.loss, "ppl": perplexity(scored.loss), "settings": scored.settings}
     return tested

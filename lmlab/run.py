@@ -89,11 +89,29 @@ def place_on_a_gpu(cfg: DictConfig, job_num: int, prefix: str = "") -> None:
         print(f"{prefix}on GPU {index}", flush=True)
 
 
+def register_bundled_plugins() -> None:
+    """Make lmlab's own Hydra plugin (``+sweep=optuna``'s sweeper) known however lmlab is installed.
+
+    Hydra finds plugins by listing the ``hydra_plugins`` namespace package's folders; an editable install
+    (setuptools' PEP 660 import hook) serves ``hydra_plugins.lmlab_optuna`` to ``import`` but not to that
+    listing, so outside the checkout the sweeper was an "Unknown plugin class". Registering the class
+    through Hydra's own ``Plugins.register`` works for every install (a second registration is a no-op).
+    The module imports only Hydra; optuna is imported when a sweep starts."""
+    try:
+        from hydra_plugins.lmlab_optuna.optuna_all_trials import OptunaAllTrialsSweeper
+    except ImportError:  # installed without hydra_plugins (a plain copy of lmlab/): nothing to register
+        return
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(OptunaAllTrialsSweeper)
+
+
 def main() -> None:
     moved = moved_key(sys.argv[1:])
     if moved:
         print(f"error: {moved}", file=sys.stderr)
         sys.exit(2)
+    register_bundled_plugins()
     if under_torchrun() and launched_processes()[1] > 1:
         _join_torchrun()
     run_with_summary(hydra_task)

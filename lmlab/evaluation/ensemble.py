@@ -31,10 +31,11 @@ import torch
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import Vocabulary
 from lmlab.errors import ConfigError
-from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method, target_probs
+from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method, register_preflight, target_probs
 from lmlab.evaluation.metrics import perplexity
 from lmlab.models import LanguageModel
-from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.runtime.devices import recorded_precision
+from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 EM_STEPS = 100  # far more than the mixture weights of a few members need to settle (to ~1e-6)
 
@@ -55,12 +56,15 @@ def mixture_weights(probs: torch.Tensor, steps: int = EM_STEPS) -> torch.Tensor:
     return weights
 
 
-def load_members(paths: list[str], vocab: Vocabulary, device: torch.device | str) -> list[LanguageModel]:
+def load_members(
+    paths: list[str], vocab: Vocabulary, device: torch.device
+) -> tuple[list[LanguageModel], list[torch.dtype | None]]:
     """The models saved at ``paths`` (safely: :func:`model_from_checkpoint`), each refused in one line unless its
-    vocabulary is ``vocab``'s, word for word."""
-    members = []
+    vocabulary is ``vocab``'s, word for word; and the precision each one's run tested in (scored the same way,
+    a member's figure here is its own run's test figure)."""
+    members, dtypes = [], []
     for path in paths:
-        model, member_vocab, _ = model_from_checkpoint(path, device)
+        model, member_vocab, state = model_from_checkpoint(path, device)
         if member_vocab.words != vocab.words:
             raise ConfigError(
                 f"ensemble member {path} has another vocabulary ({len(member_vocab)} words, the model being "
@@ -68,12 +72,17 @@ def load_members(paths: list[str], vocab: Vocabulary, device: torch.device | str
                 "and dataset.min_freq"
             )
         members.append(model)
-    return members
+        dtypes.append(recorded_precision(state.get("config"), device))
+    return members, dtypes
 
 
-def score_members(models: list[LanguageModel], stream: TokenStream, limit: int | None = None) -> torch.Tensor:
-    """Each model's probability of each target of ``stream``, (K, N) float64, aligned token by token."""
-    return torch.stack([target_probs(model, stream, limit) for model in models])
+def score_members(
+    models: list[LanguageModel], stream: TokenStream, limit: int | None = None, dtypes: list | None = None
+) -> torch.Tensor:
+    """Each model's probability of each target of ``stream``, (K, N) float64, aligned token by token, each
+    under autocast to its ``dtypes`` entry (None: fp32)."""
+    dtypes = dtypes or [None] * len(models)
+    return torch.stack([target_probs(m, stream, limit, d) for m, d in zip(models, dtypes, strict=True)])
 
 
 def score_ensemble(
@@ -83,6 +92,7 @@ def score_ensemble(
     search: bool,
     limit: int | None = None,
     names: list[str] | None = None,
+    dtypes: list[torch.dtype | None] | None = None,
 ) -> tuple[float, TokenStream, dict[str, Any]]:
     """The mean loss of ``models``' mixture on ``split`` (``stream(split)``: its evaluation windows), with
     equal weights or, with ``search``, those that fit the validation split best; and the settings: the
@@ -91,30 +101,45 @@ def score_ensemble(
     weights = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
     if search:
         started = time.perf_counter()
-        valid = score_members(models, stream("valid"), limit)
+        valid = score_members(models, stream("valid"), limit, dtypes)
         weights = mixture_weights(valid)
         settings["valid_ppl"] = perplexity(mixture_loss(valid, weights))
         settings["search_seconds"] = time.perf_counter() - started
     target = stream(split)
-    probs = score_members(models, target, limit)
+    probs = score_members(models, target, limit, dtypes)
     settings["weights"] = [round(w, 4) for w in weights.tolist()]
     settings["member_ppl"] = [perplexity(-row.log().mean().item()) for row in probs]  # each alone, for reference
     return mixture_loss(probs, weights), target, settings
+
+
+@register_preflight("ensemble")
+def check_members(vocab: Vocabulary, members: list[str], **_: Any) -> None:
+    """Before any work: there are members, each a checkpoint file lmlab reads (safely) with ``vocab``'s words."""
+    if not members:
+        raise ConfigError("method=ensemble needs other models: ensemble.members=[PATH,...] (their best.pt files)")
+    for path in members:
+        if not Path(path).is_file():
+            raise ConfigError(f"ensemble.members: no checkpoint at {path}; name the best.pt of each member run")
+        member_vocab = load_checkpoint(path)["vocab"]
+        if member_vocab != vocab.words:
+            raise ConfigError(
+                f"ensemble member {path} has another vocabulary ({len(member_vocab)} words, the model being "
+                f"evaluated {len(vocab)}): train every member on the same corpus with the same dataset.max_vocab "
+                "and dataset.min_freq"
+            )
 
 
 @register_method("ensemble")
 def ensemble(inputs: EvaluationInputs, members: list[str] = [], search: bool = False) -> Scored:  # noqa: B006
     """The model mixed with the models saved at ``members`` (checkpoint paths); ``search``: the weights
     fitted on the validation split (else equal)."""
-    if not members:
-        raise ConfigError("method=ensemble needs other models: ensemble.members=[PATH,...] (their best.pt files)")
     if inputs.vocab is None:
         raise ConfigError("method=ensemble needs the evaluated model's vocabulary, which this caller did not pass")
-    missing = [path for path in members if not Path(path).is_file()]
-    if missing:
-        raise ConfigError(f"ensemble.members: no checkpoint at {missing[0]}; name the best.pt of each member run")
+    check_members(inputs.vocab, members)
     device = next(inputs.model.parameters()).device
-    models = [inputs.model, *load_members(members, inputs.vocab, device)]
+    others, dtypes = load_members(members, inputs.vocab, device)
     names = ["the evaluated checkpoint", *members]
-    loss, target, settings = score_ensemble(models, inputs.stream, inputs.split, search, inputs.limit, names)
+    loss, target, settings = score_ensemble(
+        [inputs.model, *others], inputs.stream, inputs.split, search, inputs.limit, names, [inputs.dtype, *dtypes]
+    )
     return Scored(loss, target, settings)

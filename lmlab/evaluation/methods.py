@@ -30,6 +30,7 @@ command line (a setting named like a Python keyword takes a trailing ``_``: ``ca
 from __future__ import annotations
 
 import copy
+import inspect
 import keyword
 import time
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from lmlab.data.corpus import Vocabulary
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.evaluation.metrics import perplexity
 from lmlab.models import LanguageModel, diverged
-from lmlab.models.kneser_ney import KneserNey
+from lmlab.models.kneser_ney import KneserNey, check_order
 from lmlab.registry import Registry
 
 
@@ -120,13 +121,18 @@ NGRAM_LAMBDAS = [i / 20 for i in range(20)]  # the n-gram's weight; 0: the model
 
 
 @torch.inference_mode()
-def target_probs(model: LanguageModel, stream: TokenStream, limit: int | None = None) -> torch.Tensor:
-    """The model's probability of each target (float64), flattened row by row as the windows hand them out."""
+def target_probs(
+    model: LanguageModel, stream: TokenStream, limit: int | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The model's probability of each target (float64), flattened row by row as the windows hand them out;
+    computed under autocast to ``dtype`` if given (the precision the model's own run tested it in)."""
     model.eval()
-    state, probs = model.init_state(stream.batch_size, stream.columns.device), []
+    device = stream.columns.device
+    state, probs = model.init_state(stream.batch_size, device), []
     for window in stream.windows(limit=limit):
-        features, state = model(window.inputs, state)
-        probs.append(model.target_log_probs(features, window.targets).double().exp().flatten().cpu())
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            features, state = model(window.inputs, state)
+            probs.append(model.target_log_probs(features, window.targets).double().exp().flatten().cpu())
     return torch.cat(probs)
 
 
@@ -208,6 +214,7 @@ class EvaluationInputs:
     static_loss: Callable[[TokenStream], float]  # the plain evaluation (lmlab.training.Trainer.evaluate)
     limit: int | None = None  # at most this many windows of the scored split
     vocab: Vocabulary | None = None  # the model's words, for methods that combine it with other models
+    dtype: torch.dtype | None = None  # the autocast dtype its plain figure is made in (None: fp32)
 
 
 @dataclass
@@ -222,6 +229,31 @@ class Scored:
 
 METHODS = Registry("evaluation method", "method")
 register_method = METHODS.register  # function decorator: make a method selectable as method=<name>
+
+# name -> check(vocab, **settings): what a method can refuse before any work (a training run's first step,
+# an evaluation's first window), given the vocabulary the scored model has. Optional for a method.
+PREFLIGHT: dict[str, Callable[..., None]] = {}
+
+
+def register_preflight(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator: ``check(vocab, **settings)`` runs before any work for method ``name``; it raises
+    :class:`~lmlab.errors.ConfigError` (or CheckpointError) for what the method would refuse later."""
+
+    def add(check: Callable[..., None]) -> Callable[..., None]:
+        PREFLIGHT[name] = check
+        return check
+
+    return add
+
+
+def check_before_work(name: str, settings: dict[str, Any], vocab: Vocabulary) -> None:
+    """Run method ``name``'s preflight check (if it has one) with its settings, defaults filled in."""
+    check = PREFLIGHT.get(name)
+    if check is None:
+        return
+    bound = inspect.signature(METHODS.lookup(name)).bind_partial(None, **settings)
+    bound.apply_defaults()
+    check(vocab, **{key: value for key, value in list(bound.arguments.items())[1:]})
 
 
 def method_settings(name: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -273,13 +305,14 @@ def ngram(
     inputs: EvaluationInputs, order: PositiveInt = 4, lambda_: UnitInterval = 0.2, search: bool = False
 ) -> Scored:
     """A Kneser-Ney n-gram of the training split mixed in; ``search``: lambda picked on the validation split."""
+    check_order(order, inputs.model.vocab_size, "ngram.order")
     started = time.perf_counter()
     counts = KneserNey(inputs.stream("train").columns.t().reshape(-1), inputs.model.vocab_size, order)
     settings: dict[str, Any] = {"order": order, "lambda": lambda_, "search": search}
     settings["build_seconds"] = time.perf_counter() - started
 
     def scores(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
-        model_prob = target_probs(inputs.model, stream, inputs.limit)
+        model_prob = target_probs(inputs.model, stream, inputs.limit, inputs.dtype)
         return model_prob, counts.column_probs(stream.columns, model_prob.numel() // stream.batch_size)
 
     if search:
@@ -291,6 +324,11 @@ def ngram(
     model_prob, ngram_prob = scores(target)
     settings["ngram_ppl"] = perplexity(-ngram_prob.log().mean().item())  # the n-gram alone, for reference
     return Scored(mixed_loss(model_prob, ngram_prob, settings["lambda"]), target, settings)
+
+
+@register_preflight("ngram")
+def _check_ngram(vocab: Vocabulary, order: int, **_: Any) -> None:
+    check_order(order, len(vocab), "ngram.order")
 
 
 @register_method("dynamic")

@@ -36,6 +36,8 @@ class ConsoleLogger(Logger):
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         self.say(format_epoch(metrics))
+        if metrics.get("warning"):
+            self.say(metrics["warning"])
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
@@ -46,7 +48,11 @@ class ConsoleLogger(Logger):
     def log_summary(self, results: dict[str, Any]) -> None:
         self.say(f"test-loss: {results['test_loss']:.2f} | test-pp: {format_ppl(results['test_ppl'])}")
         for name, scored in results.get("test_with", {}).items():
+            if "ppl" not in scored:  # failed: its error line went to stderr
+                continue
             self.say(f"test-loss: {scored['loss']:.2f} | test-pp: {format_ppl(scored['ppl'])} ({name})")
+        if results.get("warning"):
+            self.say(results["warning"])
         self._finished = True
 
     def log_samples(self, text: str) -> None:

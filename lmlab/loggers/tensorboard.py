@@ -71,6 +71,8 @@ class TensorBoardLogger(Logger):
     def log_summary(self, results: dict[str, Any]) -> None:
         figures = {f"test/{key[5:]}": results[key] for key in ("test_loss", "test_ppl") if key in results}
         for name, scored in results.get("test_with", {}).items():
+            if "ppl" not in scored:  # a method that failed has no figures
+                continue
             figures.update({f"test_{name}/loss": scored["loss"], f"test_{name}/ppl": scored["ppl"]})
         self._write(lambda w: [w.add_scalar(key, value, self.step) for key, value in figures.items()])
 

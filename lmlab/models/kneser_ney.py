@@ -47,7 +47,10 @@ def max_order(vocab_size: int) -> int:
 
 
 def check_order(order: int, vocab_size: int, key: str) -> None:
-    """Refuse, in one line naming the config ``key``, an order whose n-grams do not fit 64-bit keys."""
+    """Refuse, in one line naming the config ``key``, an order below 2 (no history: not an n-gram model) or
+    one whose n-grams do not fit 64-bit keys."""
+    if order < 2:
+        raise ConfigError(f"{key}={order} leaves no word of history to count; give {key}=2 or more (4 is usual)")
     if order > max_order(vocab_size):
         raise ConfigError(
             f"{key}={order} is too high for a {vocab_size:,}-word vocabulary (its n-grams do not fit "

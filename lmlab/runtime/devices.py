@@ -7,7 +7,7 @@ import ctypes
 import functools
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -141,6 +141,23 @@ def _cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision -> autocast dtype
+
+
+def recorded_precision(config: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a run evaluated in, from its stored config (a checkpoint's ``config``, a file: only
+    the known names are read), on ``device``: what scores the same model the same way again. fp32 (None)
+    where the record names none, or a precision this device cannot run."""
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    precision = trainer.get("precision") if isinstance(trainer, dict) else None
+    if precision not in PRECISIONS and precision != "auto":
+        return None
+    try:
+        return PRECISIONS[resolve_precision(precision, device)]
+    except ConfigError:
+        return None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -16,7 +16,8 @@ import yaml
 
 from lmlab.errors import printable
 
-COLUMNS = ("run", "overrides", "best_val_ppl", "test_ppl", "num_params", "tokens_per_sec", "wall_s")
+COLUMNS = ("run", "overrides", "best_val_ppl", "test_ppl", "num_params", "tokens_per_sec", "wall_s", "note")
+NOT_LEARNED = "NO BETTER THAN UNIFORM"  # the note of a run whose results.json says learned: false
 
 
 @dataclass
@@ -80,6 +81,7 @@ def _failed_row(r: Run, keys: list[str]) -> dict[str, Any]:
     row = dict.fromkeys(COLUMNS, "-")
     row.update(run=r.folder.name, overrides=" ".join(f"{k}={r.overrides.get(k, '-')}" for k in keys))
     row["best_val_ppl"] = "FAILED"
+    row["note"] = ""
     return row
 
 
@@ -92,6 +94,7 @@ def _row(r: Run, keys: list[str]) -> dict[str, Any]:
         "num_params": r.results["num_params"],
         "tokens_per_sec": round(r.results["train_tokens_per_sec"]),
         "wall_s": round(r.results["wall_s"], 1),
+        "note": NOT_LEARNED if r.results.get("learned") is False else "",
     }
 
 

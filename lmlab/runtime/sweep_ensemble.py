@@ -31,7 +31,7 @@ from lmlab.errors import LmlabError
 from lmlab.evaluation.ensemble import load_members, score_ensemble
 from lmlab.evaluation.metrics import perplexity
 from lmlab.factory import dataset_from_record
-from lmlab.runtime.devices import select_device
+from lmlab.runtime.devices import recorded_precision, select_device
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.results import ENSEMBLE_FILE, find_runs
 from lmlab.training.checkpoint import model_from_checkpoint
@@ -46,12 +46,13 @@ def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = Tr
     first, vocab, state = model_from_checkpoint(checkpoints[0], device)
     config = state.get("config")
     data = dataset_from_record(config.get("dataset") if isinstance(config, dict) else None, checkpoints[0])
-    models = [first, *load_members(checkpoints[1:], vocab, device)]
+    others, dtypes = load_members(checkpoints[1:], vocab, device)
+    models, dtypes = [first, *others], [recorded_precision(config, device), *dtypes]
 
     def stream(name: str, bptt: int | None = None) -> TokenStream:
         return data.eval_stream(encode_file(data.files[name], vocab), bptt).to(device)
 
-    loss, _, settings = score_ensemble(models, stream, split, search, names=[str(f) for f in folders])
+    loss, _, settings = score_ensemble(models, stream, split, search, names=[str(f) for f in folders], dtypes=dtypes)
     return {
         "status": "completed",
         "split": split,

@@ -6,6 +6,7 @@ built from config by :func:`lmlab.factory.build_hooks`, each owning its options,
     stop_on_signal    lmlab.training.safeguards.StopOnSignal      SIGINT/SIGTERM: save, then stop
     time_budget       lmlab.training.safeguards.TimeBudget        max_time_s
     non_finite        lmlab.training.safeguards.NonFinitePolicy   on_nan, max_skipped_fraction
+    learning_check    lmlab.training.safeguards.LearningCheck     after_epochs (a run no better than uniform)
     weight_averaging  lmlab.training.averaging.WeightAveraging    start, ema_steps (or NT-ASGD's average)
     checkpoint        lmlab.training.checkpointing.Checkpointing  resume, save_every_steps, init_from
     progress          lmlab.training.progress.Progress            log_interval, bar

@@ -9,6 +9,7 @@ import torch
 
 from lmlab.config.schema import PositiveFloat, PositiveInt, Probability
 from lmlab.errors import NonFiniteLoss
+from lmlab.evaluation.metrics import no_better_than_uniform, uniform_guess_warning
 from lmlab.runtime import distributed
 from lmlab.runtime.dispatch import reads_are_free
 from lmlab.runtime.signals import StopSignals
@@ -108,6 +109,23 @@ class NonFinitePolicy(Hook):
             "optimizer.lr (resume applies it), a smaller trainer.clip_grad_norm, trainer.precision=fp32, "
             "or hooks.non_finite.on_nan=skip_batch"
         )
+
+
+class LearningCheck(Hook):
+    """After ``after_epochs`` epochs, a validation loss no better than a uniform guess over the vocabulary
+    (:func:`~lmlab.evaluation.metrics.no_better_than_uniform`) is said in one line, on the console and in
+    that epoch's record (``warning``), while the run goes on: the user can stop it and fix the learning
+    rate instead of waiting for a figure that means nothing. The final verdict is ``results.json``'s
+    ``learned``."""
+
+    def __init__(self, after_epochs: PositiveInt = 1) -> None:
+        self.after_epochs = after_epochs
+
+    def on_epoch_end(self, ctx: FitContext, metrics: dict[str, Any]) -> None:
+        if metrics["epoch"] == self.after_epochs and no_better_than_uniform(metrics["val_loss"], ctx.model.vocab_size):
+            epochs = "epoch" if self.after_epochs == 1 else "epochs"
+            when = f"after {self.after_epochs} {epochs}"
+            metrics["warning"] = uniform_guess_warning(metrics["val_loss"], ctx.model.vocab_size, when, ctx.lr)
 
 
 def good_checkpoint(ctx: FitContext) -> str:

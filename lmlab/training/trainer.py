@@ -24,7 +24,7 @@ from lmlab.evaluation.metrics import perplexity
 from lmlab.loggers.base import Logger
 from lmlab.models import LanguageModel
 from lmlab.runtime import distributed
-from lmlab.runtime.devices import resolve_precision
+from lmlab.runtime.devices import PRECISIONS, resolve_precision
 from lmlab.runtime.signals import TrainingInterrupted
 from lmlab.training.checkpoint import damaged
 from lmlab.training.cuda_graph import GraphedStep
@@ -33,8 +33,6 @@ from lmlab.training.optim import Schedule
 from lmlab.training.step import EagerStep, make_step
 
 __all__ = ["EvaluationStopped", "FitResult", "Trainer"]
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -262,6 +260,10 @@ class Trainer:
             count += window.targets.numel()
         totals = distributed.all_reduce_sum(torch.stack([total, total.new_tensor(count)]))
         return (totals[0] / totals[1]).item()
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype this trainer's precision evaluates in on ``device`` (None: fp32)."""
+        return PRECISIONS[resolve_precision(self.precision, device)]
 
     # ------------------------------------------------------------------------------------ helpers
     def _autocast(self, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:

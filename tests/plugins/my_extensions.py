@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmlab.config.schema import PositiveInt, Probability
 from lmlab.data import LanguageModelData
 from lmlab.data.datasets import register_dataset
@@ -78,3 +80,15 @@ class CountSteps(Hook):
 
     def on_epoch_end(self, ctx: FitContext, metrics: dict[str, Any]) -> None:
         self.epochs_seen.append(metrics["epoch"])
+
+
+class ScaleWeights(Hook):
+    """Multiplies every weight by ``factor`` before the first step: a model confidently wrong from the start."""
+
+    def __init__(self, factor: float = 1.0) -> None:
+        self.factor = factor
+
+    def on_fit_start(self, ctx):
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.mul_(self.factor)
