@@ -122,7 +122,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
             "fraction_of_peak": eval_gflops / reference_peak,
             "speedup_over_train": eval_tps / train_tps,
         },
-        "cuda_graph": trainer.graph_off_reason or "on",
+        "cuda_graph": trainer.cuda_graph_status,
         "baseline": baseline and {**baseline, "lmlab_over_plain": train_tps / baseline["tokens_per_sec"]},
         "dispatch": dispatch,
         **memory,

@@ -97,6 +97,11 @@ class GraphedStep:
             if "capturable" in group:  # Adam/AdamW keep their step count on the device
                 group["capturable"] = True
 
+    @property
+    def captures_next(self) -> bool:
+        """The next :meth:`forward` captures graph A and replays it for the first time."""
+        return self.forward_graph is None and self.steps_run >= WARMUP_STEPS
+
     # -------------------------------------------------------------------------------- forward
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, carry: Any) -> tuple[torch.Tensor, Any, bool]:
         """(loss, next state, graphed): with ``graphed`` the backward has run too (graph A)."""

@@ -77,6 +77,62 @@ class EagerStep:
         pass
 
 
+class GraphCheckFailed(RuntimeError):
+    """The graphed step's first replay gave a loss the eager step does not (not finite, or too far off)."""
+
+
+class GuardedGraphStep:
+    """``trainer.cuda_graph=auto``: the graphed step, watched at its capture and first replay. If either
+    raises, or the first replayed loss is not finite or differs from the eager step's loss of the same window
+    by more than ``tolerance`` (relative: the two draw different dropout masks), the run goes on with the
+    eager step from that window on, after one line saying why. The weights are not touched by a failed
+    capture (graph A holds forward and backward only; the update comes after the check)."""
+
+    def __init__(
+        self, graphed: Any, eager: EagerStep, say: Callable[[str], None] | None = None, tolerance: float = 0.1
+    ) -> None:
+        self.graphed, self.eager, self.tolerance = graphed, eager, tolerance
+        self.say = say or (lambda line: print(line, flush=True))
+        self.model = eager.model
+        self.active: Any = graphed
+        self.fallback_reason: str | None = None
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, carry: Any) -> tuple[torch.Tensor, Any, Any]:
+        if self.active is self.eager:
+            return self.eager.forward(inputs, targets, carry)
+        checking = self.graphed.captures_next
+        try:
+            reference = self._eager_loss(inputs, targets, carry) if checking else None
+            loss, state, graphed = self.graphed.forward(inputs, targets, carry)
+            if checking and graphed:
+                self._compare(float(loss.detach()), reference)
+        except Exception as err:  # noqa: BLE001 - any failure of the graphed path: the eager one takes over
+            self._fall_back(err)
+            return self.eager.forward(inputs, targets, carry)
+        return loss, state, graphed
+
+    def update(self, pending: Any, lr_scale: float) -> None:
+        self.active.update(pending, lr_scale)
+
+    def skipped(self) -> None:
+        self.active.skipped()
+
+    def _eager_loss(self, inputs: torch.Tensor, targets: torch.Tensor, carry: Any) -> float:
+        with torch.no_grad(), self.eager.autocast():
+            loss, _, _ = self.eager.step(inputs, self.eager.model.detach_state(carry), targets)
+        return float(loss)
+
+    def _compare(self, graphed: float, eager: float) -> None:
+        if not (abs(graphed - eager) <= self.tolerance * max(abs(eager), 1e-6)):
+            raise GraphCheckFailed(f"its first replayed loss {graphed:.6g} is not the eager step's {eager:.6g}")
+
+    def _fall_back(self, err: Exception) -> None:
+        self.active = self.eager
+        self.eager.optimizer.zero_grad(set_to_none=True)  # whatever a half-made capture left behind
+        self.fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.say(f"note: trainer.cuda_graph=auto: the captured step failed ({self.fallback_reason}); running eagerly")
+
+
 def make_step(
     model: LanguageModel,
     optimizer: torch.optim.Optimizer,
@@ -89,7 +145,7 @@ def make_step(
     compile: bool,
     cuda_graph: str | bool,
     variable_bptt: bool,
-) -> tuple[EagerStep | GraphedStep, str | None]:
+) -> tuple[EagerStep | GraphedStep | GuardedGraphStep, str | None]:
     """The step a fit runs, and why it is not graphed (None when it is). What computes the losses is
     compiled if asked and, under several processes, wrapped in DistributedDataParallel (which averages
     the gradients during backward); the plain model stays the one whose state is saved. An explicit
@@ -120,4 +176,7 @@ def make_step(
         if clip:
             clip_grad_norm(model.parameters(), clip)
 
-    return GraphedStep(module, model, optimizer, clip_gradients, lambda: autocast(cache=False)), None
+    graphed = GraphedStep(module, model, optimizer, clip_gradients, lambda: autocast(cache=False))
+    if cuda_graph is True:  # asked for: a failure ends the run
+        return graphed, None
+    return GuardedGraphStep(graphed, EagerStep(module, model, optimizer, scaler, clip, autocast)), None

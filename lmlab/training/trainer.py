@@ -30,7 +30,7 @@ from lmlab.training.checkpoint import damaged
 from lmlab.training.cuda_graph import GraphedStep
 from lmlab.training.hooks import FitContext, Hook, evaluation_weights
 from lmlab.training.optim import Schedule
-from lmlab.training.step import EagerStep, make_step
+from lmlab.training.step import EagerStep, GuardedGraphStep, make_step
 
 __all__ = ["EvaluationStopped", "FitResult", "Trainer"]
 
@@ -64,7 +64,7 @@ class Trainer:
     ) -> None:
         self.cuda_graph = cuda_graph  # lmlab.training.cuda_graph: auto = where it applies
         self.graph_off_reason: str | None = None  # why the last fit ran eagerly (None: it was graphed)
-        self._step: EagerStep | GraphedStep | None = None
+        self._step: EagerStep | GraphedStep | GuardedGraphStep | None = None
         self.epochs = epochs
         self.clip_grad_norm = clip_grad_norm
         self.precision = precision
@@ -138,7 +138,13 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=self._dtype == torch.float16)
         return FitContext(model, optimizer, schedule, device, logger, scaler)
 
-    def _make_step(self, ctx: FitContext, stream: TokenStream) -> EagerStep | GraphedStep:
+    @property
+    def cuda_graph_status(self) -> str:
+        """How the last fit ran its steps: "on" (graphed), why not, or why the graphed step was given up."""
+        fallback = getattr(self._step, "fallback_reason", None)
+        return self.graph_off_reason or (f"eager after a failed capture ({fallback})" if fallback else "on")
+
+    def _make_step(self, ctx: FitContext, stream: TokenStream) -> EagerStep | GraphedStep | GuardedGraphStep:
         step, self.graph_off_reason = make_step(
             ctx.model,
             ctx.optimizer,
@@ -187,7 +193,7 @@ class Trainer:
             self._call(hooks, "on_step_end", ctx)
             if ctx.model_changed:  # a hook changed what a captured CUDA graph baked in: capture anew
                 ctx.model_changed = False
-                if self.graph_off_reason is None:
+                if self.graph_off_reason is None and getattr(self._step, "fallback_reason", None) is None:
                     self._step = self._make_step(ctx, stream)
             if ctx.interrupt:
                 raise TrainingInterrupted(ctx.interrupt, str(ctx.last_saved))
