@@ -20,6 +20,9 @@ from lmlab.config import CONF_DIR
 # A user's plugin module lives outside lmlab/, here: `plugins=[my_extensions]` imports it from there.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))
 TEST_CACHE = tempfile.mkdtemp(prefix="lmlab-test-cache-")
+# End-to-end commands start where a user starts them: a working folder of their own, never the checkout (from
+# there `python -m lmlab...` imports the installed lmlab, as a user's does; CI installs the built wheel).
+USER_DIR = Path(tempfile.mkdtemp(prefix="lmlab-user-"))
 os.environ["LMLAB_CACHE_DIR"] = TEST_CACHE
 # Real text for the few tests that use it: the folder LMLAB_DATA_DIR names (CI sets it), else the team's
 # data folder beside the checkout.
@@ -28,6 +31,7 @@ SHARED_DATA = Path(os.environ.get("LMLAB_DATA_DIR") or Path(__file__).resolve().
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TEST_CACHE, ignore_errors=True)  # the suite leaves nothing in /tmp
+    shutil.rmtree(USER_DIR, ignore_errors=True)
 
 
 NOUNS = "cat dog bird fish horse mouse lion bear wolf fox".split()

@@ -22,6 +22,7 @@ How the work is shared (data parallelism)::
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,19 @@ def teardown() -> None:
     (``terminate called without an active exception``, exit -6) — a finished rank reported as failed."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave() -> None:
+    """Every rank, once the run's collective work is done (the test): wait until all have arrived, free what
+    still holds the group (DistributedDataParallel's reducer, by garbage collection) and leave it, while the
+    interpreter is whole. From here each process is on its own (rank 0 goes on to its single-process work:
+    the test_with methods, generation). A rank that left the group first while the others still held it, or
+    whose group was freed only by interpreter finalisation, could abort in gloo's destructors."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def data_parallel(step: torch.nn.Module, device: torch.device, sparse_gradients: bool) -> torch.nn.Module:

@@ -138,6 +138,10 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=self._dtype == torch.float16)
         return FitContext(model, optimizer, schedule, device, logger, scaler)
 
+    def release_step(self) -> None:
+        """Drop the step made for the last fit (and with it a DistributedDataParallel wrapper or CUDA graphs)."""
+        self._step = None
+
     @property
     def cuda_graph_status(self) -> str:
         """How the last fit ran its steps: "on" (graphed), why not, or why the graphed step was given up."""

@@ -14,7 +14,7 @@ import torch
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.job import train_and_report
 from lmlab.training.checkpoint import model_from_checkpoint
-from tests.conftest import TINY, train_tiny_run
+from tests.conftest import TINY, USER_DIR, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ class Bigram(LanguageModel):
 
 def _cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", module, *args], cwd=USER_DIR, capture_output=True, text=True, timeout=300, env=env
     )
 
 

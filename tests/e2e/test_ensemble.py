@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmlab.evaluation.ensemble import mixture_loss, mixture_weights
-from tests.conftest import TINY, train_tiny_run, write_corpus
+from tests.conftest import TINY, USER_DIR, train_tiny_run, write_corpus
 from tests.e2e.test_sweeps import multirun
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def members(tmp_path_factory):
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lmlab.evaluate", "device=cpu", "method=ensemble", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=USER_DIR, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from lmlab.job import train_and_report
 from lmlab.models import build_model
 from lmlab.models.kneser_ney import KneserNey
 from lmlab.training.trainer import Trainer
-from tests.conftest import TINY, train_tiny_run
+from tests.conftest import TINY, USER_DIR, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {
@@ -78,7 +78,7 @@ def checkpoint(tmp_path_factory):
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lmlab.evaluate", "device=cpu", *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "lmlab.evaluate", "device=cpu", *args], cwd=USER_DIR, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
 
@@ -143,7 +143,7 @@ def test_bad_test_with_settings_are_refused_before_any_work(overrides, message, 
     out = tmp_path / "refused"
     proc = subprocess.run(
         [sys.executable, "-m", "lmlab.run", *TINY, f"dataset.path={corpus_dir}", *overrides, f"hydra.run.dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=USER_DIR, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -17,7 +17,7 @@ from lmlab.models import RNNLanguageModel
 from lmlab.models.output import _softmax_and_log_likelihood, linear_cross_entropy, linear_target_log_probs
 from lmlab.runtime.devices import bf16_support
 from lmlab.training.optim import NTASGD, clip_grad_norm
-from tests.conftest import TINY
+from tests.conftest import TINY, USER_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -316,7 +316,7 @@ def test_bench_runs_and_writes_well_formed_figures(corpus_dir, tmp_path):
             "model.dropout=0.5",
             f"hydra.run.dir={out}",
         ],
-        cwd=ROOT,
+        cwd=USER_DIR,
         capture_output=True,
         text=True,
         timeout=300,

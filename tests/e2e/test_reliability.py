@@ -18,7 +18,7 @@ from lmlab.job import train_and_report
 from lmlab.runtime.files import atomic_save
 from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint
 from lmlab.training.step import EagerStep
-from tests.conftest import TINY, write_corpus
+from tests.conftest import TINY, USER_DIR, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"tokens_per_sec", "elapsed_s", "train_tokens_per_sec", "peak_rss_mb", "wall_s"}
@@ -252,7 +252,11 @@ def _start_run(out: Path, corpus: Path) -> subprocess.Popen:
         f"hydra.run.dir={out}",
     ]
     return subprocess.Popen(
-        [sys.executable, "-m", "lmlab.run", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "lmlab.run", *args],
+        cwd=USER_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -13,12 +13,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from lmlab.errors import ConfigError
 from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
-from tests.conftest import TINY
+from tests.conftest import TINY, USER_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def cli(module: str, *args: str, cwd: Path = USER_DIR) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -136,7 +136,7 @@ def test_tab_completion_lists_group_options():
     env = {**os.environ, "COMP_LINE": "lmlab-run model=g"}
     proc = subprocess.run(
         [sys.executable, "-m", "lmlab.run", "-sc", "query=bash"],
-        cwd=ROOT,
+        cwd=USER_DIR,
         env=env,
         capture_output=True,
         text=True,

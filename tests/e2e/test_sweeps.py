@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lmlab.compare import main as compare_main
-from tests.conftest import TINY
+from tests.conftest import TINY, USER_DIR
 from tests.e2e.wandb_records import summarize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def multirun(tmp_path: Path, corpus: Path, *extra: str, base: list[str] = SWEEP,
         *extra,
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=USER_DIR, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if output is not None:
         output.append(proc)
@@ -141,7 +141,7 @@ def test_optuna_sweep_minimises_validation_perplexity(tmp_path, corpus_dir):
 def hydra_package(package: str, *overrides: str) -> dict:
     """The composed Hydra config node at ``package`` for these overrides (`--cfg hydra --package`)."""
     args = [sys.executable, "-m", "lmlab.run", *overrides, "--cfg", "hydra", "--package", package]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(args, cwd=USER_DIR, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
 
@@ -163,7 +163,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(launcher, tmp_path, cor
     args = [*SWEEP, f"dataset.path={corpus_dir}", "trainer.epochs=1", "model.hidden_dim=16,-1,24", *launcher]
     proc = subprocess.run(
         [sys.executable, "-m", "lmlab.run", "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=USER_DIR, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode != 0
     results = {p.parent.name.split("_")[0]: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
@@ -189,7 +189,7 @@ def test_optuna_counts_failed_trials_over_the_whole_study(tmp_path, corpus_dir, 
                "hydra.sweeper.n_trials=4", f"hydra.sweeper.max_failure_rate={rate}", "trainer.epochs=1",
                "model.embed_dim=16", "model.hidden_dim=choice(16,-1)",
                "hydra.sweeper.sampler.seed=3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=USER_DIR, capture_output=True, text=True, timeout=600)
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
     failed = [r for r in results if r["status"] == "failed"]
     assert failed and all("model.hidden_dim=-1 is invalid" in r["error"] for r in failed)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, USER_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+def _cli(module: str, *args: str, cwd: Path = USER_DIR, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
     )
@@ -372,7 +372,7 @@ def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(
     full = _cli("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={cut}"], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={cut}"], cwd=USER_DIR, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     for line in proc.stdout:
         if line.startswith("epoch 1 | step 3/3"):  # the last step of epoch 1: validation starts now

@@ -6,14 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import TINY
+from tests.conftest import TINY, USER_DIR
 from tests.e2e.test_trust import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=USER_DIR, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_redirected_run_reports_progress_and_where_its_results_are(tmp_path, corpus_dir):
@@ -93,7 +95,7 @@ def test_ctrl_c_in_a_multirun_prints_the_command_that_resumes_the_sweep(tmp_path
         f"hydra.sweep.dir={sweep}",
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmlab.run", "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "lmlab.run", "-m", *args], cwd=USER_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
