@@ -14,6 +14,7 @@ and written to ``output`` (default: beside the checkpoint, ``best.<method>.<spli
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from lmlab.config import CONF_DIR
 from lmlab.config.validation import evaluation_method, validate_config
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import encode_file
+from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import EvaluationInputs, check_before_work
 from lmlab.evaluation.metrics import perplexity
 from lmlab.factory import build, build_dataset, dataset_from_record, import_plugins, require_checkpoint
@@ -45,6 +47,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     device = build(cfg.device)
     model, vocab, state = model_from_checkpoint(checkpoint, device)
     check_before_work(cfg.method, settings, vocab)
+    for member in settings.get("members", []) if cfg.method == "ensemble" else []:
+        if Path(member).is_file() and os.path.samefile(member, checkpoint):
+            raise ConfigError(f"ensemble.members names {member}, the checkpoint being evaluated; name the other models")
     overridden = any(o.lstrip("+~").startswith("dataset") for o in HydraConfig.get().overrides.task)
     config = state.get("config")
     record = config.get("dataset") if isinstance(config, dict) else None

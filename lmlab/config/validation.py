@@ -33,6 +33,7 @@ from lmlab.evaluation.methods import METHODS, method_settings
 from lmlab.evaluation.sampling import sample_words
 from lmlab.loggers import LOGGERS
 from lmlab.models import check_model_arguments
+from lmlab.training.hooks import Hook
 from lmlab.training.optim import Schedule
 
 # Rules for arguments whose target does not annotate them usefully (torch's own classes).
@@ -47,6 +48,7 @@ BENCH_HINTS = {
 }
 
 
+LOGGER_SUPPLIED = ("out_dir", "run_config")  # what lmlab.factory.build_logger passes to every backend itself
 SAMPLING_SETTINGS = ("num_words", "temperature", "prompt", "top_k")  # lmlab.generate's, at its top level
 
 
@@ -65,6 +67,12 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
             DATASETS.lookup(dataset.get("name")), {k: v for k, v in dataset.items() if k != "name"}, "dataset"
         )
     for backend, options in (_plain(cfg.get("logger")) or {}).items():
+        supplied = [key for key in options or {} if key in LOGGER_SUPPLIED]
+        if supplied:
+            raise ConfigError(
+                f"logger.{backend}.{supplied[0]} is not a setting: lmlab hands every logger the run folder (out_dir) "
+                "and the run's config (run_config); remove it"
+            )
         check_arguments(LOGGERS.lookup(backend), options or {}, f"logger.{backend}")
     for group in ("device", "trainer", "optimizer"):
         node = _plain(cfg.get(group))
@@ -73,7 +81,13 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
             check_arguments(get_object(node["_target_"]), node, group, extra)
     for name, node in (_plain(cfg.get("hooks")) or {}).items():
         if isinstance(node, dict) and "_target_" in node:
-            check_arguments(get_object(node["_target_"]), node, f"hooks.{name}")
+            target = get_object(node["_target_"])  # imported (plugins=[...] names a module), never called here
+            if not (isinstance(target, type) and issubclass(target, Hook)):
+                raise ConfigError(
+                    f"hooks.{name}._target_={node['_target_']} is not a hook; it must name a subclass of "
+                    "lmlab.training.hooks.Hook"
+                )
+            check_arguments(target, node, f"hooks.{name}")
     if cfg.get("scheduler") and OmegaConf.select(cfg, "hooks.lr_schedule"):
         raise ConfigError(
             "scheduler and hooks.lr_schedule both set the learning rate; drop one (scheduler=null keeps "

@@ -78,6 +78,11 @@ class LanguageModelData:
         self.variable_bptt = variable_bptt
         self.corpus = Corpus.from_files(self.files, cache=cache).capped(max_vocab, min_freq)
         self.vocab = self.corpus.vocab
+        if len(self.vocab) < 3:
+            raise ConfigError(
+                f"dataset.min_freq={min_freq} leaves no word besides <unk> and <eos> (no training word is seen that "
+                "often); lower dataset.min_freq"
+            )
         self._check_sizes()
 
     def _check_sizes(self) -> None:

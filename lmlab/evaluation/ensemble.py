@@ -21,6 +21,7 @@ Every member must use the same vocabulary, word for word (the same corpus, ``dat
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,9 +118,11 @@ def check_members(vocab: Vocabulary, members: list[str], **_: Any) -> None:
     """Before any work: there are members, each a checkpoint file lmlab reads (safely) with ``vocab``'s words."""
     if not members:
         raise ConfigError("method=ensemble needs other models: ensemble.members=[PATH,...] (their best.pt files)")
-    for path in members:
+    for k, path in enumerate(members):
         if not Path(path).is_file():
             raise ConfigError(f"ensemble.members: no checkpoint at {path}; name the best.pt of each member run")
+        if any(os.path.samefile(path, earlier) for earlier in members[:k]):
+            raise ConfigError(f"ensemble.members names {path} twice; name each member once")
         member_vocab = load_checkpoint(path)["vocab"]
         if member_vocab != vocab.words:
             raise ConfigError(
@@ -136,6 +139,11 @@ def ensemble(inputs: EvaluationInputs, members: list[str] = [], search: bool = F
     if inputs.vocab is None:
         raise ConfigError("method=ensemble needs the evaluated model's vocabulary, which this caller did not pass")
     check_members(inputs.vocab, members)
+    if search and inputs.split == "valid":
+        raise ConfigError(
+            "ensemble.search=true fits the weights on the validation split, so it cannot also score it; "
+            "score split=test, or set ensemble.search=false"
+        )
     device = next(inputs.model.parameters()).device
     others, dtypes = load_members(members, inputs.vocab, device)
     names = ["the evaluated checkpoint", *members]

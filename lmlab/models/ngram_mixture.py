@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config.schema import PositiveInt, Probability
+from lmlab.config.schema import PositiveInt, UnitInterval
 from lmlab.errors import CheckpointError
 from lmlab.models.base import LanguageModel, State, register_model
 from lmlab.models.kneser_ney import KneserNey, check_order
@@ -54,7 +54,7 @@ class NgramMixture(LanguageModel):
     everything early leaves it no gradient); at 0 it trains as it would alone."""
 
     def __init__(
-        self, vocab_size: int, ngram_order: PositiveInt = 4, ngram_coupling: Probability = 0.0, **body_arguments
+        self, vocab_size: int, ngram_order: PositiveInt = 4, ngram_coupling: UnitInterval = 0.0, **body_arguments
     ) -> None:
         check_order(ngram_order, vocab_size, "model.ngram_order")  # before any text is counted
         super().__init__(vocab_size, **body_arguments)

@@ -1,0 +1,68 @@
+"""Values that were accepted, crashed or ran code before being refused: each is now one line, before any work."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lmlab.errors import ConfigError
+from lmlab.job import train_and_report
+from lmlab.models import model_class
+from tests.conftest import TINY, train_tiny_run
+from tests.e2e.test_run import cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["+logger.tensorboard.out_dir=/tmp/elsewhere", "logger=tensorboard"],
+            "logger.tensorboard.out_dir is not a setting",
+        ),
+        (["logger=wandb", "+logger.wandb.run_config=x"], "logger.wandb.run_config is not a setting"),
+        (["dataset.min_freq=1000000000"], "dataset.min_freq=1000000000 leaves no word besides <unk> and <eos>"),
+        (["model=ngram_pointer_lstm", "model.ngram_order=1"], "model.ngram_order=1 leaves no word of history"),
+    ],
+)
+def test_refused_in_one_line_before_any_work(overrides, message, corpus_dir, tmp_path, compose_cfg):
+    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        train_and_report(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_hook_target_that_is_no_hook_is_refused_without_being_called(corpus_dir, tmp_path, compose_cfg, capfd):
+    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "+hooks.mine._target_=builtins.print"])
+    with pytest.raises(ConfigError, match=r"hooks.mine._target_=builtins.print is not a hook"):
+        train_and_report(cfg, tmp_path / "run")
+    assert capfd.readouterr().out == ""  # print was never called
+
+
+def test_full_coupling_is_accepted_as_documented():
+    model = model_class("ngram_pointer_rnn")(20, embed_dim=8, hidden_dim=8, ngram_coupling=1.0)
+    assert model.ngram_coupling == 1.0
+
+
+def test_an_ensemble_names_each_member_once_and_never_the_evaluated_checkpoint(trained, tmp_path):
+    best = trained[0] / "checkpoints" / "best.pt"
+    copy = tmp_path / "copy.pt"
+    shutil.copy(best, copy)
+    corpus = trained[1]
+    data = ["dataset=text_dir", f"dataset.path={corpus}", "device=cpu"]
+    twice = cli("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{copy},{copy}]", *data)
+    assert twice.returncode == 2 and f"ensemble.members names {copy} twice" in twice.stderr
+    itself = cli("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{best}]", *data)
+    assert itself.returncode == 2 and "the checkpoint being evaluated" in itself.stderr
+    on_valid = cli(
+        "lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{copy}]", "split=valid",
+        "ensemble.search=true", *data,
+    )  # fmt: skip
+    assert on_valid.returncode == 2 and "cannot also score it" in on_valid.stderr
+    for done in (twice, itself, on_valid):
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
