@@ -4,7 +4,7 @@ Reports loss, perplexity and tokens/s of a saved model on one split, encoding th
 checkpoint's own vocabulary (so a checkpoint can be scored on any corpus; unseen words count as
 ``<unk>``). The data is the run's own unless any ``dataset`` key is given; the checkpoint's stored
 config then decides only which registered dataset and how it is batched, never where the data is
-(:func:`lmlab.factory.dataset_from_record`). ``method=cache`` mixes in a neural cache
+(:func:`lmlab.data.rebuild.dataset_from_record`). ``method=cache`` mixes in a neural cache
 (``cache.search=true`` picks theta/lambda on the validation split first); ``method=dynamic`` adapts a
 copy of the model to the text as it reads it; a method of your own registers itself
 (:mod:`lmlab.evaluation.methods`) and is named with ``plugins=[module] method=<name>``. One JSON line is printed
@@ -25,16 +25,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
-from lmlab.config.validation import evaluation_method, validate_config
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import encode_file
+from lmlab.data.rebuild import build_dataset, dataset_from_record
 from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import EvaluationInputs, check_before_work
-from lmlab.evaluation.metrics import perplexity
-from lmlab.factory import build, build_dataset, dataset_from_record, import_plugins, require_checkpoint
+from lmlab.factory import build, import_plugins, require_checkpoint
+from lmlab.metrics import perplexity
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.records import task_wrapper
 from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.validation import evaluation_method, validate_config
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -7,7 +7,6 @@ Models are built through the registry (:func:`lmlab.models.build_model`), not in
 from __future__ import annotations
 
 import importlib
-import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.config import CONF_DIR
-from lmlab.config.schema import check_arguments
-from lmlab.config.validation import model_arguments, validate_config
-from lmlab.data.datasets import DATASETS, RECORDED_TARGETS, LanguageModelData
-from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
+from lmlab.data.rebuild import build_dataset
+from lmlab.errors import ConfigError, LmlabError
 from lmlab.evaluation.methods import METHODS
 from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
 from lmlab.models import LanguageModel, model_class
@@ -32,6 +28,7 @@ from lmlab.runtime.devices import resolve_precision
 from lmlab.training.hooks import Hook
 from lmlab.training.optim import Schedule, takes_sparse_gradients
 from lmlab.training.trainer import Trainer
+from lmlab.validation import model_arguments, validate_config
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -201,62 +198,6 @@ def build_logger(
         labels = {"group": options.pop("group", None) or group, "name": options.pop("name", None) or name}
         loggers.append(LOGGERS.lookup(backend)(out_dir=str(out_dir), run_config=config, **labels, **options))
     return MultiLogger(loggers)
-
-
-def build_dataset(node: Any) -> LanguageModelData:
-    """The ``dataset`` group's registered dataset (``name``) built from its other keys."""
-    settings = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    cls = DATASETS.lookup(settings.pop("name", None))
-    return cls(**settings)
-
-
-# What a checkpoint's dataset record may decide besides which registered dataset: how windows are cut
-# (and a dataset class's own ``record_fields``). Never where the data is unless the class says so.
-RECORD_BATCHING = {"batch_size": int, "eval_batch_size": int, "bptt": int, "variable_bptt": bool}
-
-
-def dataset_from_record(record: Any, checkpoint: str) -> LanguageModelData:
-    """The dataset a checkpoint's run used, rebuilt from its stored config (``config.dataset``) for
-    ``lmlab.evaluate``, through the registry like a model. The record is a file lmlab is handed, so it
-    chooses only a registered dataset (``name``), plain batching values (``RECORD_BATCHING``) and the
-    class's ``record_fields`` (printed before use); everything else comes from the installed
-    ``conf/dataset`` option of that name (WikiText's root is ``$LMLAB_DATA_DIR`` or the user's cache
-    folder, its mirrors the official ones), else from the class's defaults. Nothing is cached beside
-    the data."""
-    record = record if isinstance(record, dict) else {}
-    target = record.get("_target_")  # checkpoints from before datasets were named stored a class path
-    name = record.get("name", RECORDED_TARGETS.get(target) if isinstance(target, str) else None)
-    if not isinstance(name, str) or name not in DATASETS:
-        shown = name if name is not None else record.get("_target_")
-        raise ConfigError(
-            f"the checkpoint's dataset ({printable(shown)}) is not one lmlab rebuilds (registered: {sorted(DATASETS)}; "
-            "a dataset of your own: plugins=[module]); or name the data, e.g. dataset=text_dir dataset.path=DIR"
-        )
-    cls = DATASETS[name]
-    chosen = {}
-    for key, kind in RECORD_BATCHING.items():
-        value = record.get(key)
-        if value is None:
-            continue
-        if type(value) is not kind or (kind is int and value < 1):
-            raise CheckpointError(
-                f"{checkpoint} has a damaged dataset record (dataset.{key}={printable(value)}); name the data "
-                "instead, e.g. dataset=text_dir dataset.path=DIR"
-            )
-        chosen[key] = value
-    own = {key: record[key] for key in cls.record_fields if record.get(key) is not None}
-    if not all(isinstance(value, (str, int, float, bool)) for value in own.values()):
-        raise CheckpointError(f"{checkpoint} has a damaged dataset record; name the data, e.g. dataset=text_dir ...")
-    check_arguments(cls, own, "dataset", hydra_keys=False)
-    for key, value in own.items():
-        shown = f"{printable(value)}/{{train,valid,test}}.txt" if key == "path" else printable(value)
-        print(f"data: {shown}, the checkpoint's own (other data: dataset=... on the command line)", flush=True)
-    installed = [OmegaConf.load(f) for f in sorted(Path(CONF_DIR, "dataset").glob("*.yaml"))]
-    node = next((n for n in installed if n.get("name") == name), OmegaConf.create({"name": name}))
-    node.merge_with({**chosen, **own})
-    if "cache" in inspect.signature(cls).parameters:
-        node.merge_with({"cache": False})
-    return build_dataset(node)
 
 
 def checkpoint_meta(cfg: DictConfig, vocab_words: list[str]) -> dict[str, Any]:

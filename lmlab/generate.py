@@ -11,11 +11,11 @@ import torch
 from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
-from lmlab.config.validation import SAMPLING_SETTINGS, validate_config
 from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build, import_plugins, require_checkpoint
 from lmlab.runtime.records import task_wrapper
 from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.validation import SAMPLING_SETTINGS, validate_config
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")

@@ -17,14 +17,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lmlab.config.validation import test_methods
 from lmlab.data.batching import TokenStream
 from lmlab.errors import LmlabError
 from lmlab.evaluation.methods import EvaluationInputs, check_before_work
-from lmlab.evaluation.metrics import no_better_than_uniform, perplexity, uniform_guess_warning
 from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build_logger, build_training_objects, checkpoint_meta
 from lmlab.loggers.base import Logger
+from lmlab.metrics import no_better_than_uniform, perplexity, uniform_guess_warning
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import peak_gpu_mb, peak_rss_mb
 from lmlab.runtime.files import RunLock, atomic_write_text
@@ -32,6 +31,7 @@ from lmlab.runtime.launch import process_rank
 from lmlab.runtime.signals import StopSignals, TrainingInterrupted
 from lmlab.training.checkpoint import load_checkpoint
 from lmlab.training.trainer import EvaluationStopped
+from lmlab.validation import test_methods
 
 
 def train_and_report(

@@ -1,6 +1,6 @@
 """Configuration: where the YAML groups live (:data:`CONF_DIR`), the typed settings every group is
 checked against (:mod:`lmlab.config.schema`) and the validation of a composed config
-(:mod:`lmlab.config.validation`)."""
+(:mod:`lmlab.validation`)."""
 
 from __future__ import annotations
 

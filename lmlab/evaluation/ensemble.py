@@ -12,7 +12,7 @@ Two ways in:
 - ``python -m lmlab.evaluate checkpoint=A method=ensemble ensemble.members=[B,C] ensemble.search=true``
   (or ``test_with=[ensemble]`` in a run): the checkpoint being evaluated plus ``members``.
 - a multirun whose jobs are the members (``+sweep=cpu_ensemble``: a Transformer and an LSTM trained
-  side by side, one thread each): :class:`lmlab.runtime.sweep_ensemble.EnsembleOfSweep` scores the
+  side by side, one thread each): :class:`lmlab.evaluation.sweep_ensemble.EnsembleOfSweep` scores the
   finished jobs' best checkpoints together when the sweep is over.
 
 Every member must use the same vocabulary, word for word (the same corpus, ``dataset.max_vocab`` and
@@ -33,7 +33,7 @@ from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import Vocabulary
 from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method, register_preflight, target_probs
-from lmlab.evaluation.metrics import perplexity
+from lmlab.metrics import perplexity
 from lmlab.models import LanguageModel
 from lmlab.runtime.devices import recorded_precision
 from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint

@@ -51,9 +51,9 @@ from lmlab.config.schema import (
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import Vocabulary
 from lmlab.errors import ConfigError, NonFiniteLoss
-from lmlab.evaluation.metrics import perplexity
+from lmlab.metrics import perplexity
 from lmlab.models import LanguageModel, diverged
-from lmlab.models.kneser_ney import KneserNey, check_order
+from lmlab.models.kneser_ney import KneserNey, check_history, check_order
 from lmlab.registry import Registry
 
 
@@ -305,6 +305,7 @@ def ngram(
     inputs: EvaluationInputs, order: PositiveInt = 4, lambda_: UnitInterval = 0.2, search: bool = False
 ) -> Scored:
     """A Kneser-Ney n-gram of the training split mixed in; ``search``: lambda picked on the validation split."""
+    check_history(order, "ngram.order")
     check_order(order, inputs.model.vocab_size, "ngram.order")
     started = time.perf_counter()
     counts = KneserNey(inputs.stream("train").columns.t().reshape(-1), inputs.model.vocab_size, order)
@@ -328,6 +329,7 @@ def ngram(
 
 @register_preflight("ngram")
 def _check_ngram(vocab: Vocabulary, order: int, **_: Any) -> None:
+    check_history(order, "ngram.order")
     check_order(order, len(vocab), "ngram.order")
 
 
@@ -344,6 +346,3 @@ def dynamic(
     target = inputs.stream(inputs.split, bptt)
     loss = dynamic_loss(inputs.model, target, rms, lr, decay, inputs.limit)
     return Scored(loss, target, {"lr": lr, "decay": decay, "bptt": bptt, "stat_batches": stat_batches})
-
-
-from lmlab.evaluation import ensemble as _ensemble  # noqa: E402, F401  registers method=ensemble (it imports this module)

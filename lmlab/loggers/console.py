@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmlab.evaluation.metrics import format_ppl, perplexity
 from lmlab.loggers.base import Logger
+from lmlab.metrics import format_ppl, perplexity
 
 
 class ConsoleLogger(Logger):

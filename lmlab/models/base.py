@@ -254,7 +254,7 @@ def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[Language
 def build_model(name: str, vocab_size: int, **arguments: Any) -> LanguageModel:
     """The one way lmlab builds a model, from the config group or from a checkpoint: the registry's
     class with type-checked plain arguments — never anything a file names by import path. (lmlab's own
-    runs check the arguments where they come in — :func:`lmlab.config.validation.validate_config` for a
+    runs check the arguments where they come in — :func:`lmlab.validation.validate_config` for a
     config, :func:`lmlab.training.checkpoint.load_checkpoint` for a file — and then build with
     :func:`model_class` directly, so each is checked once.)"""
     return check_model_arguments(name, arguments)(vocab_size, **arguments)

@@ -47,15 +47,19 @@ def max_order(vocab_size: int) -> int:
 
 
 def check_order(order: int, vocab_size: int, key: str) -> None:
-    """Refuse, in one line naming the config ``key``, an order below 2 (no history: not an n-gram model) or
-    one whose n-grams do not fit 64-bit keys."""
-    if order < 2:
-        raise ConfigError(f"{key}={order} leaves no word of history to count; give {key}=2 or more (4 is usual)")
+    """Refuse, in one line naming the config ``key``, an order whose n-grams do not fit 64-bit keys."""
     if order > max_order(vocab_size):
         raise ConfigError(
             f"{key}={order} is too high for a {vocab_size:,}-word vocabulary (its n-grams do not fit "
             f"64-bit keys); give {key}={max_order(vocab_size)} or less"
         )
+
+
+def check_history(order: int, key: str) -> None:
+    """Refuse an order below 2 where the counts are mixed with a model by the words before each target (the
+    ``ngram`` method, the counts inside a model): order 1 conditions on no word, and there is nothing to mix by."""
+    if order < 2:
+        raise ConfigError(f"{key}={order} leaves no word of history to count; give {key}=2 or more (4 is usual)")
 
 
 def pack(words: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch import nn
 from lmlab.config.schema import PositiveInt, UnitInterval
 from lmlab.errors import CheckpointError
 from lmlab.models.base import LanguageModel, State, register_model
-from lmlab.models.kneser_ney import KneserNey, check_order
+from lmlab.models.kneser_ney import KneserNey, check_history, check_order
 from lmlab.models.pointer import PointerRNNLanguageModel, PointerTransformerLanguageModel
 
 GATE_AT_START = 0.1  # the counts' share before training: below a static mixture's; the gate learns the rest
@@ -56,6 +56,7 @@ class NgramMixture(LanguageModel):
     def __init__(
         self, vocab_size: int, ngram_order: PositiveInt = 4, ngram_coupling: UnitInterval = 0.0, **body_arguments
     ) -> None:
+        check_history(ngram_order, "model.ngram_order")
         check_order(ngram_order, vocab_size, "model.ngram_order")  # before any text is counted
         super().__init__(vocab_size, **body_arguments)
         self.ngram_order, self.ngram_width, self.ngram_coupling = ngram_order, ngram_order - 1, ngram_coupling

@@ -229,7 +229,7 @@ def summarize_sweep(sweep_dir: Path) -> int:
 
 
 def _print_ensemble(path: Path) -> int:
-    """The line of a sweep's ``ensemble.json`` (:mod:`lmlab.runtime.sweep_ensemble`), if it has one; 1 if it failed."""
+    """The line of a sweep's ``ensemble.json`` (:mod:`lmlab.evaluation.sweep_ensemble`), if any; 1 if it failed."""
     try:
         record = json.loads(path.read_text())
         if record.get("status") != "completed":

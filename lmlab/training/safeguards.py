@@ -9,7 +9,7 @@ import torch
 
 from lmlab.config.schema import PositiveFloat, PositiveInt, Probability
 from lmlab.errors import NonFiniteLoss
-from lmlab.evaluation.metrics import no_better_than_uniform, uniform_guess_warning
+from lmlab.metrics import no_better_than_uniform, uniform_guess_warning
 from lmlab.runtime import distributed
 from lmlab.runtime.dispatch import reads_are_free
 from lmlab.runtime.signals import StopSignals
@@ -113,7 +113,7 @@ class NonFinitePolicy(Hook):
 
 class LearningCheck(Hook):
     """After ``after_epochs`` epochs, a validation loss no better than a uniform guess over the vocabulary
-    (:func:`~lmlab.evaluation.metrics.no_better_than_uniform`) is said in one line, on the console and in
+    (:func:`~lmlab.metrics.no_better_than_uniform`) is said in one line, on the console and in
     that epoch's record (``warning``), while the run goes on: the user can stop it and fix the learning
     rate instead of waiting for a figure that means nothing. The final verdict is ``results.json``'s
     ``learned``."""

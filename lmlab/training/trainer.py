@@ -20,8 +20,8 @@ import torch
 
 from lmlab.config.schema import PositiveFloat, PositiveInt
 from lmlab.data.batching import TokenStream
-from lmlab.evaluation.metrics import perplexity
 from lmlab.loggers.base import Logger
+from lmlab.metrics import perplexity
 from lmlab.models import LanguageModel
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import PRECISIONS, resolve_precision

@@ -80,7 +80,7 @@ def test_trains_through_the_same_trainer_and_round_trips(corpus_dir, tmp_path, c
     model, _, state = model_from_checkpoint(out / "checkpoints" / "best.pt")
     assert isinstance(model, TransformerLanguageModel) and state["model"]["name"] == "transformer"
     data_cfg = compose_cfg([*TRANSFORMER, f"dataset.path={corpus_dir}"])
-    from lmlab.factory import build_dataset
+    from lmlab.data.rebuild import build_dataset
 
     data = build_dataset(data_cfg.dataset)
     test_loss = Trainer().evaluate(model, data.stream("test"), torch.device("cpu"))

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.config.validation import validate_config
 from lmlab.data.datasets import DATASETS
+from lmlab.data.rebuild import build_dataset, dataset_from_record
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.evaluation.methods import METHODS, EvaluationInputs, method_settings
-from lmlab.factory import build_dataset, build_hooks, build_logger, dataset_from_record, import_plugins
+from lmlab.factory import build_hooks, build_logger, import_plugins
 from lmlab.models import LanguageModel, build_model
 from lmlab.registry import Registry
 from lmlab.training.hooks import Hook
 from lmlab.training.trainer import Trainer
+from lmlab.validation import validate_config
 
 import_plugins(["my_extensions"])  # what plugins=[my_extensions] does
 import my_extensions  # noqa: E402 - registered above, as the command line would
@@ -106,7 +107,7 @@ def test_hooks_are_built_from_config_in_order_with_a_users_own_last(compose_cfg)
                        "+hooks.count.stop_after=3", "hooks.time_budget.max_time_s=60"])  # fmt: skip
     validate_config(cfg)
     hooks = build_hooks(cfg.hooks)
-    assert list(hooks) == ["stop_on_signal", "time_budget", "non_finite", "weight_averaging", "checkpoint", "progress",
+    assert list(hooks) == ["stop_on_signal", "time_budget", "non_finite", "learning_check", "weight_averaging", "checkpoint", "progress",
                            "dropout_budget", "count"]  # fmt: skip
     assert all(isinstance(h, Hook) for h in hooks.values())
     assert hooks["count"].stop_after == 3 and hooks["time_budget"].max_time_s == 60

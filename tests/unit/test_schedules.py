@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from lmlab.config.validation import validate_config
 from lmlab.errors import ConfigError
 from lmlab.training.safeguards import TimeBudget
 from lmlab.training.schedules import WarmupDecay
+from lmlab.validation import validate_config
 from tests.unit.test_hooks import fit_context
 
 

@@ -5,7 +5,7 @@ A Hydra callback, named by a sweep config (``conf/sweep/cpu_ensemble.yaml``)::
     hydra:
       callbacks:
         ensemble:
-          _target_: lmlab.runtime.sweep_ensemble.EnsembleOfSweep
+          _target_: lmlab.evaluation.sweep_ensemble.EnsembleOfSweep
 
 When the sweep is over, in the process that launched it, the best checkpoint of every finished job is
 scored on the test split as one mixture (weights fitted on the validation split unless ``search`` is
@@ -27,10 +27,10 @@ from omegaconf import DictConfig
 
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import encode_file
+from lmlab.data.rebuild import dataset_from_record
 from lmlab.errors import LmlabError
 from lmlab.evaluation.ensemble import load_members, score_ensemble
-from lmlab.evaluation.metrics import perplexity
-from lmlab.factory import dataset_from_record
+from lmlab.metrics import perplexity
 from lmlab.runtime.devices import recorded_precision, select_device
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.results import ENSEMBLE_FILE, find_runs
