@@ -107,8 +107,8 @@ def test_hooks_are_built_from_config_in_order_with_a_users_own_last(compose_cfg)
                        "+hooks.count.stop_after=3", "hooks.time_budget.max_time_s=60"])  # fmt: skip
     validate_config(cfg)
     hooks = build_hooks(cfg.hooks)
-    assert list(hooks) == ["stop_on_signal", "time_budget", "non_finite", "learning_check", "weight_averaging", "checkpoint", "progress",
-                           "dropout_budget", "count"]  # fmt: skip
+    assert list(hooks) == ["stop_on_signal", "time_budget", "non_finite", "learning_check", "weight_averaging",
+                           "checkpoint", "progress", "dropout_budget", "count"]  # fmt: skip
     assert all(isinstance(h, Hook) for h in hooks.values())
     assert hooks["count"].stop_after == 3 and hooks["time_budget"].max_time_s == 60
     with pytest.raises(ConfigError, match="hooks.count.stop_after=0 is invalid: it must be a positive integer"):
