@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmlab.runtime.results import Run, differing, find_runs, render, rows
+from lmlab.runtime.run_table import Run, differing, find_runs, render, rows
 
 
 def plot(runs: list[Run], path: Path) -> None:

@@ -33,8 +33,8 @@ from lmlab.evaluation.methods import EvaluationInputs, check_before_work
 from lmlab.factory import build, import_plugins, require_checkpoint
 from lmlab.metrics import perplexity
 from lmlab.runtime.files import atomic_write_text
-from lmlab.runtime.records import task_wrapper
-from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.runtime.job_records import task_wrapper
+from lmlab.training.checkpoint_format import model_from_checkpoint
 from lmlab.validation import evaluation_method, validate_config
 
 

@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from lmlab.config import CONF_DIR
 from lmlab.evaluation.sampling import format_words, sample_words
 from lmlab.factory import build, import_plugins, require_checkpoint
-from lmlab.runtime.records import task_wrapper
-from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.runtime.job_records import task_wrapper
+from lmlab.training.checkpoint_format import model_from_checkpoint
 from lmlab.validation import SAMPLING_SETTINGS, validate_config
 
 

@@ -29,7 +29,7 @@ from lmlab.runtime.devices import peak_gpu_mb, peak_rss_mb
 from lmlab.runtime.files import RunLock, atomic_write_text
 from lmlab.runtime.launch import process_rank
 from lmlab.runtime.signals import StopSignals, TrainingInterrupted
-from lmlab.training.checkpoint import load_checkpoint
+from lmlab.training.checkpoint_format import load_checkpoint
 from lmlab.training.trainer import EvaluationStopped
 from lmlab.validation import test_methods
 

@@ -4,7 +4,7 @@
     python -m lmlab.run -m dataset.batch_size=20,40 model.hidden_dim=200,650
 
 Outputs land in Hydra's run folder: metrics.jsonl, results.json, checkpoints/, samples.txt, run.log, and
-.hydra/ (the run record, written once the run holds the folder: see lmlab.runtime.records.write_run_record).
+.hydra/ (the run record, written once the run holds the folder: see lmlab.runtime.job_records.write_run_record).
 torch and the training library are imported inside the task, so that tab completion (which runs this
 module for every TAB) does not pay for them.
 """
@@ -23,8 +23,8 @@ from omegaconf import DictConfig, open_dict
 
 from lmlab.config import CONF_DIR, moved_key
 from lmlab.errors import ConfigError
+from lmlab.runtime.job_records import finished_results, run_with_summary, task_wrapper, write_run_record
 from lmlab.runtime.launch import launched_processes, process_rank, under_torchrun
-from lmlab.runtime.records import finished_results, run_with_summary, task_wrapper, write_run_record
 from lmlab.runtime.signals import TrainingInterrupted
 
 

@@ -1,6 +1,6 @@
 """Validation of a composed config, for every command: every bad value stops before any work, naming key,
 value and fix. (A checkpoint's stored values are checked where it is read, with the same schema:
-:func:`lmlab.training.checkpoint.load_checkpoint`.)
+:func:`lmlab.training.checkpoint_format.load_checkpoint`.)
 
 Hydra rejects unknown keys (struct mode) and unknown group options. The values are checked here against
 the annotated signature of whatever each group builds (:mod:`lmlab.config.schema`): the registered

@@ -26,7 +26,7 @@ from lmlab.factory import build, build_training_objects
 from lmlab.runtime.devices import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
 from lmlab.runtime.dispatch import DispatchCount, as_on_an_accelerator, count_dispatch, reads_are_free
 from lmlab.runtime.files import atomic_write_text
-from lmlab.runtime.records import task_wrapper, write_run_record
+from lmlab.runtime.job_records import task_wrapper, write_run_record
 from lmlab.validation import model_arguments
 
 from .plain_loop import BASELINES, PlainLoop

@@ -36,7 +36,7 @@ from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method, 
 from lmlab.metrics import perplexity
 from lmlab.models import LanguageModel
 from lmlab.runtime.devices import recorded_precision
-from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint
+from lmlab.training.checkpoint_format import load_checkpoint, model_from_checkpoint
 
 EM_STEPS = 100  # far more than the mixture weights of a few members need to settle (to ~1e-6)
 

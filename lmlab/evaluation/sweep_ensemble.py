@@ -11,7 +11,7 @@ When the sweep is over, in the process that launched it, the best checkpoint of 
 scored on the test split as one mixture (weights fitted on the validation split unless ``search`` is
 false), with the data the jobs trained on (the first checkpoint's record, as ``lmlab.evaluate`` reads it).
 The result goes to ``ensemble.json`` in the sweep folder, which the sweep's summary prints
-(:func:`lmlab.runtime.records.summarize_sweep`); a failure is written there too (``status: failed``, one
+(:func:`lmlab.runtime.job_records.summarize_sweep`); a failure is written there too (``status: failed``, one
 line) and makes the command exit 1, while the jobs' own results stay as they are.
 """
 
@@ -33,8 +33,8 @@ from lmlab.evaluation.ensemble import load_members, score_ensemble
 from lmlab.metrics import perplexity
 from lmlab.runtime.devices import recorded_precision, select_device
 from lmlab.runtime.files import atomic_write_text
-from lmlab.runtime.results import ENSEMBLE_FILE, find_runs
-from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.runtime.run_table import ENSEMBLE_FILE, find_runs
+from lmlab.training.checkpoint_format import model_from_checkpoint
 
 
 def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = True) -> dict[str, Any]:

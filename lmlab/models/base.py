@@ -47,7 +47,7 @@ class LanguageModel(nn.Module):
 
     def scale_dropout(self, factor: float) -> int:
         """Set every dropout probability of the model — the ``dropout_rates`` of each of its modules — to
-        ``factor`` × the value it was built with (:class:`lmlab.training.regularisation.DropoutForBudget`).
+        ``factor`` × the value it was built with (:class:`lmlab.training.hooks.dropout_budget.DropoutForBudget`).
         Returns how many rates were set: 0 for a model that declares none."""
         count = 0
         for module in self.modules():
@@ -255,6 +255,6 @@ def build_model(name: str, vocab_size: int, **arguments: Any) -> LanguageModel:
     """The one way lmlab builds a model, from the config group or from a checkpoint: the registry's
     class with type-checked plain arguments — never anything a file names by import path. (lmlab's own
     runs check the arguments where they come in — :func:`lmlab.validation.validate_config` for a
-    config, :func:`lmlab.training.checkpoint.load_checkpoint` for a file — and then build with
+    config, :func:`lmlab.training.checkpoint_format.load_checkpoint` for a file — and then build with
     :func:`model_class` directly, so each is checked once.)"""
     return check_model_arguments(name, arguments)(vocab_size, **arguments)

@@ -9,7 +9,7 @@ import os
 from omegaconf import OmegaConf
 
 MAX_DIRNAME = 120
-# Set by lmlab.runtime.records.JobRecorder when a multirun starts (the environment reaches every launcher's jobs):
+# Set by lmlab.runtime.job_records.JobRecorder when a multirun starts (the environment reaches every launcher's jobs):
 # the keys that vary between the sweep's jobs, comma-separated.
 SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
 

@@ -1,5 +1,6 @@
-"""Optimizers and schedules: NT-ASGD (whose averaged weights :class:`lmlab.training.averaging.WeightAveraging`
-validates with), sparse-aware gradient clipping, and :class:`Schedule`.
+"""Optimizers and schedules: NT-ASGD (whose averaged weights
+:class:`~lmlab.training.hooks.weight_averaging.WeightAveraging` validates with), sparse-aware gradient
+clipping, and :class:`Schedule`.
 
 NT-ASGD (Merity et al. 2017): SGD that switches to averaged SGD once validation stops improving.
 
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmlab.training.averaging import swap
+from lmlab.training.hooks.weight_averaging import swap
 
 
 class NTASGD(torch.optim.SGD):

@@ -2,7 +2,7 @@
 
 The file is data, checked field by field before anything trusts it: every progress value has a rule
 (``PROGRESS``), every restored state (optimizer, scheduler, scaler, RNG, hidden state, per-rank shares)
-fails as one line naming the file and the field (:func:`lmlab.training.checkpoint.damaged`), and the run config
+fails as one line naming the file and the field (:func:`lmlab.training.checkpoint_format.damaged`), and the run config
 stored in it only tells which of this run's settings changed — none of its own values is applied.
 """
 
@@ -21,7 +21,7 @@ import torch
 from lmlab.errors import CheckpointError, LmlabError, printable
 from lmlab.models import map_tensors
 from lmlab.runtime import distributed
-from lmlab.training.checkpoint import TrainState, damaged, load_checkpoint, load_weights
+from lmlab.training.checkpoint_format import TrainState, damaged, load_checkpoint, load_weights
 from lmlab.training.rng import set_rng_state
 
 
@@ -96,7 +96,7 @@ def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def _weight_average(path: str | os.PathLike, average: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """hooks.weight_averaging's mean (lmlab.training.averaging), checked against the model it averages."""
+    """hooks.weight_averaging's mean (lmlab.training.hooks.weight_averaging), checked against the model it averages."""
     if average is None:
         return None
     params = dict(model.named_parameters())

@@ -26,7 +26,7 @@ from lmlab.models import LanguageModel
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import PRECISIONS, resolve_precision
 from lmlab.runtime.signals import TrainingInterrupted
-from lmlab.training.checkpoint import damaged
+from lmlab.training.checkpoint_format import damaged
 from lmlab.training.cuda_graph import GraphedStep
 from lmlab.training.hooks import FitContext, Hook, evaluation_weights
 from lmlab.training.optim import Schedule

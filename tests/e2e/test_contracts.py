@@ -13,7 +13,7 @@ import torch
 
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.job import train_and_report
-from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.training.checkpoint_format import model_from_checkpoint
 from tests.conftest import TINY, USER_DIR, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]

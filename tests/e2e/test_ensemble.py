@@ -145,7 +145,7 @@ def test_the_cpu_ensemble_sweep_scores_its_jobs_together(tmp_path, corpus_dir):
     ],
 )  # fmt: skip
 def test_a_failed_or_damaged_ensemble_record_is_one_line_and_counts_as_a_failure(content, line, tmp_path, capsys):
-    from lmlab.runtime.records import summarize_sweep
+    from lmlab.runtime.job_records import summarize_sweep
 
     (tmp_path / "ensemble.json").write_text(content)
     assert summarize_sweep(tmp_path) == 1

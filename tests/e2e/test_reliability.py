@@ -16,7 +16,7 @@ import torch
 from lmlab.errors import CheckpointError, DiskFull, NonFiniteLoss
 from lmlab.job import train_and_report
 from lmlab.runtime.files import atomic_save
-from lmlab.training.checkpoint import load_checkpoint, model_from_checkpoint
+from lmlab.training.checkpoint_format import load_checkpoint, model_from_checkpoint
 from lmlab.training.step import EagerStep
 from tests.conftest import TINY, USER_DIR, write_corpus
 

@@ -15,7 +15,7 @@ import torch
 from lmlab.errors import CheckpointError, NonFiniteLoss, RunFolderBusy
 from lmlab.job import train_and_report
 from lmlab.runtime.files import RunLock, remove_stale_temp_files
-from lmlab.training.checkpoint import load_checkpoint
+from lmlab.training.checkpoint_format import load_checkpoint
 from lmlab.training.trainer import Trainer
 from tests.conftest import TINY, USER_DIR
 from tests.e2e.test_reliability import _inject_nan_at, _start_run, _wait_for

@@ -5,7 +5,7 @@ import torch
 
 from lmlab.job import train_and_report
 from lmlab.models import TransformerLanguageModel, build_model
-from lmlab.training.checkpoint import model_from_checkpoint
+from lmlab.training.checkpoint_format import model_from_checkpoint
 from lmlab.training.trainer import Trainer
 from tests.conftest import TINY
 

@@ -292,7 +292,7 @@ LOAD_DAMAGE = {
 @pytest.mark.parametrize("case", list(LOAD_DAMAGE))
 def test_a_damaged_checkpoint_is_refused_in_one_line(tiny_run, tmp_path, case):
     from lmlab.errors import CheckpointError
-    from lmlab.training.checkpoint import model_from_checkpoint
+    from lmlab.training.checkpoint_format import model_from_checkpoint
 
     edit, expected = LOAD_DAMAGE[case]
     best = _edited(tiny_run[0] / "best.pt", tmp_path / "best.pt", edit)

@@ -15,7 +15,7 @@ from lmlab.compare import main as compare_main
 from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import METHODS, register_method
 from lmlab.job import train_and_report
-from lmlab.runtime.results import NOT_LEARNED
+from lmlab.runtime.run_table import NOT_LEARNED
 from tests.conftest import TINY, train_tiny_run
 
 TRANSFORMERS = ["transformer", "pointer_transformer", "ngram_pointer_transformer"]

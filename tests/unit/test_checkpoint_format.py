@@ -6,7 +6,7 @@ import torch
 from lmlab.errors import CheckpointError
 from lmlab.models import build_model
 from lmlab.runtime.files import atomic_save
-from lmlab.training.checkpoint import TrainState, load_checkpoint, model_from_checkpoint, training_checkpoint
+from lmlab.training.checkpoint_format import TrainState, load_checkpoint, model_from_checkpoint, training_checkpoint
 
 ARGUMENTS = {"embed_dim": 8, "hidden_dim": 8, "num_layers": 1, "dropout": 0.0, "tie_weights": True}
 VOCAB = ["<unk>", "<eos>", "the", "cat", "sat"]

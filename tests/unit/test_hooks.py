@@ -7,10 +7,11 @@ import torch
 
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.models import build_model
-from lmlab.training.averaging import WeightAveraging
 from lmlab.training.hooks import FitContext
+from lmlab.training.hooks.non_finite import NonFinitePolicy
+from lmlab.training.hooks.time_budget import TimeBudget
+from lmlab.training.hooks.weight_averaging import WeightAveraging
 from lmlab.training.optim import NTASGD
-from lmlab.training.safeguards import NonFinitePolicy, TimeBudget
 
 
 def fit_context(lr: float = 1.0) -> FitContext:

@@ -12,7 +12,7 @@ from lmlab.errors import CheckpointError
 from lmlab.models import build_model
 from lmlab.models.kneser_ney import KneserNey
 from lmlab.models.ngram_mixture import GATE_AT_START
-from lmlab.training.checkpoint import load_weights
+from lmlab.training.checkpoint_format import load_weights
 
 V = 60
 BODIES = {  # the Transformer's cache (32) is longer than the tests' texts: one window or several agree

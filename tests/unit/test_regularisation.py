@@ -6,7 +6,7 @@ import torch
 from lmlab.errors import ConfigError
 from lmlab.models import LanguageModel, build_model
 from lmlab.training.hooks import FitContext
-from lmlab.training.regularisation import DropoutForBudget
+from lmlab.training.hooks.dropout_budget import DropoutForBudget
 
 AWD = dict(dropout=0.4, dropout_input=0.4, dropout_hidden=0.2, dropout_embedding=0.1, weight_drop=0.2)
 

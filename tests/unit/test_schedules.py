@@ -6,8 +6,8 @@ import time
 import pytest
 
 from lmlab.errors import ConfigError
-from lmlab.training.safeguards import TimeBudget
-from lmlab.training.schedules import WarmupDecay
+from lmlab.training.hooks.lr_schedule import WarmupDecay
+from lmlab.training.hooks.time_budget import TimeBudget
 from lmlab.validation import validate_config
 from tests.unit.test_hooks import fit_context
 

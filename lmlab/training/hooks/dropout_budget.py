@@ -30,7 +30,7 @@ from __future__ import annotations
 from lmlab.config.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.runtime import distributed
-from lmlab.training.hooks import FitContext, Hook
+from lmlab.training.hooks.base import FitContext, Hook
 
 
 class DropoutForBudget(Hook):

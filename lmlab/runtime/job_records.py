@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.errors import DiskFull, LmlabError, RunFolderBusy
 from lmlab.runtime.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
 from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
-from lmlab.runtime.results import ENSEMBLE_FILE, find_runs, render, rows
+from lmlab.runtime.run_table import ENSEMBLE_FILE, find_runs, render, rows
 
 T = TypeVar("T")
 

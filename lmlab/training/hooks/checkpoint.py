@@ -1,5 +1,5 @@
 """The checkpoint hook: ``last.pt`` and ``best.pt`` of a run, resuming it, or starting from another run's
-weights (the file format itself is :mod:`lmlab.training.checkpoint`)."""
+weights (the file format itself is :mod:`lmlab.training.checkpoint_format`)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.models import map_tensors
 from lmlab.runtime import distributed
 from lmlab.runtime.files import atomic_save, remove_stale_temp_files
-from lmlab.training.checkpoint import training_checkpoint
-from lmlab.training.hooks import FitContext, Hook
+from lmlab.training.checkpoint_format import training_checkpoint
+from lmlab.training.hooks.base import FitContext, Hook, good_checkpoint
 from lmlab.training.resume import initial_weights, restore_training
 from lmlab.training.rng import rng_state
-from lmlab.training.safeguards import good_checkpoint
 
 
 class Checkpointing(Hook):

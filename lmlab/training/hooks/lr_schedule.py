@@ -2,7 +2,7 @@
 
 :class:`WarmupDecay` is a hook (``hooks.lr_schedule``), not a torch scheduler, because its horizon may be
 wall-clock time: it reads the time budget's clock (``state.elapsed_s``, kept by
-:class:`~lmlab.training.safeguards.TimeBudget`, saved in checkpoints, the same on every rank) and the step
+:class:`~lmlab.training.hooks.time_budget.TimeBudget`, saved in checkpoints, the same on every rank) and the step
 and epoch counts, which only the loop knows. Its LR is a pure function of those, all saved in checkpoints,
 so a resumed run picks up the curve where it left it. The shape over the horizon (``progress`` 0 → 1)::
 
@@ -25,7 +25,7 @@ from typing import Literal
 
 from lmlab.config.schema import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
-from lmlab.training.hooks import FitContext, Hook
+from lmlab.training.hooks.base import FitContext, Hook
 
 DECAYS = {
     "cosine": lambda q: 0.5 * (1.0 + math.cos(math.pi * q)),

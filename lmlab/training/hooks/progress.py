@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from lmlab.config.schema import PositiveInt
 from lmlab.runtime import distributed
-from lmlab.training.hooks import FitContext, Hook
+from lmlab.training.hooks.base import FitContext, Hook
 
 
 class Progress(Hook):

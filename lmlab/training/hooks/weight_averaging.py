@@ -28,7 +28,7 @@ import torch
 
 from lmlab.config.schema import PositiveFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
-from lmlab.training.hooks import FitContext, Hook
+from lmlab.training.hooks.base import FitContext, Hook
 
 
 class WeightAveraging(Hook):

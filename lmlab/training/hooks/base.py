@@ -1,18 +1,19 @@
 """The hook contract: what hangs on the training loop, and the :class:`FitContext` it shares with the loop.
 
 A hook is an object with any of the methods of :class:`Hook`; the standard ones (``conf/hooks/``) are
-built from config by :func:`lmlab.factory.build_hooks`, each owning its options, and run in that order:
+built from config by :func:`lmlab.factory.build_hooks`, each owning its options, and run in that order
+(each in the module of ``lmlab.training.hooks`` named as its key):
 
-    stop_on_signal    lmlab.training.safeguards.StopOnSignal      SIGINT/SIGTERM: save, then stop
-    time_budget       lmlab.training.safeguards.TimeBudget        max_time_s
-    non_finite        lmlab.training.safeguards.NonFinitePolicy   on_nan, max_skipped_fraction
-    learning_check    lmlab.training.safeguards.LearningCheck     after_epochs (a run no better than uniform)
-    weight_averaging  lmlab.training.averaging.WeightAveraging    start, ema_steps (or NT-ASGD's average)
-    checkpoint        lmlab.training.checkpointing.Checkpointing  resume, save_every_steps, init_from
-    progress          lmlab.training.progress.Progress            log_interval, bar
-    lr_schedule       lmlab.training.schedules.WarmupDecay        null unless hooks=warmup_decay
-    dropout_budget    lmlab.training.regularisation.DropoutForBudget  full_at_epochs (off unless set)
-    (yours)           +hooks.NAME._target_=module.Class           runs after these
+    stop_on_signal    stop_on_signal.StopOnSignal         SIGINT/SIGTERM: save, then stop
+    time_budget       time_budget.TimeBudget              max_time_s
+    non_finite        non_finite.NonFinitePolicy          on_nan, max_skipped_fraction
+    learning_check    learning_check.LearningCheck        after_epochs (a run no better than uniform)
+    weight_averaging  weight_averaging.WeightAveraging    start, ema_steps (or NT-ASGD's average)
+    checkpoint        checkpoint.Checkpointing            resume, save_every_steps, init_from
+    progress          progress.Progress                   log_interval, bar
+    lr_schedule       lr_schedule.WarmupDecay             null unless hooks=warmup_decay or optimizer=adamw_warmup
+    dropout_budget    dropout_budget.DropoutForBudget     full_at_epochs (off unless set)
+    (yours)           +hooks.NAME._target_=module.Class   runs after these
 
 The loop calls, in order::
 
@@ -40,7 +41,7 @@ import torch
 
 from lmlab.loggers.base import Logger
 from lmlab.models import LanguageModel, State, diverged
-from lmlab.training.checkpoint import TrainState
+from lmlab.training.checkpoint_format import TrainState
 
 
 @dataclass
@@ -123,3 +124,12 @@ def evaluation_weights(hooks: list[Hook], ctx: FitContext) -> Iterator[None]:
         for hook in hooks:
             stack.enter_context(hook.evaluation_weights(ctx))
         yield
+
+
+def good_checkpoint(ctx: FitContext) -> str:
+    """Checkpoints are only written from finite weights after losses that did not diverge."""
+    if ctx.last_saved is None:
+        return "No checkpoint was written yet."
+    return (
+        f"The last good checkpoint is {ctx.last_saved}; resume from it with hooks.checkpoint.resume={ctx.last_saved}."
+    )
