@@ -3,9 +3,9 @@ default sizes, with the optimizer and schedule its config brings, for a few step
 prints the validation loss beside the uniform guess ln V, for several seeds (experiments/defaults.md).
 
     python experiments/defaults_check.py DATA_DIR [--steps 20] [--eval-batches 20] [--seeds 1111 1 2]
-        [--models lstm gru ...] [override ...]
+        [--models lstm gru ...] [--set KEY=VALUE ...]
 
-DATA_DIR holds train.txt, valid.txt, test.txt. Extra arguments are Hydra overrides for every run.
+DATA_DIR holds train.txt, valid.txt, test.txt; --set adds a Hydra override to every run.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1111, 1, 2])
     parser.add_argument("--models", nargs="+", default=None)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     print("| model | optimizer | seed | val loss | ln V | val ppl | s |\n|---|---|---|---|---|---|---|")
     for model in args.models or model_options():

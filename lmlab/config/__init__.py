@@ -20,7 +20,7 @@ def _find_conf_dir() -> str:
 CONF_DIR = _find_conf_dir()
 
 
-# Keys that moved when the hooks took over their own options (#19): old name -> new name.
+# Keys that moved when the hooks took over their own options: old name -> new name.
 MOVED_KEYS = {
     "trainer.resume": "hooks.checkpoint.resume",
     "trainer.save_every_steps": "hooks.checkpoint.save_every_steps",

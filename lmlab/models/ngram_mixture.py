@@ -17,9 +17,9 @@ include the word being predicted would teach the gate to trust them far more tha
 they have not seen. At evaluation the counts are all there. The model stays static: its weights and counts
 are fixed once trained, and it conditions only on the words before the target.
 
-Measured (experiments/transformer.md, stop 26): this ties at best with the same counts mixed in after
-training with one share picked on the validation split (``test_with=[ngram]``): the gate learns on training
-text, where the network is better than it will be on new text, so it gives the counts too small a share.
+Measured (experiments/transformer.md): this ties at best with the same counts mixed in after training with
+one share picked on the validation split (``test_with=[ngram]``): the gate learns on training text, where the
+network is better than it will be on new text, so it gives the counts too small a share.
 
 State: (the body's state, the last order-1 input words of each column (order-1, B); -1 before its first).
 Features: ``[ body features | the order-1 history words of each position (as floats: ids < 2**24) ]``.
@@ -124,7 +124,7 @@ class NgramMixture(LanguageModel):
     def _log_gates(self, body: torch.Tensor, matched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log(1 - g), log g) per position. The gate reads the direction of h, detached: it learns where to
         trust the counts without pulling h towards saying so (which cost the body much of its perplexity:
-        experiments/transformer.md, stop 26), and its gradient stays of the size of one vector per token
+        experiments/transformer.md), and its gradient stays of the size of one vector per token
         whatever the body's scale (a Transformer's h is ~sqrt(D) long), so it does not eat the step's share
         under gradient clipping."""
         direction = F.normalize(super().context_vectors(body).detach().float(), dim=-1)
@@ -143,7 +143,7 @@ class NgramMixture(LanguageModel):
             return mixed
         # The same value, but the body learns (1 - coupling) from its own likelihood: fully coupled, a gate
         # that learns early that the counts beat an untrained body hands them everything, and the body,
-        # whose gradient the gate scales by its share, stops learning (round N).
+        # whose gradient the gate scales by its share, stops learning (experiments/transformer.md).
         gate_only = torch.logaddexp(keep + from_body.detach(), take + from_counts)
         alone = from_body - from_body.detach()  # 0, with the body's own gradient
         return self.ngram_coupling * mixed + (1 - self.ngram_coupling) * (gate_only + alone)

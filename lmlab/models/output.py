@@ -226,8 +226,8 @@ _kept_block: dict[torch.device, tuple[torch.Tensor, weakref.ref]] = {}  # device
 def _leased_block(device: torch.device, rows: int, vocab: int) -> tuple[torch.Tensor, _Lease]:
     """A (rows, vocab) fp32 block valid while the returned lease lives. On a CPU, the kept one unless an
     earlier forward pass still holds it (its backward not run yet, its graph not freed): a block of tens of
-    MB is above glibc's mmap threshold, so a new one is page-faulted in at every step (~50 ms for 700 ×
-    13.8k); a GPU's caching allocator reuses blocks by itself."""
+    MB is above glibc's mmap threshold, so a new one would be page-faulted in at every step (measured in
+    experiments/bench.md); a GPU's caching allocator reuses blocks by itself."""
     lease = _Lease()
     buffer, holder = _kept_block.get(device, (None, None))
     if device.type != "cpu" or (holder is not None and holder() is not None):

@@ -82,11 +82,10 @@ def tune_cpu_heap(mode: str) -> bool:
     C library is not glibc.
 
     glibc's default adapts its thresholds as it goes: buffers of a few MB are sometimes handed back to
-    the kernel when freed and page-faulted in afresh at the next step (~9,400 faults, 37 MB, per step
-    of the 2×200 LSTM: ~20% of its time), and sometimes kept in heap fragments that count as resident.
-    ``reuse`` keeps buffers under 32 MiB in the heap (fastest: each step reuses the last one's);
-    ``release`` returns every buffer over 256 KiB at once (lowest peak RSS: 140 MB less for the
-    default 2×650 model at vocabulary 33k, for a few % of its speed). See experiments/bench.md.
+    the kernel when freed and page-faulted in afresh at the next step (a large share of a small model's
+    step time), and sometimes kept in heap fragments that count as resident. ``reuse`` keeps buffers under
+    32 MiB in the heap (fastest: each step reuses the last one's); ``release`` returns every buffer over
+    256 KiB at once (lowest peak RSS, for a little speed). The figures: experiments/bench.md.
     """
     if not sys.platform.startswith("linux"):
         return False
