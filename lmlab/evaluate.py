@@ -25,9 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
-from lmlab.data.batching import TokenStream
-from lmlab.data.corpus import encode_file
-from lmlab.data.rebuild import build_dataset, dataset_from_record
+from lmlab.data.rebuild import SplitStreams, build_dataset, dataset_from_record
 from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import EvaluationInputs, check_before_work
 from lmlab.factory import build, import_plugins, require_checkpoint
@@ -57,13 +55,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     data = build_dataset(cfg.dataset) if overridden or record is None else dataset_from_record(record, checkpoint)
     trainer = build(cfg.trainer)  # limit: trainer.limit_eval_batches
 
-    reading = [0.0]  # seconds spent encoding text: not part of the method's speed
-
-    def stream(split: str, bptt: int | None = None) -> TokenStream:
-        started = time.perf_counter()
-        windows = data.eval_stream(encode_file(data.files[split], vocab), bptt).to(device)
-        reading[0] += time.perf_counter() - started
-        return windows
+    stream = SplitStreams(data, vocab, device)
 
     limit = cfg.trainer.limit_eval_batches
     static = lambda s: trainer.evaluate(model, s, device)  # noqa: E731
@@ -71,7 +63,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     scored = method(inputs, **settings)
     # the scored split's own time: without reading text and without a settings search
-    seconds = time.perf_counter() - started - reading[0] - scored.settings.get("search_seconds", 0.0)
+    seconds = time.perf_counter() - started - stream.reading_s - scored.settings.get("search_seconds", 0.0)
     loss, tokens = scored.loss, sum(w.targets.numel() for w in scored.stream.windows(limit=limit))
     result = {
         "method": cfg.method,

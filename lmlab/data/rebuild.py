@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from lmlab.config import CONF_DIR
 from lmlab.config.schema import check_arguments
+from lmlab.data.batching import TokenStream
+from lmlab.data.corpus import Vocabulary, encode_file
 from lmlab.data.datasets import DATASETS, RECORDED_TARGETS, LanguageModelData
 from lmlab.errors import CheckpointError, ConfigError, printable
 
@@ -69,3 +73,20 @@ def dataset_from_record(record: Any, checkpoint: str) -> LanguageModelData:
     if "cache" in inspect.signature(cls).parameters:
         node.merge_with({"cache": False})
     return build_dataset(node)
+
+
+class SplitStreams:
+    """``streams(split, bptt=None)``: a split of ``data`` encoded with ``vocab`` (a checkpoint's words, which
+    need not be the ones ``data`` counted) as evaluation windows on ``device``; what every caller that scores a
+    checkpoint hands its methods (:class:`lmlab.evaluation.methods.EvaluationInputs`). ``reading_s`` adds up
+    the seconds spent reading and encoding text, which are not part of a method's speed."""
+
+    def __init__(self, data: LanguageModelData, vocab: Vocabulary, device: torch.device) -> None:
+        self.data, self.vocab, self.device = data, vocab, device
+        self.reading_s = 0.0
+
+    def __call__(self, split: str, bptt: int | None = None) -> TokenStream:
+        started = time.perf_counter()
+        windows = self.data.eval_stream(encode_file(self.data.files[split], self.vocab), bptt).to(self.device)
+        self.reading_s += time.perf_counter() - started
+        return windows

@@ -1,6 +1,5 @@
-"""Using a trained model: evaluation methods (static, n-gram mixture, neural cache, dynamic evaluation; a registry) and
-text generation."""
+"""Using a trained model: the evaluation methods' contract and registry (:mod:`~lmlab.evaluation.methods`),
+one module per method, text generation (:mod:`~lmlab.evaluation.sampling`) and the sweep's ensemble."""
 
-# Importing the package registers every built-in method: methods.py's own, then the ensemble's (which builds
-# on methods.py, so it cannot be imported from there).
-from lmlab.evaluation import ensemble, methods  # noqa: E402, F401
+# Importing the package registers every built-in method (each module registers its own).
+from lmlab.evaluation import cache, dynamic, ensemble, ngram, static  # noqa: F401

@@ -25,9 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lmlab.data.batching import TokenStream
-from lmlab.data.corpus import encode_file
-from lmlab.data.rebuild import dataset_from_record
+from lmlab.data.rebuild import SplitStreams, dataset_from_record
 from lmlab.errors import LmlabError
 from lmlab.evaluation.ensemble import load_members, score_ensemble
 from lmlab.metrics import perplexity
@@ -48,10 +46,7 @@ def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = Tr
     data = dataset_from_record(config.get("dataset") if isinstance(config, dict) else None, checkpoints[0])
     others, dtypes = load_members(checkpoints[1:], vocab, device)
     models, dtypes = [first, *others], [recorded_precision(config, device), *dtypes]
-
-    def stream(name: str, bptt: int | None = None) -> TokenStream:
-        return data.eval_stream(encode_file(data.files[name], vocab), bptt).to(device)
-
+    stream = SplitStreams(data, vocab, device)
     loss, _, settings = score_ensemble(models, stream, split, search, names=[str(f) for f in folders], dtypes=dtypes)
     return {
         "status": "completed",
