@@ -186,7 +186,8 @@ def test_bench_runs_a_fresh_trainer_with_checkpoint_options(corpus_dir, tmp_path
 def test_transformer_reports_its_flops_in_the_bench(corpus_dir, tmp_path):
     out = tmp_path / "bench"
     proc = _cli(
-        "lmlab.bench", *(o for o in TINY if not o.startswith("model.")), "model=transformer", "model.d_model=32",
+        "lmlab.bench", *(o for o in TINY if not o.startswith("model.")), "model=transformer", "optimizer=sgd",
+        "model.d_model=32",
         "model.num_heads=2", "model.num_layers=1", "model.context=8", f"dataset.path={corpus_dir}",
         "bench.steps=2", "bench.warmup=1", "bench.matmul_size=128", f"hydra.run.dir={out}",
     )  # fmt: skip

@@ -41,6 +41,7 @@ RNN = [*TINY, "trainer.epochs=1", "trainer.limit_train_batches=3"]
 TRANSFORMER = [
     *(o for o in RNN if not o.startswith("model.")),
     "model=transformer",
+    "optimizer=sgd",  # TINY's optimizer.lr=5 is an SGD rate (a Transformer option brings AdamW otherwise)
     "model.d_model=32",
     "model.num_heads=2",
     "model.num_layers=1",

@@ -46,7 +46,9 @@ def members(tmp_path_factory):
     from lmlab.job import train_and_report
 
     GlobalHydra.instance().clear()
-    extra = ["model=transformer", "model.d_model=32", "model.num_heads=2", "model.num_layers=1", "model.context=8"]
+    # optimizer=sgd: TINY's optimizer.lr=5 is an SGD rate (a Transformer option brings AdamW otherwise)
+    extra = ["model=transformer", "optimizer=sgd", "model.d_model=32", "model.num_heads=2", "model.num_layers=1"]
+    extra.append("model.context=8")
     transformer_overrides = [o for o in overrides if not o.startswith(("model.embed_dim", "model.hidden_dim"))]
     transformer_overrides = [*transformer_overrides, *extra, f"dataset.path={corpus}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

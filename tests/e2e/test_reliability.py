@@ -47,7 +47,8 @@ RESUMED_MODELS = {
     "lstm": [*TINY, "model=lstm"],
     "pointer_lstm": [*TINY, "model=pointer_lstm"],
     "pointer_transformer": [
-        *(o for o in TINY if not o.startswith("model.")), "model=pointer_transformer", "model.d_model=16",
+        *(o for o in TINY if not o.startswith("model.")), "model=pointer_transformer", "optimizer=sgd",
+        "model.d_model=16",
         "model.num_heads=2", "model.num_layers=1", "model.context=12", "model.pointer_window=20",
     ],
 }  # fmt: skip
