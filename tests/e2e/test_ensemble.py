@@ -3,6 +3,7 @@ model, ``lmlab.evaluate method=ensemble`` and ``+sweep=cpu_ensemble`` report the
 refused in one line."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +67,11 @@ def _evaluate(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_model_with_itself_is_the_model(members, tmp_path):
+    """Mixed with a copy of itself (the same file is refused as a member), a model scores as it does alone."""
     (lstm, _), (results, _), _ = members
-    proc = _evaluate(f"checkpoint={lstm}", f"ensemble.members=[{lstm}]", f"output={tmp_path / 'e.json'}")
+    copy = tmp_path / "copy.pt"
+    shutil.copy(lstm, copy)
+    proc = _evaluate(f"checkpoint={lstm}", f"ensemble.members=[{copy}]", f"output={tmp_path / 'e.json'}")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["loss"] == pytest.approx(results["test_loss"], rel=1e-5)  # the same targets, token for token
