@@ -35,6 +35,10 @@ PositiveFloat = Annotated[float, Rule(lambda v: v > 0, "a number > 0")]
 NonNegativeFloat = Annotated[float, Rule(lambda v: v >= 0, "a number >= 0")]
 Probability = Annotated[float, Rule(lambda v: 0 <= v < 1, "a number in [0, 1)")]
 UnitInterval = Annotated[float, Rule(lambda v: 0 <= v <= 1, "a number in [0, 1]")]
+# Positions a model keeps in its state per column (a pointer's window, a KV cache): the state is this many
+# feature vectors per column, allocated at the first window, so a size a file states is bounded before then.
+MAX_LOOK_BACK = 10_000
+LookBack = Annotated[int, Rule(lambda v: 0 < v <= MAX_LOOK_BACK, f"a positive integer up to {MAX_LOOK_BACK:,}")]
 # seed + process rank seeds numpy, which takes 32 bits
 Seed = Annotated[int, Rule(lambda v: 0 <= v <= 2**32 - 2**16, "an integer from 0 to 4294901760")]
 IncreasingInts = Annotated[

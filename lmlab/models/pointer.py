@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from lmlab.config.schema import PositiveInt
+from lmlab.config.schema import LookBack
 from lmlab.models.base import LanguageModel, State, register_model
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.models.transformer import TransformerLanguageModel
@@ -49,7 +49,7 @@ class PointerSentinel(LanguageModel):
     mixin hands them with the pointer's parts split off. State: (the body's state, the last L context
     vectors (L, B, D), the input words at those positions (L, B); -1 where the column has no word yet)."""
 
-    def __init__(self, vocab_size: int, pointer_window: PositiveInt = 100, **body_arguments) -> None:
+    def __init__(self, vocab_size: int, pointer_window: LookBack = 100, **body_arguments) -> None:
         super().__init__(vocab_size, **body_arguments)
         self.window, self.dim = pointer_window, self.context_dim
         self.query = nn.Linear(self.dim, self.dim)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config.schema import IncreasingInts, PositiveInt, Probability
+from lmlab.config.schema import IncreasingInts, LookBack, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
 from lmlab.models.base import LanguageModel, drop_words, dropout, register_model
@@ -54,7 +54,7 @@ class TransformerLanguageModel(LanguageModel):
         num_layers: PositiveInt = 4,
         ff_dim: PositiveInt | None = None,
         dropout: Probability = 0.1,
-        context: PositiveInt = 128,
+        context: LookBack = 128,
         rope_base: PositiveInt = 10000,
         dropout_input: Probability | None = None,
         dropout_attention: Probability | None = None,

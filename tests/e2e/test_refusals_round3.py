@@ -66,3 +66,37 @@ def test_an_ensemble_names_each_member_once_and_never_the_evaluated_checkpoint(t
     assert on_valid.returncode == 2 and "cannot also score it" in on_valid.stderr
     for done in (twice, itself, on_valid):
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def pointer_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pointer")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab.config import CONF_DIR
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(folder / "corpus")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=[*TINY, "model=pointer_lstm", f"dataset.path={corpus}", "trainer.epochs=1"])
+    GlobalHydra.instance().clear()
+    train_and_report(cfg, folder / "run")
+    return folder / "run" / "checkpoints" / "best.pt"
+
+
+@pytest.mark.parametrize("window", [10**12, 10**8])
+def test_a_checkpoint_that_states_an_absurd_window_is_refused_before_any_allocation(
+    pointer_checkpoint, tmp_path, window
+):
+    import torch
+
+    state = torch.load(pointer_checkpoint, weights_only=True)
+    state["model"]["arguments"]["pointer_window"] = window
+    crafted = tmp_path / "crafted.pt"
+    torch.save(state, crafted)
+    for module, args in (("lmlab.generate", ["num_words=3"]), ("lmlab.evaluate", [])):
+        done = cli(module, f"checkpoint={crafted}", "device=cpu", *args)
+        assert done.returncode == 4, done.stderr
+        assert "pointer_window" in done.stderr and "up to 10,000" in done.stderr and "Traceback" not in done.stderr
