@@ -181,8 +181,8 @@ def build_schedule(node: DictConfig | None, optimizer: torch.optim.Optimizer) ->
     if not node:
         return None
     settings = OmegaConf.to_container(node, resolve=True)
-    interval = settings.pop("interval", "epoch")
-    return Schedule(build(settings)(optimizer), interval)
+    interval, warmup_steps = settings.pop("interval", "epoch"), settings.pop("warmup_steps", 0)
+    return Schedule(build(settings)(optimizer), interval, warmup_steps)
 
 
 def build_logger(

@@ -95,8 +95,9 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
         )
     if cfg.get("scheduler"):
         node = _plain(cfg.scheduler)
-        check_arguments(Schedule, {"interval": node.get("interval", "epoch")}, "scheduler")
-        check_arguments(get_object(node["_target_"]), {k: v for k, v in node.items() if k != "interval"}, "scheduler")
+        own = {key: node[key] for key in ("interval", "warmup_steps") if key in node}  # the Schedule's, not torch's
+        check_arguments(Schedule, own, "scheduler")
+        check_arguments(get_object(node["_target_"]), {k: v for k, v in node.items() if k not in own}, "scheduler")
     if cfg.get("model") is not None:
         arguments = model_arguments(cfg.model)
         check_model_arguments(cfg.model.get("name"), arguments)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from lmlab.config.schema import NonNegativeInt
 from lmlab.training.hooks.weight_averaging import swap
 
 
@@ -150,10 +151,19 @@ class Schedule:
     """An LR scheduler plus when it steps, so the loop never asks what kind of scheduler it has.
 
     ``interval``: ``step`` (after every optimizer step), ``epoch`` (after every epoch) or ``val``
-    (after every epoch with the validation loss, as ``ReduceLROnPlateau`` wants)."""
+    (after every epoch with the validation loss, as ``ReduceLROnPlateau`` wants). ``warmup_steps``: the
+    first optimizer steps take a share of the LR that grows linearly to all of it (step k of N: k/N), on top
+    of whatever the scheduler set; a pure function of the run's step count, so a resumed run picks it up
+    where it was. High SGD rates need it: a model's first steps are its largest (experiments/defaults.md)."""
 
-    def __init__(self, scheduler: Any, interval: Literal["step", "epoch", "val"] = "epoch") -> None:
-        self.scheduler, self.interval = scheduler, interval
+    def __init__(
+        self, scheduler: Any, interval: Literal["step", "epoch", "val"] = "epoch", warmup_steps: NonNegativeInt = 0
+    ) -> None:
+        self.scheduler, self.interval, self.warmup_steps = scheduler, interval, warmup_steps
+
+    def lr_factor(self, global_step: int) -> float:
+        """The share of the LR the optimizer step after ``global_step`` steps takes."""
+        return min(1.0, (global_step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
 
     def after_step(self) -> None:
         if self.interval == "step":

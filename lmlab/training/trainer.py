@@ -182,7 +182,8 @@ class Trainer:
                 continue  # resumed mid-epoch: these steps are already in the checkpoint
             loss, carry, pending = self._step.forward(window.inputs, window.targets, carry)
             if all(hook.before_backward(ctx, loss) for hook in hooks):
-                self._step.update(pending, window.lr_scale)
+                warmup = ctx.schedule.lr_factor(state.global_step) if ctx.schedule is not None else 1.0
+                self._step.update(pending, window.lr_scale * warmup)
                 if ctx.schedule is not None:
                     ctx.schedule.after_step()
                 with torch.no_grad():

@@ -14,7 +14,9 @@ import torch
 from lmlab.compare import main as compare_main
 from lmlab.errors import ConfigError
 from lmlab.evaluation.methods import METHODS, register_method
+from lmlab.factory import build_training_objects, checkpoint_meta
 from lmlab.job import train_and_report
+from lmlab.loggers import Logger
 from lmlab.runtime.run_table import NOT_LEARNED
 from tests.conftest import TINY, train_tiny_run
 
@@ -37,9 +39,11 @@ def test_a_transformer_option_brings_adamw_with_warmup(model, compose_cfg):
 
 
 @pytest.mark.parametrize("model", RNNS)
-def test_a_recurrent_option_keeps_sgd(model, compose_cfg):
+def test_a_recurrent_option_gets_sgd_with_a_warm_up(model, compose_cfg):
     cfg = compose_cfg([f"model={model}"])
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.hooks.lr_schedule is None
+    assert cfg.optimizer.lr == (5 if model == "gru" else 20)  # a GRU's gates saturate at 20
+    assert cfg.scheduler.warmup_steps == 50 and cfg.scheduler._target_.endswith("ReduceLROnPlateau")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "nt_asgd"])
@@ -55,6 +59,22 @@ def test_a_recipe_keeps_its_own_optimizer(compose_cfg):
     cfg = compose_cfg(["+experiment=cpu_transformer"])
     assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.weight_decay == 0.1
     assert cfg.hooks.lr_schedule.decay_start == 0.5 and cfg.hooks.lr_schedule.warmup_steps == 100
+
+
+def test_the_first_sgd_steps_take_a_share_of_the_lr(corpus_dir, tmp_path, compose_cfg):
+    """Through the real loop: with scheduler.warmup_steps=4, step k of the first four moves the weights by
+    k/4 of what a step at the full LR would (one step of plain SGD without clipping or momentum)."""
+    moves = []
+    for warmup in (0, 4):
+        one_step = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.clip_grad_norm=null"]
+        cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", *one_step, f"scheduler.warmup_steps={warmup}"])
+        objects = build_training_objects(cfg)
+        before = [p.detach().clone() for p in objects.model.parameters()]
+        meta = checkpoint_meta(cfg, objects.data.vocab.words)
+        objects.trainer.fit(objects.model, objects.data, objects.optimizer, objects.schedule, objects.device,
+                            tmp_path / str(warmup), Logger(), meta)  # fmt: skip
+        moves.append(sum((p.detach() - b).abs().sum().item() for p, b in zip(objects.model.parameters(), before, strict=True)))
+    assert moves[1] == pytest.approx(moves[0] / 4, rel=1e-4)
 
 
 # ------------------------------------------------------------------------- a run that learned nothing

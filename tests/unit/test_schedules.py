@@ -84,3 +84,10 @@ def test_a_plateau_scheduler_beside_the_lr_schedule_is_refused_in_one_line(compo
     with pytest.raises(ConfigError, match="scheduler=null"):
         validate_config(cfg, "run")
     validate_config(compose_cfg(["hooks=warmup_decay", "hooks.time_budget.max_time_s=60", "scheduler=null"]), "run")
+
+
+def test_a_schedules_warm_up_ramps_the_lr_over_its_first_steps():
+    from lmlab.training.optim import Schedule
+
+    assert [Schedule(None, "val", warmup_steps=4).lr_factor(k) for k in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    assert Schedule(None, "val").lr_factor(0) == 1.0
