@@ -73,7 +73,9 @@ def test_the_first_sgd_steps_take_a_share_of_the_lr(corpus_dir, tmp_path, compos
         meta = checkpoint_meta(cfg, objects.data.vocab.words)
         objects.trainer.fit(objects.model, objects.data, objects.optimizer, objects.schedule, objects.device,
                             tmp_path / str(warmup), Logger(), meta)  # fmt: skip
-        moves.append(sum((p.detach() - b).abs().sum().item() for p, b in zip(objects.model.parameters(), before, strict=True)))
+        moves.append(
+            sum((p.detach() - b).abs().sum().item() for p, b in zip(objects.model.parameters(), before, strict=True))
+        )
     assert moves[1] == pytest.approx(moves[0] / 4, rel=1e-4)
 
 
