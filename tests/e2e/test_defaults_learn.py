@@ -1,13 +1,12 @@
 """Every option of ``conf/model/`` learns with the defaults it gets: its real default sizes, the optimizer and
 schedule its config brings, the default batch (20 × 35 words), on real text (wt2-small), for three seeds.
 
-The bound: after a few steps (10 for the recurrent options, whose SGD at lr 20 moves fast; 40 for the
-Transformers, whose AdamW moves each weight by about its LR per step and warms up over 100 steps) the
-validation loss is at least one nat below ln V, the loss of a uniform guess
-over the V-word vocabulary (a perplexity under V / e). A model whose gradients are wrong or whose learning
-rate is far too high ends above ln V (it diverges to perplexities of 1e5 to 1e13); one that learns has
-already taken in the words' frequencies by then, which alone is worth about 2.7 nats on this text.
-The figures this bound was chosen from: experiments/defaults.md.
+The bound: after a few steps (10 for the recurrent options, 20 for the Transformers, whose AdamW moves each
+weight by about its LR per step), with the LR still warming up, the validation loss is at least half a nat
+below ln V, the loss of a uniform guess over the V-word vocabulary (a perplexity under V / 1.65). A model
+whose gradients are wrong or whose learning rate is far too high ends above ln V (it diverges to perplexities
+of 1e5 to 1e13); one that learns is on its way to the words' frequencies, which alone are worth about 2.7
+nats on this text. The figures this bound was chosen from: experiments/defaults.md.
 """
 
 from __future__ import annotations
@@ -46,8 +45,8 @@ def _best_val_loss(overrides: list[str], out: Path) -> tuple[float, int]:
 def test_every_model_option_learns_with_its_defaults(model, seed, shared_data, tmp_path):
     overrides = [
         f"model={model}", f"seed={seed}", "dataset=text_dir", f"dataset.path={shared_data / 'wt2-small'}",
-        "device=cpu", "trainer.epochs=1", f"trainer.limit_train_batches={40 if 'transformer' in model else 10}",
+        "device=cpu", "trainer.epochs=1", f"trainer.limit_train_batches={20 if 'transformer' in model else 10}",
         f"trainer.limit_eval_batches={EVAL_BATCHES}", "hooks.progress.bar=false",
     ]  # fmt: skip
     loss, vocab = _best_val_loss(overrides, tmp_path)
-    assert loss < math.log(vocab) - 1.0, f"model={model} seed={seed}: val loss {loss:.3f}, ln V {math.log(vocab):.3f}"
+    assert loss < math.log(vocab) - 0.5, f"model={model} seed={seed}: val loss {loss:.3f}, ln V {math.log(vocab):.3f}"
