@@ -23,7 +23,13 @@ from omegaconf import DictConfig, open_dict
 
 from lmlab.config import CONF_DIR, moved_key
 from lmlab.errors import ConfigError
-from lmlab.runtime.job_records import finished_results, run_with_summary, task_wrapper, write_run_record
+from lmlab.runtime.job_records import (
+    finished_results,
+    overrides_differ,
+    run_with_summary,
+    task_wrapper,
+    write_run_record,
+)
 from lmlab.runtime.launch import launched_processes, process_rank, under_torchrun
 from lmlab.runtime.signals import TrainingInterrupted
 
@@ -55,6 +61,12 @@ def hydra_task(cfg: DictConfig) -> float:
     if multirun and where.world_size == 1:
         place_on_a_gpu(cfg, hydra_cfg.job.num, prefix)
     finished = finished_results(out_dir) if multirun else None
+    changed = overrides_differ(out_dir, list(hydra_cfg.overrides.task)) if finished is not None else None
+    if changed:  # the folder's figures are another config's: neither reused nor written over
+        raise ConfigError(
+            f"{out_dir} holds a finished job with other overrides ({changed}); resume a sweep with the overrides "
+            "it was started with, or give this one a new hydra.sweep.dir"
+        )
     if finished is not None:  # a resumed sweep: this job ended before; its folder and figures stay as they are
         print(f"{prefix}finished before, kept as it was: {out_dir}", flush=True)
         return finished["best_val_ppl"]

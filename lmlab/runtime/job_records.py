@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.errors import DiskFull, LmlabError, RunFolderBusy
+from lmlab.errors import DiskFull, LmlabError, RunFolderBusy, printable
 from lmlab.runtime.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
 from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
 from lmlab.runtime.run_table import ENSEMBLE_FILE, find_runs, render, rows
@@ -158,6 +159,23 @@ def finished_results(out_dir: Path) -> dict[str, Any] | None:
         return None
     done = isinstance(results, dict) and results.get("status") == "completed"
     return results if done and isinstance(results.get("best_val_ppl"), (int, float)) else None
+
+
+def overrides_differ(out_dir: Path, overrides: list[str]) -> str | None:
+    """How the overrides a finished job in ``out_dir`` recorded differ from ``overrides`` (a resumed sweep's
+    job now), in a few words; None when they are the same (in any order)."""
+    try:
+        recorded = yaml.safe_load((Path(out_dir) / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if not isinstance(recorded, list):
+        return "its record of them (.hydra/overrides.yaml) cannot be read"
+    before, now = {str(o) for o in recorded}, {str(o) for o in overrides}
+    if before == now:
+        return None
+    gone, new = sorted(before - now), sorted(now - before)
+    parts = ([f"it ran with {' '.join(gone)}"] if gone else []) + ([f"now {' '.join(new)}"] if new else [])
+    return printable("; ".join(parts), 300)
 
 
 # ------------------------------------------------------------------------------------ sweep summary

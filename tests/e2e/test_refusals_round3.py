@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from lmlab.errors import ConfigError
 from lmlab.job import train_and_report
 from lmlab.models import model_class
-from tests.conftest import TINY, train_tiny_run
+from tests.conftest import TINY, USER_DIR, train_tiny_run
 from tests.e2e.test_run import cli
 
 
@@ -100,3 +102,27 @@ def test_a_checkpoint_that_states_an_absurd_window_is_refused_before_any_allocat
         done = cli(module, f"checkpoint={crafted}", "device=cpu", *args)
         assert done.returncode == 4, done.stderr
         assert "pointer_window" in done.stderr and "up to 10,000" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_resumed_sweep_never_reuses_a_job_finished_with_other_overrides(corpus_dir, tmp_path):
+    from tests.e2e.test_sweeps import SWEEP, job_dirs
+
+    sweep = tmp_path / "sweep"
+
+    def sweep_run(*extra: str) -> subprocess.CompletedProcess:
+        args = [*SWEEP, f"dataset.path={corpus_dir}", "trainer.epochs=1", "model.hidden_dim=16,24", *extra]
+        return subprocess.run(
+            [sys.executable, "-m", "lmlab.run", "-m", *args, f"hydra.sweep.dir={sweep}"],
+            cwd=USER_DIR, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    first = sweep_run("++model.embed_dim=16")
+    assert first.returncode == 0, first.stderr[-2000:]
+    jobs = job_dirs(sweep)  # named by the swept key alone: a resumed sweep finds them again
+    results = [(job / "results.json").read_text() for job in jobs]
+    again = sweep_run()  # the same job folders, without ++model.embed_dim=16
+    assert again.returncode == 1
+    assert "holds a finished job with other overrides (it ran with ++model.embed_dim=16)" in again.stderr
+    assert [(job / "results.json").read_text() for job in jobs] == results  # the figures stay as they were
+    same = sweep_run("++model.embed_dim=16")
+    assert same.returncode == 0 and "finished before, kept as it was" in same.stdout
