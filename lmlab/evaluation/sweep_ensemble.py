@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.data.rebuild import SplitStreams, dataset_from_record
 from lmlab.errors import LmlabError
@@ -35,9 +35,11 @@ from lmlab.runtime.run_table import ENSEMBLE_FILE, find_runs
 from lmlab.training.checkpoint_format import model_from_checkpoint
 
 
-def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = True) -> dict[str, Any]:
-    """Score the best checkpoints of the runs in ``folders`` as one mixture on ``split``; the record that
-    goes to ``ensemble.json``."""
+def ensemble_of_runs(
+    folders: list[Path], split: str = "test", search: bool = True, limit: int | None = None
+) -> dict[str, Any]:
+    """Score the best checkpoints of the runs in ``folders`` as one mixture on ``split`` (at most ``limit``
+    windows of each split, as the jobs' ``trainer.limit_eval_batches``); the record for ``ensemble.json``."""
     started = time.perf_counter()
     checkpoints = [str(folder / "checkpoints" / "best.pt") for folder in folders]
     device = select_device("auto", cpu_heap=None)  # as lmlab.evaluate's device=auto picks it; the heap left as is
@@ -47,7 +49,8 @@ def ensemble_of_runs(folders: list[Path], split: str = "test", search: bool = Tr
     others, dtypes = load_members(checkpoints[1:], vocab, device)
     models, dtypes = [first, *others], [recorded_precision(config, device), *dtypes]
     stream = SplitStreams(data, vocab, device)
-    loss, _, settings = score_ensemble(models, stream, split, search, names=[str(f) for f in folders], dtypes=dtypes)
+    names = [str(f) for f in folders]
+    loss, _, settings = score_ensemble(models, stream, split, search, limit, names=names, dtypes=dtypes)
     return {
         "status": "completed",
         "split": split,
@@ -70,12 +73,23 @@ class EnsembleOfSweep(Callback):
         Path(config.hydra.sweep.dir, ENSEMBLE_FILE).unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Every way out writes ``ensemble.json``: the figures, or ``status: failed`` and why (the summary then
+        exits 1); Hydra would turn an exception raised here into a warning and exit 0."""
         sweep_dir = Path(config.hydra.sweep.dir)
         finished = [run.folder for run in find_runs([sweep_dir]) if not run.failed]
+        limit = OmegaConf.select(config, "trainer.limit_eval_batches")
+        interrupted = False
         try:
             if len(finished) < 2:
                 raise LmlabError(f"an ensemble needs two finished jobs; this sweep has {len(finished)}")
-            record = ensemble_of_runs(sorted(finished), self.split, self.search)
+            record = ensemble_of_runs(sorted(finished), self.split, self.search, limit)
         except LmlabError as err:
             record = {"status": "failed", "error": str(err)}
+        except KeyboardInterrupt:
+            interrupted = True
+            record = {"status": "failed", "error": "interrupted while scoring; resume the sweep to score it again"}
+        except Exception as err:  # noqa: BLE001 - a crash is a failed ensemble, not a warning
+            record = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
         atomic_write_text(sweep_dir / ENSEMBLE_FILE, json.dumps(record, indent=2) + "\n")
+        if interrupted:
+            raise SystemExit(130)  # the sweep's summary follows, with the command that resumes it

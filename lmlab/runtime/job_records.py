@@ -182,6 +182,7 @@ def overrides_differ(out_dir: Path, overrides: list[str]) -> str | None:
 SWEEP_FUNCTIONS = {"range", "choice", "interval", "glob", "tag"}  # Hydra's sweep override functions
 _sweep_dir: Path | None = None
 _sweep_overrides: list[str] = []
+_ensemble_asked = False
 
 
 class JobRecorder(Callback):
@@ -195,8 +196,13 @@ class JobRecorder(Callback):
         _folder_before = _FolderBefore.look(Path(config.hydra.run.dir).resolve())  # ${now:} is cached: the same folder
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir, _sweep_overrides
+        global _sweep_dir, _sweep_overrides, _ensemble_asked
         _sweep_dir, _sweep_overrides = Path(config.hydra.sweep.dir), list(config.hydra.overrides.task)
+        callbacks = OmegaConf.to_container(config.hydra.callbacks) if config.hydra.get("callbacks") else {}
+        _ensemble_asked = any(  # a sweep folder's ensemble.json is read only where this sweep made one
+            isinstance(node, dict) and str(node.get("_target_", "")).endswith(".EnsembleOfSweep")
+            for node in callbacks.values()
+        )
         # presets and Optuna's search space; a group added per job (+experiment) is keyed without its +
         swept = {key.lstrip("+~") for key in (config.hydra.sweeper.get("params") or {})}
         for override in config.hydra.overrides.task:
@@ -243,7 +249,7 @@ def summarize_sweep(sweep_dir: Path) -> int:
         print(f"best job: {best.folder} (val ppl {best.results['best_val_ppl']:.2f})", flush=True)
     for run in failed:
         print(f"failed job: {run.folder}: {run.results.get('error', '?')}", file=sys.stderr, flush=True)
-    return len(failed) + _print_ensemble(sweep_dir / ENSEMBLE_FILE)
+    return len(failed) + (_print_ensemble(sweep_dir / ENSEMBLE_FILE) if _ensemble_asked else 0)
 
 
 def _print_ensemble(path: Path) -> int:
@@ -251,14 +257,15 @@ def _print_ensemble(path: Path) -> int:
     try:
         record = json.loads(path.read_text())
         if record.get("status") != "completed":
-            print(f"ensemble failed: {record.get('error', '?')}", file=sys.stderr, flush=True)
+            print(f"ensemble failed: {printable(record.get('error', '?'), 500)}", file=sys.stderr, flush=True)
             return 1
         weights, alone = (", ".join(f"{x:.2f}" for x in record[key]) for key in ("weights", "member_ppl"))
-        line = f"ensemble of {len(record['members'])} jobs: {record['split']} ppl {record['ppl']:.2f}"
+        line = f"ensemble of {len(record['members'])} jobs: {printable(record['split'], 20)} ppl {record['ppl']:.2f}"
     except FileNotFoundError:
         return 0
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # a damaged file: say so, go on
-        print(f"ensemble failed: {path} cannot be read ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:  # damaged: say so
+        reason = printable(f"{type(err).__name__}: {err}", 200)
+        print(f"ensemble failed: {path} cannot be read ({reason})", file=sys.stderr, flush=True)
         return 1
     print(f"{line} (weights {weights}; alone {alone}): {path}", flush=True)
     return 0

@@ -148,12 +148,43 @@ def test_the_cpu_ensemble_sweep_scores_its_jobs_together(tmp_path, corpus_dir):
         ('{"status": "completed", "ppl": 3.0}', "ensemble failed: "),  # fields missing
         ('{"status": "compl', "ensemble failed: "),  # truncated
         ("[1, 2]", "ensemble failed: "),  # not a record
+        ("[" * 100_000 + "]" * 100_000, "ensemble failed: "),  # nested past Python's recursion limit
+        ('{"status": "failed", "error": "\\u001b[2Jwiped"}', "ensemble failed: \\x1b[2Jwiped"),  # escaped
     ],
 )  # fmt: skip
-def test_a_failed_or_damaged_ensemble_record_is_one_line_and_counts_as_a_failure(content, line, tmp_path, capsys):
-    from lmlab.runtime.job_records import summarize_sweep
+def test_a_failed_or_damaged_ensemble_record_is_one_line_and_counts_as_a_failure(
+    content, line, tmp_path, capsys, monkeypatch
+):
+    from lmlab.runtime import job_records
 
+    monkeypatch.setattr(job_records, "_ensemble_asked", True)  # the sweep named the ensemble callback
     (tmp_path / "ensemble.json").write_text(content)
-    assert summarize_sweep(tmp_path) == 1
+    assert job_records.summarize_sweep(tmp_path) == 1
     err = capsys.readouterr().err
-    assert err.startswith(line) and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(line) and len(err.splitlines()) == 1 and "Traceback" not in err and "\x1b" not in err
+
+
+def test_a_sweep_that_asked_for_no_ensemble_never_reads_one(tmp_path, capsys, monkeypatch):
+    from lmlab.runtime import job_records
+
+    monkeypatch.setattr(job_records, "_ensemble_asked", False)
+    (tmp_path / "ensemble.json").write_text("{damaged")  # left by an earlier sweep in this folder
+    assert job_records.summarize_sweep(tmp_path) == 0
+    assert "ensemble" not in capsys.readouterr().err
+
+
+def test_a_crash_while_scoring_is_a_failed_ensemble_not_a_warning(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lmlab.evaluation import sweep_ensemble
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sweep_ensemble, "ensemble_of_runs", crash)
+    finished = [type("Run", (), {"folder": tmp_path / name, "failed": False})() for name in "ab"]
+    monkeypatch.setattr(sweep_ensemble, "find_runs", lambda paths: finished)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "trainer": {"limit_eval_batches": 2}})
+    sweep_ensemble.EnsembleOfSweep().on_multirun_end(config)
+    record = json.loads((tmp_path / "ensemble.json").read_text())
+    assert record == {"status": "failed", "error": "RuntimeError: out of memory"}
