@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,11 +118,9 @@ def check_members(vocab: Vocabulary, members: list[str], **_: Any) -> None:
     if not members:
         raise ConfigError("method=ensemble needs other models: ensemble.members=[PATH,...] (their best.pt files)")
     for k, path in enumerate(members):
-        if not Path(path).is_file():
-            raise ConfigError(f"ensemble.members: no checkpoint at {path}; name the best.pt of each member run")
+        member_vocab = load_checkpoint(path)["vocab"]  # a file that is no checkpoint: the same line as checkpoint=
         if any(os.path.samefile(path, earlier) for earlier in members[:k]):
             raise ConfigError(f"ensemble.members names {path} twice; name each member once")
-        member_vocab = load_checkpoint(path)["vocab"]
         if member_vocab != vocab.words:
             raise ConfigError(
                 f"ensemble member {path} has another vocabulary ({len(member_vocab)} words, the model being "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config.schema import PositiveInt
-from lmlab.errors import ConfigError
+from lmlab.errors import CheckpointError, ConfigError, printable
 from lmlab.loggers.base import Logger, close_quietly, epoch_figures, register_logger
 
 
@@ -81,7 +81,12 @@ class TensorBoardLogger(Logger):
 
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
         step = state.get("step") if isinstance(state, dict) else None
-        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        if step is not None and not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**62):
+            raise CheckpointError(
+                f"the checkpoint's TensorBoard step ({printable(step, 40)}) is not a step count: its logger record "
+                "is damaged; resume from another checkpoint, or without logger=tensorboard"
+            )
+        if step is not None:
             self.step, self.purge_step = step, step + 1  # events past the checkpoint are dropped
 
     def state(self) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         _upgrade_version_1(state)
         version = state.get("version")
     if type(version) is not int or version != VERSION:
-        shown = version if type(version) is int else f"{printable(version)} (not a number)"
+        shown = version if type(version) is int else f"{printable(repr(version))} (not a number)"
         raise CheckpointError(f"{path} has checkpoint version {shown}; this lmlab reads {VERSION}")
     model = state.get("model")
     if not (isinstance(model, dict) and isinstance(model.get("arguments"), dict) and len(model) == 2):
@@ -128,6 +128,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     vocab = state.get("vocab")
     if not (isinstance(vocab, list) and len(vocab) >= 2 and all(isinstance(w, str) for w in vocab)):
         raise damaged(path, "vocab", "is not a list of words")
+    if len(set(vocab)) != len(vocab):
+        raise damaged(path, "vocab", "names a word twice")
     weights = state.get("model_state")
     if not (isinstance(weights, dict) and weights and all(isinstance(t, torch.Tensor) for t in weights.values())):
         raise damaged(path, "model_state", "is not a dict of tensors")
@@ -154,6 +156,9 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module, weights: dict[
     expected = model.state_dict()
     shaped = [k for k in expected if not k.endswith(EXTRA_STATE)]  # a module's extra state: its own to check
     wrong = sorted(set(expected) ^ set(weights)) or [k for k in shaped if expected[k].shape != weights[k].shape]
+    kinds = [k for k in shaped if not wrong and expected[k].is_floating_point() != weights[k].is_floating_point()]
+    if kinds:  # integer weights would be cast and used, giving figures that mean nothing
+        raise damaged(path, f"model_state.{printable(kinds[0], 80)}", "holds integers where the model has real numbers")
     if wrong:
         raise CheckpointError(
             f"{path} does not fit its model: the weights of {printable(', '.join(wrong[:3]))} are missing, extra "

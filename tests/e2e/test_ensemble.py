@@ -3,6 +3,7 @@ model, ``lmlab.evaluate method=ensemble`` and ``+sweep=cpu_ensemble`` report the
 refused in one line."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -95,13 +96,18 @@ def test_two_kinds_of_model_mix_at_least_as_well_as_either_on_validation(members
 
 def test_bad_members_are_refused_in_one_line(members, tmp_path):
     (lstm, _), _, _ = members
-    cases = [
-        ([], "method=ensemble needs other models: ensemble.members=[PATH,...]"),
-        ([f"ensemble.members=[{tmp_path / 'missing.pt'}]"], f"ensemble.members: no checkpoint at {tmp_path}"),
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = [  # a file that is no checkpoint: the line (and exit 4) checkpoint= gives it
+        ([], "method=ensemble needs other models: ensemble.members=[PATH,...]", 2),
+        ([f"ensemble.members=[{tmp_path / 'missing.pt'}]"], f"checkpoint not found: {tmp_path / 'missing.pt'}", 4),
+        ([f"ensemble.members=[{tmp_path}]"], f"checkpoint not found: {tmp_path}", 4),
+        (["ensemble.members=[/dev/null]"], "checkpoint not found: /dev/null", 4),
+        ([f"ensemble.members=[{fifo}]"], f"checkpoint not found: {fifo}", 4),
     ]
-    for args, message in cases:
+    for args, message, code in cases:
         proc = _evaluate(f"checkpoint={lstm}", *args)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == code and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_a_member_with_another_vocabulary_is_refused(members, tmp_path, compose_cfg):

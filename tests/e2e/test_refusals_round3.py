@@ -126,3 +126,40 @@ def test_a_resumed_sweep_never_reuses_a_job_finished_with_other_overrides(corpus
     assert [(job / "results.json").read_text() for job in jobs] == results  # the figures stay as they were
     same = sweep_run("++model.embed_dim=16")
     assert same.returncode == 0 and "finished before, kept as it was" in same.stdout
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s["vocab"].__setitem__(3, s["vocab"][4]), "its field 'vocab' names a word twice"),
+        (lambda s: s["model_state"].__setitem__("decoder.bias", s["model_state"]["decoder.bias"].long()),
+         "its field 'model_state.decoder.bias' holds integers"),
+        (lambda s: s.__setitem__("version", "2"), "has checkpoint version '2' (not a number)"),
+    ],
+)  # fmt: skip
+def test_a_damaged_checkpoint_field_is_one_line_naming_file_and_field(trained, tmp_path, damage, message):
+    import torch
+
+    state = torch.load(trained[0] / "checkpoints" / "best.pt", weights_only=True)
+    damage(state)
+    crafted = tmp_path / "crafted.pt"
+    torch.save(state, crafted)
+    done = cli("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
+    assert done.returncode == 4 and str(crafted) in done.stderr and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_last_pt_with_an_absurd_tensorboard_step_is_one_line(corpus_dir, tmp_path):
+    import torch
+
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    args = [*TINY, f"dataset.path={corpus_dir}", "logger=tensorboard", f"hydra.run.dir={run}"]
+    first = cli("lmlab.run", *args, "trainer.epochs=1")
+    assert first.returncode == 0, first.stderr
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["logger_state"] = {key: {**(value or {}), "step": 10**30} for key, value in state["logger_state"].items()}
+    torch.save(state, last)
+    resumed = cli("lmlab.run", *args, "trainer.epochs=2")
+    assert resumed.returncode == 4 and "TensorBoard step" in resumed.stderr and "Traceback" not in resumed.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmlab.compare import main as compare_main
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, LmlabError
 from lmlab.evaluation.methods import METHODS, register_method
 from lmlab.factory import build_training_objects, checkpoint_meta
 from lmlab.job import train_and_report
@@ -116,7 +116,10 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["test_with=[ensemble]", "ensemble.members=[/nonexistent/best.pt]"], "no checkpoint at /nonexistent/best.pt"),
+        (
+            ["test_with=[ensemble]", "ensemble.members=[/nonexistent/best.pt]"],
+            "checkpoint not found: /nonexistent/best.pt",
+        ),
         (["test_with=[ensemble]"], "needs other models"),
         (["test_with=[ngram]", "ngram.order=1"], "ngram.order=1 leaves no word of history"),
         (["test_with=[ngram]", "ngram.order=100"], "ngram.order=100 is too high"),
@@ -124,7 +127,7 @@ def trained(tmp_path_factory):
 )
 def test_test_with_is_refused_before_the_first_step(overrides, message, corpus_dir, tmp_path, compose_cfg):
     cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", *overrides])
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(LmlabError, match=message.replace("[", r"\[")):
         train_and_report(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
 
