@@ -73,7 +73,9 @@ class FitContext:
 
     @property
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        """The LR of the last step: the optimizer's, times the schedule's warm-up share while that lasts."""
+        warmup = self.schedule.lr_factor(max(self.state.global_step - 1, 0)) if self.schedule is not None else 1.0
+        return float(self.optimizer.param_groups[0]["lr"]) * warmup
 
     @property
     def epochs_done(self) -> float:

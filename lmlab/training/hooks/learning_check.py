@@ -23,4 +23,5 @@ class LearningCheck(Hook):
         if metrics["epoch"] == self.after_epochs and no_better_than_uniform(metrics["val_loss"], ctx.model.vocab_size):
             epochs = "epoch" if self.after_epochs == 1 else "epochs"
             when = f"after {self.after_epochs} {epochs}"
-            metrics["warning"] = uniform_guess_warning(metrics["val_loss"], ctx.model.vocab_size, when, ctx.lr)
+            lr = float(ctx.optimizer.param_groups[0]["lr"])  # optimizer.lr as set (or as a schedule lowered it)
+            metrics["warning"] = uniform_guess_warning(metrics["val_loss"], ctx.model.vocab_size, when, lr)
