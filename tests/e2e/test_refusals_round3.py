@@ -163,3 +163,19 @@ def test_a_last_pt_with_an_absurd_tensorboard_step_is_one_line(corpus_dir, tmp_p
     torch.save(state, last)
     resumed = cli("lmlab.run", *args, "trainer.epochs=2")
     assert resumed.returncode == 4 and "TensorBoard step" in resumed.stderr and "Traceback" not in resumed.stderr
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        ["+hooks.mine._target_=builtins.print"],
+        ["model=ngram_pointer_lstm", "model.ngram_order=1"],
+        ["logger=tensorboard", "+logger.tensorboard.out_dir=elsewhere"],
+    ],
+)
+def test_a_refused_run_leaves_no_folder_and_runs_nothing(refused, corpus_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    done = cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *refused, cwd=work)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    assert list(work.iterdir()) == [] and done.stdout == ""  # no folder, and builtins.print never ran
