@@ -10,6 +10,12 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# every module of the source tree (not the __main__ ones: importing those runs them)
+SOURCE_MODULES = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in (ROOT / "lmlab").rglob("*.py")
+    if p.name != "__main__.py"
+)
 
 COMPOSE_EVERY_OPTION = """
 import sys
@@ -19,6 +25,9 @@ import lmlab
 from lmlab.config import CONF_DIR
 
 assert Path(lmlab.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), lmlab.__file__
+import importlib
+for name in sys.argv[2].split(","):  # every module of the source tree is in the wheel and imports
+    importlib.import_module(name)
 conf = Path(CONF_DIR)
 composed = []
 with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -57,7 +66,8 @@ def test_the_installed_wheel_composes_every_config_option(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     done = subprocess.run(
-        [sys.executable, "-c", COMPOSE_EVERY_OPTION, str(site)], cwd=outside, capture_output=True, text=True,
+        [sys.executable, "-c", COMPOSE_EVERY_OPTION, str(site), ",".join(SOURCE_MODULES)], cwd=outside,
+        capture_output=True, text=True,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
