@@ -80,6 +80,12 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
             extra = OPTIMIZER_HINTS if group == "optimizer" else None
             check_arguments(get_object(node["_target_"]), node, group, extra)
     for name, node in (_plain(cfg.get("hooks")) or {}).items():
+        if isinstance(node, dict) and "_target_" not in node:  # keys added to a hook that is off (null)
+            keys = ", ".join(f"hooks.{name}.{key}" for key in node)
+            raise ConfigError(
+                f"{keys} set on hooks.{name}, which is off in this config (no _target_); turn it on with the option "
+                f"that brings it (hooks.lr_schedule: hooks=warmup_decay), or give hooks.{name}._target_"
+            )
         if isinstance(node, dict) and "_target_" in node:
             target = get_object(node["_target_"])  # imported (plugins=[...] names a module), never called here
             if not (isinstance(target, type) and issubclass(target, Hook)):

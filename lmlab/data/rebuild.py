@@ -72,7 +72,16 @@ def dataset_from_record(record: Any, checkpoint: str) -> LanguageModelData:
     node.merge_with({**chosen, **own})
     if "cache" in inspect.signature(cls).parameters:
         node.merge_with({"cache": False})
-    return build_dataset(node)
+    try:
+        return build_dataset(node)
+    except ConfigError as err:  # a value the file chose, not one typed: the command-line fix does not apply
+        if not chosen or (err.key is not None and err.key.split(".")[-1] not in chosen):
+            raise
+        stated = ", ".join(f"dataset.{key}={printable(value)}" for key, value in chosen.items())
+        raise CheckpointError(
+            f"{checkpoint}'s dataset record ({stated}) does not fit its data: {err.problem}; name the data and its "
+            "batching yourself, e.g. dataset=text_dir dataset.path=DIR dataset.batch_size=20"
+        ) from None
 
 
 class SplitStreams:

@@ -29,6 +29,7 @@ def trained(tmp_path_factory):
         ),
         (["logger=wandb", "+logger.wandb.run_config=x"], "logger.wandb.run_config is not a setting"),
         (["dataset.min_freq=1000000000"], "dataset.min_freq=1000000000 leaves no word besides <unk> and <eos>"),
+        (["+hooks.lr_schedule.bogus=1"], "hooks.lr_schedule.bogus set on hooks.lr_schedule, which is off"),
         (["model=ngram_pointer_lstm", "model.ngram_order=1"], "model.ngram_order=1 leaves no word of history"),
     ],
 )
@@ -179,3 +180,15 @@ def test_a_refused_run_leaves_no_folder_and_runs_nothing(refused, corpus_dir, tm
     done = cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *refused, cwd=work)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
     assert list(work.iterdir()) == [] and done.stdout == ""  # no folder, and builtins.print never ran
+
+
+def test_a_checkpoints_absurd_batching_is_the_files_fault(trained, tmp_path):
+    import torch
+
+    state = torch.load(trained[0] / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["dataset"]["eval_batch_size"] = 10**12
+    crafted = tmp_path / "crafted.pt"
+    torch.save(state, crafted)
+    done = cli("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
+    assert done.returncode == 4 and "dataset.eval_batch_size=1000000000000" in done.stderr
+    assert "dataset=text_dir dataset.path=DIR" in done.stderr and "Traceback" not in done.stderr
