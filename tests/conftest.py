@@ -112,3 +112,10 @@ def train_tiny_run(folder: Path) -> tuple[Path, Path, list[str], dict]:
         results = train_and_report(compose("run", overrides=overrides), folder / "run")
     GlobalHydra.instance().clear()
     return folder / "run", corpus, overrides, results
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One finished 1-epoch TINY run for the whole session (:func:`train_tiny_run`), for tests that only read
+    its files (its checkpoint as an ensemble member, a copy to damage): never change them."""
+    return train_tiny_run(tmp_path_factory.mktemp("trained"))

@@ -11,13 +11,8 @@ import pytest
 from lmlab.errors import ConfigError
 from lmlab.job import train_and_report
 from lmlab.models import model_class
-from tests.conftest import TINY, USER_DIR, train_tiny_run
+from tests.conftest import TINY, USER_DIR
 from tests.e2e.test_run import cli
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny_run(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.mark.parametrize(

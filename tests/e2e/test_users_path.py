@@ -18,7 +18,7 @@ from lmlab.factory import build_training_objects, checkpoint_meta
 from lmlab.job import train_and_report
 from lmlab.loggers import Logger
 from lmlab.runtime.run_table import NOT_LEARNED
-from tests.conftest import TINY, train_tiny_run
+from tests.conftest import TINY
 
 TRANSFORMERS = ["transformer", "pointer_transformer", "ngram_pointer_transformer"]
 RNNS = ["lstm", "gru", "pointer_lstm", "ngram_pointer_lstm"]
@@ -98,8 +98,8 @@ def test_a_run_no_better_than_uniform_says_so(corpus_dir, tmp_path, compose_cfg,
     assert NOT_LEARNED in capsys.readouterr().out
 
 
-def test_a_run_that_learned_says_nothing(tmp_path_factory, capsys):
-    run, _, _, results = train_tiny_run(tmp_path_factory.mktemp("learned"))
+def test_a_run_that_learned_says_nothing(trained, capsys):
+    run, _, _, results = trained
     assert results["learned"] is True and "warning" not in results
     capsys.readouterr()
     assert compare_main([str(run)]) == 0
@@ -107,12 +107,6 @@ def test_a_run_that_learned_says_nothing(tmp_path_factory, capsys):
 
 
 # ------------------------------------------------------------------- test_with, before and after training
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished TINY run: a checkpoint of the corpus's vocabulary."""
-    return train_tiny_run(tmp_path_factory.mktemp("member"))
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
