@@ -281,7 +281,7 @@ LOAD_DAMAGE = {
     "vocabulary not a list": (_set(vocab={"the": 0}), "field 'vocab'"),
     "2**40 units": (_huge, "refused to build the model stored in"),
     "NaN weights": (lambda s: next(iter(s["model_state"].values())).fill_(float("nan")), "non-finite weights"),
-    "version as a string": (_set(version="2"), "has checkpoint version 2 (not a number); this lmlab reads 2"),
+    "version as a string": (_set(version="2"), "has checkpoint version '2' (not a number); this lmlab reads 2"),
     "weights of another shape": (
         lambda s: s["model_state"].update({k: v[:1] for k, v in list(s["model_state"].items())[:1]}),
         "does not fit its model",

@@ -27,7 +27,9 @@ def test_a_redirected_run_reports_progress_and_where_its_results_are(tmp_path, c
     progress = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
     assert len(progress) == 3 * 4  # 88 steps per epoch: steps 20, 40, 60, 80
     assert progress[0].startswith("epoch 1 | step 20/88 | ") and " ms/step | " in progress[0]
-    assert " tok/s | loss " in progress[0] and " | ppl " in progress[0] and " | lr 5 | ETA " in progress[0]
+    assert " tok/s | loss " in progress[0] and " | ppl " in progress[0]
+    # the LR each step took: optimizer=sgd's lr 5 ramps up over 50 steps (step 20 took 20/50 of it), then holds
+    assert " | lr 2 | ETA " in progress[0] and " | lr 5 | ETA " in progress[3]
     log = (out / "run.log").read_text()
     assert all(line in log for line in progress) and "[Epoch: 3]" in log
     assert f"run folder: {out}" in run.stdout and f"best checkpoint: {out}/checkpoints/best.pt" in run.stdout
