@@ -59,7 +59,8 @@ def train_and_report(
 def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float, on_started: Any) -> dict[str, Any]:
     objects = build_training_objects(cfg)
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
-    for method_name, (_, settings) in test_methods(cfg).items():  # refused now, not after the training
+    methods = test_methods(cfg)
+    for method_name, (_, settings) in methods.items():  # refused now, not after the training
         check_before_work(method_name, settings, data.vocab)
     where = distributed.place()
     logger = build_logger(cfg, out_dir, *labels) if where.is_main else Logger()  # only rank 0 reports
@@ -77,7 +78,7 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             distributed.leave()  # the collective work is over: every rank leaves the group together
             if not where.is_main:
                 return {"status": "completed", "best_val_ppl": perplexity(fit.best_val_loss), "test_loss": test_loss}
-            tested_with = _test_with(cfg, model, data, device, trainer)
+            tested_with = _test_with(methods, model, data, device, trainer)
             generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
             text = format_words(sample_words(model, data.vocab, **cfg.generate, generator=generator))
             signals.raise_if_received(fit.last_checkpoint)
@@ -111,7 +112,7 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
     return results
 
 
-def _test_with(cfg: DictConfig, model: Any, data: Any, device: torch.device, trainer: Any) -> dict[str, dict[str, Any]]:
+def _test_with(methods: dict, model: Any, data: Any, device: torch.device, trainer: Any) -> dict[str, dict[str, Any]]:
     """The run's ``test_with`` methods on the test split (:mod:`lmlab.evaluation.methods`), on the main
     process only: loss, perplexity and the settings each used (a searched lambda, its validation figure)."""
 
@@ -124,7 +125,7 @@ def _test_with(cfg: DictConfig, model: Any, data: Any, device: torch.device, tra
     dtype = trainer.autocast_dtype(device)  # the plain test's precision: every method scores the model the same way
     inputs = EvaluationInputs(model, "test", stream, static_loss, vocab=data.vocab, dtype=dtype)
     tested: dict[str, dict[str, Any]] = {}
-    for name, (method, settings) in test_methods(cfg).items():
+    for name, (method, settings) in methods.items():
         try:
             scored = method(inputs, **settings)
         except LmlabError as err:  # the plain figures stand: the failure is recorded beside them

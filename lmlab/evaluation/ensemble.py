@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,12 +66,7 @@ def load_members(
     members, dtypes = [], []
     for path in paths:
         model, member_vocab, state = model_from_checkpoint(path, device)
-        if member_vocab.words != vocab.words:
-            raise ConfigError(
-                f"ensemble member {path} has another vocabulary ({len(member_vocab)} words, the model being "
-                f"evaluated {len(vocab)}): train every member on the same corpus with the same dataset.max_vocab "
-                "and dataset.min_freq"
-            )
+        _require_vocabulary(path, member_vocab.words, vocab)
         members.append(model)
         dtypes.append(recorded_precision(state.get("config"), device))
     return members, dtypes
@@ -115,18 +111,28 @@ def score_ensemble(
 @register_preflight("ensemble")
 def check_members(vocab: Vocabulary, members: list[str], **_: Any) -> None:
     """Before any work: there are members, each a checkpoint file lmlab reads (safely) with ``vocab``'s words."""
+    _check_member_list(members)
+    for path in members:  # a file that is no checkpoint: the same line as checkpoint=
+        _require_vocabulary(path, load_checkpoint(path)["vocab"], vocab)
+
+
+def _check_member_list(members: list[str]) -> None:
+    """There are members, each named once (files that exist; :func:`load_members` refuses the others)."""
     if not members:
         raise ConfigError("method=ensemble needs other models: ensemble.members=[PATH,...] (their best.pt files)")
-    for k, path in enumerate(members):
-        member_vocab = load_checkpoint(path)["vocab"]  # a file that is no checkpoint: the same line as checkpoint=
-        if any(os.path.samefile(path, earlier) for earlier in members[:k]):
+    existing = [path for path in members if Path(path).exists()]
+    for k, path in enumerate(existing):
+        if any(os.path.samefile(path, earlier) for earlier in existing[:k]):
             raise ConfigError(f"ensemble.members names {path} twice; name each member once")
-        if member_vocab != vocab.words:
-            raise ConfigError(
-                f"ensemble member {path} has another vocabulary ({len(member_vocab)} words, the model being "
-                f"evaluated {len(vocab)}): train every member on the same corpus with the same dataset.max_vocab "
-                "and dataset.min_freq"
-            )
+
+
+def _require_vocabulary(path: str, words: list[str], vocab: Vocabulary) -> None:
+    if words != vocab.words:
+        raise ConfigError(
+            f"ensemble member {path} has another vocabulary ({len(words)} words, the model being evaluated "
+            f"{len(vocab)}): train every member on the same corpus with the same dataset.max_vocab and "
+            "dataset.min_freq"
+        )
 
 
 @register_method("ensemble")
@@ -135,7 +141,7 @@ def ensemble(inputs: EvaluationInputs, members: list[str] = [], search: bool = F
     fitted on the validation split (else equal)."""
     if inputs.vocab is None:
         raise ConfigError("method=ensemble needs the evaluated model's vocabulary, which this caller did not pass")
-    check_members(inputs.vocab, members)
+    _check_member_list(members)  # their files and words: load_members (a preflight checked them before any work)
     if search and inputs.split == "valid":
         raise ConfigError(
             "ensemble.search=true fits the weights on the validation split, so it cannot also score it; "
