@@ -17,8 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmlab.models import output, rnn, transformer
-from lmlab.models.base import build_model, map_tensors
+from lmlab.models import build_model, map_tensors, output, rnn, transformer
 from lmlab.runtime.devices import tune_cpu_heap
 
 SHAPES = {  # the recipes' models (conf/experiment/cpu_transformer.yaml, cpu_fast.yaml)

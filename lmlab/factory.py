@@ -22,7 +22,7 @@ from lmlab.data.rebuild import build_dataset
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.evaluation.methods import METHODS
 from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
-from lmlab.models import LanguageModel, model_class
+from lmlab.models import LanguageModel, ReadsTrainingText, build_model
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import resolve_precision
 from lmlab.training.hooks import Hook
@@ -101,8 +101,9 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
         raise ConfigError("several processes on Apple MPS are not supported; run one process, or device=cpu")
     resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
     data = build_dataset(cfg.dataset)
-    model = model_class(cfg.model.name)(len(data.vocab), **model_arguments(cfg.model)).to(device)  # validated
-    model.take_corpus(data.corpus.train)
+    model = build_model(cfg.model.name, len(data.vocab), **model_arguments(cfg.model)).to(device)
+    if isinstance(model, ReadsTrainingText):
+        model.take_corpus(data.corpus.train)
     if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:
         print(
             f"note: a full softmax over {len(data.vocab):,} words makes the output layer most of the model's cost; "

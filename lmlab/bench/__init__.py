@@ -91,8 +91,9 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     train_tps, eval_tps = train_tokens / train_s, eval_tokens / eval_s
     precision = resolve_precision(cfg.trainer.precision, device)
     reference_peak = peak["bf16" if precision in ("bf16", "fp16") and "bf16" in peak else "fp32"]
-    train_gflops = 3 * flops["forward"] * train_tps / 1e9
-    eval_gflops = flops["forward"] * eval_tps / 1e9
+    # A model that does not count its FLOPs (an optional capability) gets speeds without rates of peak.
+    train_gflops = None if flops is None else 3 * flops["forward"] * train_tps / 1e9
+    eval_gflops = None if flops is None else flops["forward"] * eval_tps / 1e9
     return {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -108,18 +109,18 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         "eval_batch_size": data.eval_batch_size,
         "bptt": data.bptt,
         "steps": steps,
-        "flops_per_token": {**flops, "train": 3 * flops["forward"]},
+        "flops_per_token": flops and {**flops, "train": 3 * flops["forward"]},
         "train": {
             "tokens_per_sec": train_tps,
             "ms_per_step": 1000 * train_s / steps,
             "gflops": train_gflops,
-            "fraction_of_peak": train_gflops / reference_peak,
+            "fraction_of_peak": train_gflops and train_gflops / reference_peak,
         },
         "eval": {
             "tokens_per_sec": eval_tps,
             "ms_per_step": 1000 * eval_s / steps,
             "gflops": eval_gflops,
-            "fraction_of_peak": eval_gflops / reference_peak,
+            "fraction_of_peak": eval_gflops and eval_gflops / reference_peak,
             "speedup_over_train": eval_tps / train_tps,
         },
         "cuda_graph": trainer.cuda_graph_status,
@@ -180,6 +181,12 @@ def _dispatch(cfg, trainer, model, optimizer, stream, hooks, plain: PlainLoop | 
     return result
 
 
+def _rate(part: dict[str, Any]) -> str:
+    if part["gflops"] is None:
+        return ""
+    return f" | {part['gflops']:.1f} GFLOP/s = {100 * part['fraction_of_peak']:.0f}% of peak"
+
+
 def summary(r: dict[str, Any]) -> str:
     m, t, e, flops = r["model"], r["train"], r["eval"], r["flops_per_token"]
     gpu = "-" if r["peak_gpu_mb"] is None else f"{r['peak_gpu_mb']:.0f}"
@@ -189,11 +196,12 @@ def summary(r: dict[str, Any]) -> str:
             f"device {r['device']} ({r['torch_threads']} threads) | matmul peak GFLOP/s: {peaks}",
             f"model {m['name']} {_brief(m['arguments'])} | vocab {m['vocab_size']:,} | {m['num_params']:,} params "
             f"| batch {r['batch_size']} bptt {r['bptt']} | {r['precision']}",
-            f"FLOPs/token: forward {flops['forward'] / 1e6:.2f} M, train {flops['train'] / 1e6:.2f} M",
-            f"train: {t['tokens_per_sec']:,.0f} tok/s | {t['ms_per_step']:.1f} ms/step | {t['gflops']:.1f} GFLOP/s "
-            f"= {100 * t['fraction_of_peak']:.0f}% of peak",
-            f"eval:  {e['tokens_per_sec']:,.0f} tok/s | {e['ms_per_step']:.1f} ms/step | {e['gflops']:.1f} GFLOP/s "
-            f"= {100 * e['fraction_of_peak']:.0f}% of peak | {e['speedup_over_train']:.1f}x train",
+            "FLOPs/token: not counted by this model (flops_per_token)"
+            if flops is None
+            else f"FLOPs/token: forward {flops['forward'] / 1e6:.2f} M, train {flops['train'] / 1e6:.2f} M",
+            f"train: {t['tokens_per_sec']:,.0f} tok/s | {t['ms_per_step']:.1f} ms/step{_rate(t)}",
+            f"eval:  {e['tokens_per_sec']:,.0f} tok/s | {e['ms_per_step']:.1f} ms/step{_rate(e)} "
+            f"| {e['speedup_over_train']:.1f}x train",
             _baseline_line(r),
             *_dispatch_lines(r),
             f"peak RSS {r['peak_rss_mb']:.0f} MB | peak GPU {gpu} MB",

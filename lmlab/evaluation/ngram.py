@@ -1,6 +1,6 @@
 """``method=ngram``: a Kneser-Ney n-gram of the training split mixed in.
 
-An interpolated Kneser-Ney n-gram of the training split (:mod:`lmlab.models.kneser_ney`) is mixed in, ``p =
+An interpolated Kneser-Ney n-gram of the training split (:mod:`lmlab.data.kneser_ney`) is mixed in, ``p =
 (1 - lambda) p_model + lambda p_ngram``. Static: its counts come from the training split only and it
 conditions on the last ``order - 1`` words, so nothing is learnt from the scored text (unlike cache and
 dynamic). Small corpora gain most, where exact phrases are what a regularised model blurs.
@@ -16,9 +16,9 @@ import torch
 from lmlab.config.schema import PositiveInt, UnitInterval
 from lmlab.data.batching import TokenStream
 from lmlab.data.corpus import Vocabulary
+from lmlab.data.kneser_ney import KneserNey, check_history, check_order
 from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method, register_preflight, target_probs
 from lmlab.metrics import perplexity
-from lmlab.models.kneser_ney import KneserNey, check_history, check_order
 
 NGRAM_LAMBDAS = [i / 20 for i in range(20)]  # the n-gram's weight; 0: the model alone
 

@@ -1,41 +1,34 @@
-"""Language models: the contract (:class:`LanguageModel`), the registry, and the built-in models.
+"""Language models: the contract (:class:`LanguageModel`), bodies and heads, and how they are composed.
 
-Importing this package registers ``rnn`` (LSTM/GRU), ``transformer``, and each of them with a pointer
-sentinel (:mod:`lmlab.models.pointer`): ``pointer_rnn``, ``pointer_transformer``; and those two with a
-Kneser-Ney n-gram of the training text mixed in by a learned gate (:mod:`lmlab.models.ngram_mixture`):
-``ngram_pointer_rnn``, ``ngram_pointer_transformer``.
+Importing this package registers the bodies ``rnn`` (LSTM/GRU) and ``transformer``
+(``model.name``), and the heads ``pointer`` (a pointer sentinel, :mod:`lmlab.models.pointer`) and
+``ngram`` (a Kneser-Ney n-gram of the training text mixed in by a learned gate,
+:mod:`lmlab.models.ngram_mixture`) that go on any body (``model.heads``; :mod:`lmlab.models.compose`).
 """
 
-from lmlab.models.base import (
-    MODELS,
-    LanguageModel,
-    State,
+from lmlab.models.base import MODELS, LanguageModel, ReadsTrainingText, State, diverged, map_tensors, register_model
+from lmlab.models.compose import (
+    COMBINED_NAMES,
+    HEADS,
     build_model,
     check_model_arguments,
-    diverged,
-    map_tensors,
     model_class,
-    register_model,
+    register_head,
 )
-from lmlab.models.ngram_mixture import (
-    NgramMixture,
-    NgramPointerRNNLanguageModel,
-    NgramPointerTransformerLanguageModel,
-)
-from lmlab.models.pointer import PointerRNNLanguageModel, PointerSentinel, PointerTransformerLanguageModel
+from lmlab.models.ngram_mixture import NgramMixture
+from lmlab.models.pointer import PointerSentinel
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.models.transformer import TransformerLanguageModel
 
 __all__ = [
+    "COMBINED_NAMES",
+    "HEADS",
     "MODELS",
     "LanguageModel",
     "NgramMixture",
-    "NgramPointerRNNLanguageModel",
-    "NgramPointerTransformerLanguageModel",
-    "PointerRNNLanguageModel",
     "PointerSentinel",
-    "PointerTransformerLanguageModel",
     "RNNLanguageModel",
+    "ReadsTrainingText",
     "State",
     "TransformerLanguageModel",
     "build_model",
@@ -43,5 +36,6 @@ __all__ = [
     "diverged",
     "map_tensors",
     "model_class",
+    "register_head",
     "register_model",
 ]

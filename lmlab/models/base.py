@@ -16,16 +16,13 @@ edge). For an RNN the state is its hidden state; for a Transformer a cache of pa
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from lmlab.config.schema import check_arguments
-from lmlab.errors import ConfigError
 from lmlab.registry import Registry
 
 State = Any  # None, a tensor, or lists/tuples of them: must survive torch.load(weights_only=True)
@@ -37,7 +34,9 @@ class LanguageModel(nn.Module):
     Subclasses take ``vocab_size`` first, then keyword arguments with plain values (numbers, strings,
     booleans, lists) annotated with their types (see :mod:`lmlab.config.schema`): those annotations validate the
     config group and a checkpoint's stored arguments alike. They must implement :meth:`forward`,
-    :meth:`loss`, :meth:`log_probs` and :meth:`flops_per_token`; the rest has defaults.
+    :meth:`loss` and :meth:`log_probs`. Everything else is an optional capability with a default that says
+    "not this model": a pointer's :attr:`context_dim`, :meth:`flops_per_token` (None: the benchmark reports
+    no FLOPs), :meth:`regularization`, the CUDA-graph properties, and :class:`ReadsTrainingText`.
     """
 
     vocab_size: int
@@ -60,12 +59,6 @@ class LanguageModel(nn.Module):
                 count += 1
         return count
 
-    def take_corpus(self, train_tokens: torch.Tensor) -> None:
-        """Called by the runner once, before training (and before a resume's weights are loaded), with the
-        training split's word ids (1-D, in order). A model that keeps statistics of its training text (the
-        counts of :class:`~lmlab.models.ngram_mixture.NgramMixture`) takes them here and keeps them in its
-        state dict, so that a checkpoint carries them. The default ignores them."""
-
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """The state before the first window of ``batch_size`` columns (None: no state)."""
         return None
@@ -87,6 +80,10 @@ class LanguageModel(nn.Module):
         :meth:`log_probs`; a model whose output layer can score only the targets overrides it."""
         return self.log_probs(features).float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
+    # Whether context vectors come out of a normalisation (a LayerNorm: ~1 per feature) rather than a
+    # squashing activation (an RNN's tanh: under 1): a head that compares them scales its start to it.
+    context_vectors_normalised: bool = False
+
     @property
     def context_dim(self) -> int:
         """The width D of :meth:`context_vectors` (what a pointer head compares; see
@@ -103,10 +100,11 @@ class LanguageModel(nn.Module):
         operator is spent adding a zero)."""
         return None
 
-    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
-        """Forward FLOPs per token by part, with the total under ``"forward"`` (training counts 3×).
-        ``train_tokens`` lets a model whose cost depends on the word (adaptive softmax) weigh its parts."""
-        raise NotImplementedError
+    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float] | None:
+        """Forward FLOPs per token by part, with the total under ``"forward"`` (training counts 3×), or None
+        where the model does not say (the default). ``train_tokens`` lets a model whose cost depends on the
+        word (adaptive softmax) weigh its parts."""
+        return None
 
     @property
     def static_shapes(self) -> bool:
@@ -160,6 +158,16 @@ class LanguageModel(nn.Module):
             sampled.append(int(next_id))
             features, state = self(next_id.view(1, 1), state)
         return sampled
+
+
+@runtime_checkable
+class ReadsTrainingText(Protocol):
+    """An optional capability: a model that keeps statistics of its training text (the counts of the
+    ``ngram`` head, :class:`~lmlab.models.ngram_mixture.NgramMixture`). The runner calls :meth:`take_corpus`
+    once, before training (and before a resume's weights are loaded), with the training split's word ids
+    (1-D, in order); the model keeps what it needs in its state dict, so that a checkpoint carries it."""
+
+    def take_corpus(self, train_tokens: torch.Tensor) -> None: ...
 
 
 def diverged(loss: float, vocab_size: int) -> bool:
@@ -218,43 +226,3 @@ def map_tensors(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> Sta
 # ------------------------------------------------------------------------------------------ registry
 MODELS = Registry("model", "model.name", LanguageModel)
 register_model = MODELS.register  # class decorator: make a LanguageModel buildable as model.name: <name>
-
-
-def model_class(name: Any) -> type[LanguageModel]:
-    return MODELS.lookup(name)
-
-
-def check_model_arguments(name: str, arguments: dict[str, Any]) -> type[LanguageModel]:
-    """Type-check ``arguments`` against the registered class's constructor; returns the class."""
-    cls = model_class(name)
-    if "vocab_size" in arguments:
-        raise ConfigError("model.vocab_size is set from the data's vocabulary; remove it from the model config")
-    # A constructor that hands **kwargs on to its base's (a pointer head on a body): the base takes those.
-    chain: list[tuple[type, dict[str, inspect.Parameter]]] = []  # (class, its constructor's parameters)
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            params = dict(inspect.signature(klass.__init__).parameters)
-            chain.append((klass, params))
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-                break
-    valid = [
-        name
-        for _, params in chain
-        for name, p in params.items()
-        if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "vocab_size")
-    ]
-    for key in arguments:
-        if key not in valid:
-            raise ConfigError(f"model.{key} is not a setting of {cls.__name__}; valid keys: {', '.join(valid)}")
-    for klass, params in chain:  # every key is someone's: now the values, each against its own constructor
-        check_arguments(klass, {k: v for k, v in arguments.items() if k in params}, "model", hydra_keys=False)
-    return cls
-
-
-def build_model(name: str, vocab_size: int, **arguments: Any) -> LanguageModel:
-    """The one way lmlab builds a model, from the config group or from a checkpoint: the registry's
-    class with type-checked plain arguments — never anything a file names by import path. (lmlab's own
-    runs check the arguments where they come in — :func:`lmlab.validation.validate_config` for a
-    config, :func:`lmlab.training.checkpoint_format.load_checkpoint` for a file — and then build with
-    :func:`model_class` directly, so each is checked once.)"""
-    return check_model_arguments(name, arguments)(vocab_size, **arguments)

@@ -1,5 +1,6 @@
-"""A Kneser-Ney n-gram of the training text inside a model, mixed with it by a learned gate and trained
-beside it (Neubig & Dyer 2016, "Generalizing and hybridizing count-based and neural language models").
+"""The ``ngram`` head (``model.heads=[ngram]``): a Kneser-Ney n-gram of the training text inside a model,
+mixed with it by a learned gate and trained beside it (Neubig & Dyer 2016, "Generalizing and hybridizing
+count-based and neural language models").
 
 At each position t the body (any :class:`~lmlab.models.base.LanguageModel`: an RNN, a Transformer, either
 with a pointer) gives p_body; the counts give p_ngram from the last ``ngram_order`` - 1 words; a gate
@@ -34,17 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config.schema import PositiveInt, UnitInterval
+from lmlab.data.kneser_ney import KneserNey, check_history, check_order
 from lmlab.errors import CheckpointError
-from lmlab.models.base import LanguageModel, State, register_model
-from lmlab.models.kneser_ney import KneserNey, check_history, check_order
-from lmlab.models.pointer import PointerRNNLanguageModel, PointerTransformerLanguageModel
+from lmlab.models.base import LanguageModel, State
+from lmlab.models.compose import context_dim_for, register_head
 
 GATE_AT_START = 0.1  # the counts' share before training: below a static mixture's; the gate learns the rest
 
 
+@register_head("ngram")
 class NgramMixture(LanguageModel):
-    """Mixin: put it before a :class:`~lmlab.models.base.LanguageModel` (the *body*) in a class's bases and
-    the class is the body + an ``ngram_order`` Kneser-Ney model of its training text, mixed by a gate. The
+    """Head mixin (:mod:`lmlab.models.compose` puts it before a body, or a body with a pointer, in a class's
+    bases): the model beneath + an ``ngram_order`` Kneser-Ney model of its training text, mixed by a gate. The
     body's ``loss``/``log_probs``/``target_log_probs``/``context_vectors``/``regularization`` are handed
     its own part of the features.
 
@@ -53,6 +55,8 @@ class NgramMixture(LanguageModel):
     body may specialise in what the counts miss, and may also stop learning (a gate that hands the counts
     everything early leaves it no gradient); at 0 it trains as it would alone."""
 
+    rank, prefix = 2, "Ngram"  # outermost: mixes with whatever distribution the model beneath gives
+
     def __init__(
         self, vocab_size: int, ngram_order: PositiveInt = 4, ngram_coupling: UnitInterval = 0.0, **body_arguments
     ) -> None:
@@ -60,7 +64,7 @@ class NgramMixture(LanguageModel):
         check_order(ngram_order, vocab_size, "model.ngram_order")  # before any text is counted
         super().__init__(vocab_size, **body_arguments)
         self.ngram_order, self.ngram_width, self.ngram_coupling = ngram_order, ngram_order - 1, ngram_coupling
-        self.ngram_gate = nn.Linear(self.context_dim, 1, bias=False)  # the bias: by matched length
+        self.ngram_gate = nn.Linear(context_dim_for("ngram", self), 1, bias=False)  # the bias: by matched length
         nn.init.zeros_(self.ngram_gate.weight)
         start = math.log(GATE_AT_START / (1 - GATE_AT_START))
         self.ngram_gate_bias = nn.Parameter(torch.full((ngram_order,), start))  # by matched context length
@@ -70,7 +74,8 @@ class NgramMixture(LanguageModel):
 
     # ------------------------------------------------------------------------------- the counts
     def take_corpus(self, train_tokens: torch.Tensor) -> None:
-        """Count the training split's n-grams (they are kept in the state dict from here on)."""
+        """:class:`~lmlab.models.base.ReadsTrainingText`: count the training split's n-grams (they are kept in
+        the state dict from here on)."""
         self._set_text(train_tokens.detach().to("cpu").flatten(), "the training split")
 
     @property
@@ -169,20 +174,10 @@ class NgramMixture(LanguageModel):
     def static_shapes(self) -> bool:
         return False  # the counts are looked up on the host, by the data
 
-    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
+    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float] | None:
         parts = super().flops_per_token(train_tokens)
+        if parts is None:
+            return None
         parts["gate"] = 2.0 * self.context_dim
         parts["forward"] += parts["gate"]
         return parts
-
-
-@register_model("ngram_pointer_transformer")
-class NgramPointerTransformerLanguageModel(NgramMixture, PointerTransformerLanguageModel):
-    """``model=pointer_transformer`` + a Kneser-Ney n-gram of its training text, mixed by a learned gate
-    (``model=ngram_pointer_transformer``)."""
-
-
-@register_model("ngram_pointer_rnn")
-class NgramPointerRNNLanguageModel(NgramMixture, PointerRNNLanguageModel):
-    """``model=pointer_lstm`` + a Kneser-Ney n-gram of its training text, mixed by a learned gate
-    (``model=ngram_pointer_lstm``)."""

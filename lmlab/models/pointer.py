@@ -1,5 +1,5 @@
-"""A pointer sentinel on top of any model: its softmax mixed with a pointer at the words that followed
-its last positions.
+"""The ``pointer`` head (``model.heads=[pointer]``), a pointer sentinel on top of any model: its softmax
+mixed with a pointer at the words that followed its last positions.
 
 Merity et al. 2016, "Pointer sentinel mixture models", with the keys of Grave et al.'s neural cache
 (2017): at each position t the model's context vector h_t (its last layer's output) is compared with the
@@ -34,24 +34,26 @@ import torch
 from torch import nn
 
 from lmlab.config.schema import LookBack
-from lmlab.models.base import LanguageModel, State, register_model
-from lmlab.models.rnn import RNNLanguageModel
-from lmlab.models.transformer import TransformerLanguageModel
+from lmlab.models.base import LanguageModel, State
+from lmlab.models.compose import context_dim_for, register_head
 
 GATE_AT_START = 0.9  # the softmax's share before training: the pointer must earn its mass
 
 
+@register_head("pointer")
 class PointerSentinel(LanguageModel):
-    """Mixin: put it before a :class:`~lmlab.models.base.LanguageModel` (the *body*) in a class's bases
-    and the class is the body (every argument of it) + a pointer over its last ``pointer_window``
-    positions. The body's :meth:`forward` features must be its context vectors, ``context_dim`` wide,
-    and its ``loss``/``log_probs``/``target_log_probs``/``regularization`` must read them — which the
-    mixin hands them with the pointer's parts split off. State: (the body's state, the last L context
-    vectors (L, B, D), the input words at those positions (L, B); -1 where the column has no word yet)."""
+    """Head mixin (:mod:`lmlab.models.compose` puts it before a body in a class's bases): the body (every
+    argument of it) + a pointer over its last ``pointer_window`` positions. The body's :meth:`forward`
+    features must be its context vectors, ``context_dim`` wide, and its ``loss``/``log_probs``/
+    ``target_log_probs``/``regularization`` must read them — which the mixin hands them with the pointer's
+    parts split off. State: (the body's state, the last L context vectors (L, B, D), the input words at
+    those positions (L, B); -1 where the column has no word yet)."""
+
+    rank, prefix = 1, "Pointer"  # innermost: the n-gram head mixes with the pointer's distribution
 
     def __init__(self, vocab_size: int, pointer_window: LookBack = 100, **body_arguments) -> None:
         super().__init__(vocab_size, **body_arguments)
-        self.window, self.dim = pointer_window, self.context_dim
+        self.window, self.dim = pointer_window, context_dim_for("pointer", self)
         self.query = nn.Linear(self.dim, self.dim)
         self._init_query()
         self.sentinel = nn.Parameter(torch.zeros(self.dim))
@@ -60,8 +62,12 @@ class PointerSentinel(LanguageModel):
     def _init_query(self) -> None:
         """Start the scores close to each other, so that the sentinel's bias alone sets the softmax's share
         (all equal scores would give it 1/(L+1): the bias starts it at GATE_AT_START instead). ``nn.Linear``'s
-        own initialisation does that for vectors under 1, as an RNN's outputs are; a body whose vectors are
-        larger overrides this."""
+        own initialisation does that for vectors under 1, as an RNN's outputs are. Normalised vectors
+        (a LayerNorm's: ~1 per feature, |h|^2 ~ D) would spread its scores over ~±7 and hand the pointer a
+        random share; a query of std 0.1/D spreads them over ~0.1."""
+        if self.context_vectors_normalised:
+            nn.init.normal_(self.query.weight, std=0.1 / self.dim)
+            nn.init.zeros_(self.query.bias)
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         outputs = torch.zeros(self.window, batch_size, self.dim, device=device)
@@ -128,25 +134,10 @@ class PointerSentinel(LanguageModel):
         probs = (super().log_probs(h).float().exp() * gate).scatter_add(-1, words, pointer)
         return probs.clamp_min(1e-30).log()
 
-    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float]:
+    def flops_per_token(self, train_tokens: torch.Tensor | None = None) -> dict[str, float] | None:
         parts = super().flops_per_token(train_tokens)
+        if parts is None:
+            return None
         parts["pointer"] = 2.0 * self.dim * (self.dim + self.window + 1)  # query, scores, sentinel
         parts["forward"] += parts["pointer"]
         return parts
-
-
-@register_model("pointer_rnn")
-class PointerRNNLanguageModel(PointerSentinel, RNNLanguageModel):
-    """:class:`~lmlab.models.rnn.RNNLanguageModel` + a pointer sentinel (``model=pointer_lstm``)."""
-
-
-@register_model("pointer_transformer")
-class PointerTransformerLanguageModel(PointerSentinel, TransformerLanguageModel):
-    """:class:`~lmlab.models.transformer.TransformerLanguageModel` + a pointer sentinel over a window that
-    may reach far past its KV cache (``model=pointer_transformer``)."""
-
-    def _init_query(self) -> None:
-        # LayerNorm outputs are ~1 per feature (|h|^2 ~ D): nn.Linear's initialisation would spread the scores
-        # over ~±7 and hand the pointer a random share; a query of std 0.1/D spreads them over ~0.1.
-        nn.init.normal_(self.query.weight, std=0.1 / self.dim)
-        nn.init.zeros_(self.query.bias)

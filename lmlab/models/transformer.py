@@ -158,6 +158,8 @@ class TransformerLanguageModel(LanguageModel):
     def static_state(self) -> bool:
         return False  # the KV cache grows over the first windows, up to `context` positions
 
+    context_vectors_normalised = True  # the final LayerNorm's output
+
     @property
     def context_dim(self) -> int:
         return self.d_model

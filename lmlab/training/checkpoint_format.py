@@ -21,7 +21,7 @@ import torch
 
 from lmlab.data.datasets import Vocabulary
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
-from lmlab.models import LanguageModel, check_model_arguments, model_class
+from lmlab.models import LanguageModel, build_model, check_model_arguments
 from lmlab.training.rng import rng_state
 
 FORMAT = "lmlab-checkpoint"
@@ -211,7 +211,7 @@ def model_from_checkpoint(
     name, arguments = state["model"]["name"], state["model"]["arguments"]
     try:  # on the meta device first: no memory is taken before the shapes are known to fit the file
         with torch.device("meta"):
-            probe = model_class(name)(len(vocab), **arguments)  # checked by load_checkpoint
+            probe = build_model(name, len(vocab), **arguments)
     except LmlabError as err:
         raise CheckpointError(f"refused to build the model stored in {path}: {err}") from None
     except Exception as err:
@@ -220,6 +220,6 @@ def model_from_checkpoint(
             f"({type(err).__name__}); it was not made by this lmlab"
         ) from None
     load_weights(path, probe, {k: v.to("meta") for k, v in state["model_state"].items()})
-    model = model_class(name)(len(vocab), **arguments)
+    model = build_model(name, len(vocab), **arguments)
     load_weights(path, model, state["model_state"])
     return model.to(device).eval(), vocab, state

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from lmlab.data.batching import TokenStream
+from lmlab.data.kneser_ney import KneserNey
 from lmlab.evaluation.cache import cache_scores, search_cache
 from lmlab.evaluation.dynamic import dynamic_loss, gradient_rms
 from lmlab.evaluation.methods import target_probs
 from lmlab.evaluation.ngram import mixed_loss
 from lmlab.job import train_and_report
 from lmlab.models import build_model
-from lmlab.models.kneser_ney import KneserNey
 from lmlab.training.trainer import Trainer
 from tests.conftest import TINY, USER_DIR, train_tiny_run
 

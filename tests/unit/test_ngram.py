@@ -7,8 +7,8 @@ from collections import defaultdict
 import pytest
 import torch
 
+from lmlab.data.kneser_ney import KneserNey, discounts, max_order
 from lmlab.errors import ConfigError
-from lmlab.models.kneser_ney import KneserNey, discounts, max_order
 
 V = 40
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from lmlab.data.kneser_ney import KneserNey
 from lmlab.errors import CheckpointError
 from lmlab.models import build_model
-from lmlab.models.kneser_ney import KneserNey
 from lmlab.models.ngram_mixture import GATE_AT_START
 from lmlab.training.checkpoint_format import load_weights
 
@@ -30,16 +30,18 @@ def _text(n: int = 4000, seed: int = 0) -> torch.Tensor:
     return words
 
 
-def _model(body: str, order: int = 3, text: torch.Tensor | None = None) -> torch.nn.Module:
+def _model(body: str, order: int = 3, text: torch.Tensor | None = None, heads=("pointer", "ngram")) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(f"ngram_pointer_{body}", V, pointer_window=6, ngram_order=order, **BODIES[body])
+    window = {"pointer_window": 6} if "pointer" in heads else {}
+    model = build_model(body, V, heads=list(heads), ngram_order=order, **window, **BODIES[body])
     model.take_corpus(_text() if text is None else text)
     return model
 
 
+@pytest.mark.parametrize("heads", [("pointer", "ngram"), ("ngram",)])
 @pytest.mark.parametrize("body", BODIES)
-def test_a_distribution_whose_loss_is_the_targets_log_probability(body):
-    model = _model(body).eval()
+def test_a_distribution_whose_loss_is_the_targets_log_probability(body, heads):
+    model = _model(body, heads=heads).eval()
     tokens = _text(37, seed=1).view(-1, 1).repeat(1, 3)[:, :3]
     tokens[:, 1] = _text(37, seed=2)
     features, _ = model(tokens[:-1], model.init_state(3))

@@ -105,5 +105,5 @@ def test_a_typo_names_the_pointers_keys_and_its_bodys(body, typo):
         check_model_arguments(f"pointer_{body}", {"pointer_window": 5, typo: 8})
     with pytest.raises(ConfigError, match=r"model.pointer_window=0 is invalid"):
         check_model_arguments(f"pointer_{body}", {"pointer_window": 0})
-    built = check_model_arguments(f"pointer_{body}", {"pointer_window": 5, **BODIES[body]})
+    built, _ = check_model_arguments(f"pointer_{body}", {"pointer_window": 5, **BODIES[body]})
     assert built.__name__.startswith("Pointer")
