@@ -10,14 +10,16 @@ A Hydra callback, named by a sweep config (``conf/sweep/cpu_ensemble.yaml``)::
 When the sweep is over, in the process that launched it, the best checkpoint of every finished job is
 scored on the test split as one mixture (weights fitted on the validation split unless ``search`` is
 false), with the data the jobs trained on (the first checkpoint's record, as ``lmlab.evaluate`` reads it).
-The result goes to ``ensemble.json`` in the sweep folder, which the sweep's summary prints
-(:func:`lmlab.runtime.job_records.summarize_sweep`); a failure is written there too (``status: failed``, one
-line) and makes the command exit 1, while the jobs' own results stay as they are.
+The result goes to ``ensemble.json`` in the sweep folder, and its line follows the sweep's table (the
+callback adds it to :func:`lmlab.runtime.job_records.summarize_sweep`); a failure is written there too
+(``status: failed``, one line) and makes the command exit 1, while the jobs' own results stay as they are.
+A sweep that did not name the callback never reads an ``ensemble.json`` left in its folder.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.data.rebuild import SplitStreams, dataset_from_record
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, printable
 from lmlab.evaluation.ensemble import load_members, score_ensemble
 from lmlab.metrics import perplexity
 from lmlab.runtime.devices import recorded_precision, select_device
 from lmlab.runtime.files import atomic_write_text
-from lmlab.runtime.run_table import ENSEMBLE_FILE, find_runs
+from lmlab.runtime.job_records import add_to_sweep_summary
+from lmlab.runtime.run_table import find_runs
 from lmlab.training.checkpoint_format import model_from_checkpoint
+
+ENSEMBLE_FILE = "ensemble.json"  # in the sweep folder
 
 
 def ensemble_of_runs(
@@ -71,6 +76,7 @@ class EnsembleOfSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # a resumed sweep's earlier ensemble describes checkpoints that are about to change
         Path(config.hydra.sweep.dir, ENSEMBLE_FILE).unlink(missing_ok=True)
+        add_to_sweep_summary(print_ensemble)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Every way out writes ``ensemble.json``: the figures, or ``status: failed`` and why (the summary then
@@ -93,3 +99,23 @@ class EnsembleOfSweep(Callback):
         atomic_write_text(sweep_dir / ENSEMBLE_FILE, json.dumps(record, indent=2) + "\n")
         if interrupted:
             raise SystemExit(130)  # the sweep's summary follows, with the command that resumes it
+
+
+def print_ensemble(sweep_dir: Path) -> int:
+    """The sweep summary's line for its ``ensemble.json``: the figures, or why it failed (then 1)."""
+    path = sweep_dir / ENSEMBLE_FILE
+    try:
+        record = json.loads(path.read_text())
+        if record.get("status") != "completed":
+            print(f"ensemble failed: {printable(record.get('error', '?'), 500)}", file=sys.stderr, flush=True)
+            return 1
+        weights, alone = (", ".join(f"{x:.2f}" for x in record[key]) for key in ("weights", "member_ppl"))
+        line = f"ensemble of {len(record['members'])} jobs: {printable(record['split'], 20)} ppl {record['ppl']:.2f}"
+    except FileNotFoundError:  # the sweep stopped before its end (Hydra refused a job's config)
+        return 0
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:  # damaged: say so
+        reason = printable(f"{type(err).__name__}: {err}", 200)
+        print(f"ensemble failed: {path} cannot be read ({reason})", file=sys.stderr, flush=True)
+        return 1
+    print(f"{line} (weights {weights}; alone {alone}): {path}", flush=True)
+    return 0

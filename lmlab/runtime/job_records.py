@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.errors import DiskFull, LmlabError, RunFolderBusy, printable
 from lmlab.runtime.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
 from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
-from lmlab.runtime.run_table import ENSEMBLE_FILE, find_runs, render, rows
+from lmlab.runtime.run_table import find_runs, render, rows
 
 T = TypeVar("T")
 
@@ -182,7 +182,16 @@ def overrides_differ(out_dir: Path, overrides: list[str]) -> str | None:
 SWEEP_FUNCTIONS = {"range", "choice", "interval", "glob", "tag"}  # Hydra's sweep override functions
 _sweep_dir: Path | None = None
 _sweep_overrides: list[str] = []
-_ensemble_asked = False
+# Lines a sweep's own callbacks add after its table (the ensemble of its jobs,
+# :class:`lmlab.evaluation.sweep_ensemble.EnsembleOfSweep`): each prints its line and returns 1 if what it
+# reports failed, which fails the sweep's command.
+SummaryLine = Callable[[Path], int]
+_summary_lines: list[SummaryLine] = []
+
+
+def add_to_sweep_summary(line: SummaryLine) -> None:
+    """Have this process's sweep summary call ``line(sweep_dir)`` after its table (once per sweep)."""
+    _summary_lines.append(line)
 
 
 class JobRecorder(Callback):
@@ -196,13 +205,8 @@ class JobRecorder(Callback):
         _folder_before = _FolderBefore.look(Path(config.hydra.run.dir).resolve())  # ${now:} is cached: the same folder
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir, _sweep_overrides, _ensemble_asked
+        global _sweep_dir, _sweep_overrides
         _sweep_dir, _sweep_overrides = Path(config.hydra.sweep.dir), list(config.hydra.overrides.task)
-        callbacks = OmegaConf.to_container(config.hydra.callbacks) if config.hydra.get("callbacks") else {}
-        _ensemble_asked = any(  # a sweep folder's ensemble.json is read only where this sweep made one
-            isinstance(node, dict) and str(node.get("_target_", "")).endswith(".EnsembleOfSweep")
-            for node in callbacks.values()
-        )
         # presets and Optuna's search space; a group added per job (+experiment) is keyed without its +
         swept = {key.lstrip("+~") for key in (config.hydra.sweeper.get("params") or {})}
         for override in config.hydra.overrides.task:
@@ -249,23 +253,4 @@ def summarize_sweep(sweep_dir: Path) -> int:
         print(f"best job: {best.folder} (val ppl {best.results['best_val_ppl']:.2f})", flush=True)
     for run in failed:
         print(f"failed job: {run.folder}: {run.results.get('error', '?')}", file=sys.stderr, flush=True)
-    return len(failed) + (_print_ensemble(sweep_dir / ENSEMBLE_FILE) if _ensemble_asked else 0)
-
-
-def _print_ensemble(path: Path) -> int:
-    """The line of a sweep's ``ensemble.json`` (:mod:`lmlab.evaluation.sweep_ensemble`), if any; 1 if it failed."""
-    try:
-        record = json.loads(path.read_text())
-        if record.get("status") != "completed":
-            print(f"ensemble failed: {printable(record.get('error', '?'), 500)}", file=sys.stderr, flush=True)
-            return 1
-        weights, alone = (", ".join(f"{x:.2f}" for x in record[key]) for key in ("weights", "member_ppl"))
-        line = f"ensemble of {len(record['members'])} jobs: {printable(record['split'], 20)} ppl {record['ppl']:.2f}"
-    except FileNotFoundError:
-        return 0
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:  # damaged: say so
-        reason = printable(f"{type(err).__name__}: {err}", 200)
-        print(f"ensemble failed: {path} cannot be read ({reason})", file=sys.stderr, flush=True)
-        return 1
-    print(f"{line} (weights {weights}; alone {alone}): {path}", flush=True)
-    return 0
+    return len(failed) + sum(line(sweep_dir) for line in _summary_lines)

@@ -41,7 +41,6 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return sorted(runs, key=lambda r: (r.failed, r.results.get("best_val_ppl", 0.0)))
 
 
-ENSEMBLE_FILE = "ensemble.json"  # a sweep's jobs scored as one model (lmlab.evaluation.sweep_ensemble), in its folder
 FIGURES = ("best_val_ppl", "test_ppl", "num_params", "train_tokens_per_sec", "wall_s")  # numbers in a finished run
 
 

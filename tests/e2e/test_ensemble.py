@@ -161,9 +161,10 @@ def test_the_cpu_ensemble_sweep_scores_its_jobs_together(tmp_path, corpus_dir):
 def test_a_failed_or_damaged_ensemble_record_is_one_line_and_counts_as_a_failure(
     content, line, tmp_path, capsys, monkeypatch
 ):
+    from lmlab.evaluation.sweep_ensemble import print_ensemble
     from lmlab.runtime import job_records
 
-    monkeypatch.setattr(job_records, "_ensemble_asked", True)  # the sweep named the ensemble callback
+    monkeypatch.setattr(job_records, "_summary_lines", [print_ensemble])  # the sweep named the ensemble callback
     (tmp_path / "ensemble.json").write_text(content)
     assert job_records.summarize_sweep(tmp_path) == 1
     err = capsys.readouterr().err
@@ -173,7 +174,7 @@ def test_a_failed_or_damaged_ensemble_record_is_one_line_and_counts_as_a_failure
 def test_a_sweep_that_asked_for_no_ensemble_never_reads_one(tmp_path, capsys, monkeypatch):
     from lmlab.runtime import job_records
 
-    monkeypatch.setattr(job_records, "_ensemble_asked", False)
+    monkeypatch.setattr(job_records, "_summary_lines", [])
     (tmp_path / "ensemble.json").write_text("{damaged")  # left by an earlier sweep in this folder
     assert job_records.summarize_sweep(tmp_path) == 0
     assert "ensemble" not in capsys.readouterr().err
