@@ -90,8 +90,11 @@ class NgramMixture(LanguageModel):
     def set_extra_state(self, state: object) -> None:
         if not (isinstance(state, torch.Tensor) and state.dim() == 1 and state.dtype == torch.int32):
             raise CheckpointError("its n-gram's text (_extra_state) is not the 1-D int32 word ids lmlab writes")
-        if not state.is_meta:
-            self._set_text(state.cpu(), "its n-gram's text (_extra_state)")
+        if state.is_meta:
+            return
+        if not state.numel():  # counts of no text score every word 1/V: a model that never got its text
+            raise CheckpointError("its n-gram's text (_extra_state) is empty: the counts were never taken")
+        self._set_text(state.cpu(), "its n-gram's text (_extra_state)")
 
     def _set_text(self, tokens: torch.Tensor, what: str) -> None:
         outside = tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.vocab_size

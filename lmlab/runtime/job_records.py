@@ -181,6 +181,7 @@ def overrides_differ(out_dir: Path, overrides: list[str]) -> str | None:
 # ------------------------------------------------------------------------------------ sweep summary
 SWEEP_FUNCTIONS = {"range", "choice", "interval", "glob", "tag"}  # Hydra's sweep override functions
 _sweep_dir: Path | None = None
+_sweep_before: _FolderBefore | None = None  # the sweep folder before this sweep
 _sweep_overrides: list[str] = []
 # Lines a sweep's own callbacks add after its table (the ensemble of its jobs,
 # :class:`lmlab.evaluation.sweep_ensemble.EnsembleOfSweep`): each prints its line and returns 1 if what it
@@ -205,8 +206,9 @@ class JobRecorder(Callback):
         _folder_before = _FolderBefore.look(Path(config.hydra.run.dir).resolve())  # ${now:} is cached: the same folder
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir, _sweep_overrides
+        global _sweep_dir, _sweep_overrides, _sweep_before
         _sweep_dir, _sweep_overrides = Path(config.hydra.sweep.dir), list(config.hydra.overrides.task)
+        _sweep_before = _FolderBefore.look(_sweep_dir.resolve())
         # presets and Optuna's search space; a group added per job (+experiment) is keyed without its +
         swept = {key.lstrip("+~") for key in (config.hydra.sweeper.get("params") or {})}
         for override in config.hydra.overrides.task:
@@ -229,7 +231,9 @@ def run_with_summary(hydra_main: Callable[[], Any]) -> None:
         hydra_main()
     except SystemExit as stop:
         code = stop.code
-    if _sweep_dir is not None:
+    if _sweep_dir is not None and code == 1 and not find_runs([_sweep_dir]):
+        _undo_refused_sweep()  # Hydra refused the sweep (its message is above) before any job started
+    elif _sweep_dir is not None:
         failed = summarize_sweep(_sweep_dir)
         code = code or (1 if failed else 0)
         if code in (130, 143):  # interrupted: every job resumes from its own last.pt
@@ -239,6 +243,19 @@ def run_with_summary(hydra_main: Callable[[], Any]) -> None:
             )
     if code:
         sys.exit(code)
+
+
+def _undo_refused_sweep() -> None:
+    """A sweep that ran no job leaves the file system as it found it: the ``multirun.yaml`` Hydra wrote goes,
+    then the folders it made, if empty."""
+    before = _sweep_before
+    if before is None:
+        return
+    record = before.path / "multirun.yaml"
+    if "multirun.yaml" not in before.names and record.is_file():
+        record.unlink()
+    remove_made_folders(before.path, before.made)
+    print("the sweep ran no job (refused above); nothing was written", file=sys.stderr, flush=True)
 
 
 def summarize_sweep(sweep_dir: Path) -> int:

@@ -187,3 +187,14 @@ def test_a_checkpoints_absurd_batching_is_the_files_fault(trained, tmp_path):
     done = cli("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
     assert done.returncode == 4 and "dataset.eval_batch_size=1000000000000" in done.stderr
     assert "dataset=text_dir dataset.path=DIR" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("refused", ["model=lstm,transformer_xl", "model.hiden_dim=16,24"])
+def test_a_sweep_hydra_refuses_leaves_no_folder(refused, tmp_path):
+    """Hydra refuses the sweep's config (an unknown option, a misspelt key) before any job: its own message,
+    exit 1, one line saying no job ran, and no sweep folder with a ``multirun.yaml`` and "0 finished"."""
+    work = tmp_path / "work"
+    work.mkdir()
+    done = cli("lmlab.run", "-m", refused, "trainer.epochs=1", cwd=work)
+    assert done.returncode == 1 and "the sweep ran no job (refused above)" in done.stderr
+    assert "0 finished" not in done.stdout and list(work.iterdir()) == []

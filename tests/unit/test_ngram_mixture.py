@@ -128,7 +128,8 @@ def test_the_counts_ride_in_the_state_dict_and_a_damaged_copy_is_refused(tmp_pat
     scored = [m.eval().target_log_probs(m(tokens[:-1], m.init_state(1))[0], tokens[1:]) for m in (model, fresh)]
     assert torch.equal(scored[0], scored[1])
     for damaged, what in ((torch.tensor([1, V], dtype=torch.int32), "outside the vocabulary of 60 words"),
-                          (torch.ones(3), "not the 1-D int32 word ids lmlab writes")):  # fmt: skip
+                          (torch.ones(3), "not the 1-D int32 word ids lmlab writes"),
+                          (torch.zeros(0, dtype=torch.int32), "is empty: the counts were never taken")):  # fmt: skip
         with pytest.raises(CheckpointError, match=rf"^{tmp_path}/a.pt is damaged: its n-gram's text .*{what}"):
             load_weights(tmp_path / "a.pt", fresh, {**weights, "_extra_state": damaged})
 
