@@ -29,6 +29,15 @@ os.environ["LMLAB_CACHE_DIR"] = TEST_CACHE
 SHARED_DATA = Path(os.environ.get("LMLAB_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Parallel workers (``-n auto``) share the cores: each trains in-process on one thread, or two workers on
+    # two cores run four threads and each step waits for the other's. (The commands the tests start set
+    # their own: TINY's device.num_threads=1.)
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TEST_CACHE, ignore_errors=True)  # the suite leaves nothing in /tmp
     shutil.rmtree(USER_DIR, ignore_errors=True)

@@ -23,7 +23,7 @@ from lmlab.factory import build_training_objects, checkpoint_meta
 from lmlab.loggers import Logger
 
 EVAL_BATCHES = 5
-SEEDS = [1111, 1, 2]
+SEEDS = [1111, *(pytest.param(seed, marks=pytest.mark.slow) for seed in (1, 2))]  # more seeds: CI's slow tier
 MODELS = sorted(p.stem for p in Path(CONF_DIR, "model").glob("*.yaml"))
 
 
