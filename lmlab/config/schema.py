@@ -39,6 +39,10 @@ UnitInterval = Annotated[float, Rule(lambda v: 0 <= v <= 1, "a number in [0, 1]"
 # feature vectors per column, allocated at the first window, so a size a file states is bounded before then.
 MAX_LOOK_BACK = 10_000
 LookBack = Annotated[int, Rule(lambda v: 0 < v <= MAX_LOOK_BACK, f"a positive integer up to {MAX_LOOK_BACK:,}")]
+# Layers a model stacks: each is Python objects built before any weight is read, so a count a file states is
+# bounded before the model is built (the deepest published language models have a few hundred).
+MAX_LAYERS = 1_000
+LayerCount = Annotated[int, Rule(lambda v: 0 < v <= MAX_LAYERS, f"a positive integer up to {MAX_LAYERS:,}")]
 # seed + process rank seeds numpy, which takes 32 bits
 Seed = Annotated[int, Rule(lambda v: 0 <= v <= 2**32 - 2**16, "an integer from 0 to 4294901760")]
 IncreasingInts = Annotated[

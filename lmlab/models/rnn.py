@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config.schema import IncreasingInts, NonNegativeFloat, PositiveInt, Probability
+from lmlab.config.schema import IncreasingInts, LayerCount, NonNegativeFloat, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
 from lmlab.models.base import LanguageModel, State, drop_words, keep_mask, register_model, same_layout
@@ -50,7 +50,7 @@ class RNNLanguageModel(LanguageModel):
         cell: str = "lstm",
         embed_dim: PositiveInt = 650,
         hidden_dim: PositiveInt = 650,
-        num_layers: PositiveInt = 2,
+        num_layers: LayerCount = 2,
         dropout: Probability = 0.5,
         tie_weights: bool = True,
         softmax: Literal["full", "adaptive"] = "full",

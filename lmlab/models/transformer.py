@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config.schema import IncreasingInts, LookBack, PositiveInt, Probability
+from lmlab.config.schema import IncreasingInts, LayerCount, LookBack, PositiveInt, Probability
 from lmlab.errors import ConfigError
 from lmlab.models.adaptive import adaptive_softmax
 from lmlab.models.base import LanguageModel, drop_words, dropout, register_model
@@ -51,7 +51,7 @@ class TransformerLanguageModel(LanguageModel):
         vocab_size: int,
         d_model: PositiveInt = 256,
         num_heads: PositiveInt = 4,
-        num_layers: PositiveInt = 4,
+        num_layers: LayerCount = 4,
         ff_dim: PositiveInt | None = None,
         dropout: Probability = 0.1,
         context: LookBack = 128,
