@@ -180,18 +180,28 @@ def test_a_sweep_that_asked_for_no_ensemble_never_reads_one(tmp_path, capsys, mo
     assert "ensemble" not in capsys.readouterr().err
 
 
-def test_a_crash_while_scoring_is_a_failed_ensemble_not_a_warning(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interruption", [RuntimeError("out of memory"), KeyboardInterrupt()])
+def test_a_crash_or_ctrl_c_while_scoring_is_a_failed_ensemble_not_a_warning(interruption, tmp_path, monkeypatch):
+    """A crash is a failed ensemble (exit 1 after the summary); Ctrl-C is one too, and the command exits 130
+    (SystemExit, no traceback) so that the summary follows with the line that resumes the sweep."""
     from omegaconf import OmegaConf
 
     from lmlab.evaluation import sweep_ensemble
 
     def crash(*args, **kwargs):
-        raise RuntimeError("out of memory")
+        raise interruption
 
     monkeypatch.setattr(sweep_ensemble, "ensemble_of_runs", crash)
     finished = [type("Run", (), {"folder": tmp_path / name, "failed": False})() for name in "ab"]
     monkeypatch.setattr(sweep_ensemble, "find_runs", lambda paths: finished)
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "trainer": {"limit_eval_batches": 2}})
-    sweep_ensemble.EnsembleOfSweep().on_multirun_end(config)
+    if isinstance(interruption, KeyboardInterrupt):
+        with pytest.raises(SystemExit) as stop:
+            sweep_ensemble.EnsembleOfSweep().on_multirun_end(config)
+        assert stop.value.code == 130
+        error = "interrupted while scoring; resume the sweep to score it again"
+    else:
+        sweep_ensemble.EnsembleOfSweep().on_multirun_end(config)
+        error = "RuntimeError: out of memory"
     record = json.loads((tmp_path / "ensemble.json").read_text())
-    assert record == {"status": "failed", "error": "RuntimeError: out of memory"}
+    assert record == {"status": "failed", "error": error}
