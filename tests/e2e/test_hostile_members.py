@@ -81,6 +81,11 @@ def test_a_members_record_chooses_no_file_url_or_import(trained, tmp_path, audit
     assert not Path("/tmp/lmlab-pwned").exists()
 
 
+def _fifo(folder: Path) -> Path:
+    os.mkfifo(folder / "fifo")
+    return folder / "fifo"
+
+
 def _loop(folder: Path) -> Path:
     (folder / "a.pt").symlink_to(folder / "b.pt")
     (folder / "b.pt").symlink_to(folder / "a.pt")
@@ -91,6 +96,9 @@ def _loop(folder: Path) -> Path:
     "member, message",
     [
         (lambda t, d: _loop(d), "checkpoint not found: {member}"),
+        (lambda t, d: d, "checkpoint not found: {member}"),
+        (lambda t, d: Path("/dev/null"), "checkpoint not found: /dev/null"),
+        (lambda t, d: _fifo(d), "checkpoint not found: {member}"),
         (lambda t, d: Path("/dev/zero"), "checkpoint not found: /dev/zero"),
         (lambda t, d: Path("/proc/self/environ"), "/proc/self/environ is not a readable checkpoint: it is a text file"),
         (lambda t, d: _crafted(t, d, "layers.pt", _arguments(num_layers=10**6)),
@@ -101,7 +109,8 @@ def _loop(folder: Path) -> Path:
         (lambda t, d: _crafted(t, d, "target.pt", _arguments(_target_="os.system")), "model._target_ is not a setting"),
         (lambda t, d: _crafted(t, d, "head.pt", _arguments(heads=["os.system"])), "is not a registered model head"),
     ],
-    ids=["symlink loop", "/dev/zero", "/proc file", "10**6 layers", "10**9 wide", "10**12 window", "_target_",
+    ids=["symlink loop", "a folder", "/dev/null", "a FIFO", "/dev/zero", "/proc file", "10**6 layers", "10**9 wide",
+         "10**12 window", "_target_",
          "a head that is an import path"],
 )  # fmt: skip
 def test_a_member_that_is_no_checkpoint_or_states_an_absurd_size_is_refused_before_it_is_built(

@@ -48,10 +48,8 @@ def test_train_test_generate_writes_every_output(model, corpus_dir, tmp_path, co
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
-def test_generate_and_evaluate_clis_use_only_the_checkpoint(corpus_dir, tmp_path, compose_cfg):
-    cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=2"])
-    out = tmp_path / "run"
-    results = train_and_report(cfg, out)
+def test_generate_and_evaluate_clis_use_only_the_checkpoint(trained, tmp_path):
+    out, corpus_dir, _, results = trained  # the session's tiny run: only read
     ckpt = out / "checkpoints" / "best.pt"
 
     def generate():  # from another folder, with no dataset around
