@@ -55,8 +55,10 @@ ADAPTIVE = [*RNN, "model.softmax=adaptive", "model.adaptive_cutoffs=[6,17]"]
 
 
 @pytest.mark.parametrize(
-    "setup", [RNN, TRANSFORMER, AWD, ADAPTIVE], ids=["lstm", "transformer", "variable_bptt+nt_asgd", "tied-adaptive"]
-)
+    "setup",
+    [RNN, *(pytest.param(setup, marks=pytest.mark.slow) for setup in (TRANSFORMER, AWD, ADAPTIVE))],
+    ids=["lstm", "transformer", "variable_bptt+nt_asgd", "tied-adaptive"],
+)  # the other models and optimizers: CI's slow tier
 def test_two_processes_take_the_step_of_one_at_the_full_batch_and_only_rank_0_writes(tmp_path, corpus_dir, setup):
     args = [*setup, f"dataset.path={corpus_dir}"]
     (tmp_path / "ddp").mkdir()

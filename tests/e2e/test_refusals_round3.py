@@ -84,7 +84,7 @@ def pointer_checkpoint(tmp_path_factory):
     return folder / "run" / "checkpoints" / "best.pt"
 
 
-@pytest.mark.parametrize("window", [10**12, 10**8])
+@pytest.mark.parametrize("window", [10**12, pytest.param(10**8, marks=pytest.mark.slow)])
 def test_a_checkpoint_that_states_an_absurd_window_is_refused_before_any_allocation(
     pointer_checkpoint, tmp_path, window
 ):

@@ -157,7 +157,10 @@ def test_slurm_preset_documents_the_keys():
     assert launcher["max_num_timeout"] == 3 and launcher["gpus_per_node"] == 1 and launcher["timeout_min"] == 240
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "~device.num_threads"]])
+JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "~device.num_threads"]
+
+
+@pytest.mark.parametrize("launcher", [[], pytest.param(JOBLIB, marks=pytest.mark.slow)], ids=["basic", "joblib"])
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(launcher, tmp_path, corpus_dir, capsys):
     sweep_dir = tmp_path / "sweep"
     args = [*SWEEP, f"dataset.path={corpus_dir}", "trainer.epochs=1", "model.hidden_dim=16,-1,24", *launcher]

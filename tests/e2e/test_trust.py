@@ -129,7 +129,14 @@ def evaluated_checkpoint(tmp_path_factory):
     return torch.load(run / "checkpoints" / "best.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("attack", list(_hostile_records(Path("h"), "http://x")))
+# One of each kind in the README's command (a file name, a download, an import, a size); the rest: the slow tier.
+FAST_ATTACKS = ("absolute file names", "WikiText-2 root and mirrors", "nested _target_", "huge batch")
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [a if a in FAST_ATTACKS else pytest.param(a, marks=pytest.mark.slow) for a in _hostile_records(Path("h"), "x")],
+)
 def test_a_checkpoints_dataset_record_chooses_no_file_url_or_import(evaluated_checkpoint, tmp_path, attack):
     import json
     import os
