@@ -93,6 +93,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+@pytest.mark.slow  # the single-process path: tests/e2e/test_reliability.py (SIGTERM saves, exits, resumes exactly)
 def test_sigterm_on_every_rank_saves_one_last_pt_and_the_resumed_run_ends_with_the_same_figures(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", train=1000)  # ~200 steps an epoch: the signal comes at step 10
     args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=2", "model.dropout=0.3", "model.hidden_dim=64",
