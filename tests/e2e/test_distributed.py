@@ -60,7 +60,8 @@ ADAPTIVE = [*RNN, "model.softmax=adaptive", "model.adaptive_cutoffs=[6,17]"]
     ids=["lstm", "transformer", "variable_bptt+nt_asgd", "tied-adaptive"],
 )  # the other models and optimizers: CI's slow tier
 def test_two_processes_take_the_step_of_one_at_the_full_batch_and_only_rank_0_writes(tmp_path, corpus_dir, setup):
-    args = [*setup, f"dataset.path={corpus_dir}"]
+    """... and leave the group cleanly before rank 0's single-process work after the test (``test_with``)."""
+    args = [*setup, f"dataset.path={corpus_dir}", "test_with=[ngram]"]
     (tmp_path / "ddp").mkdir()
     _run([sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)
     done = _run([*TORCHRUN, *args], tmp_path / "ddp")  # Hydra's default folder under outputs/, as a user gets
@@ -75,7 +76,10 @@ def test_two_processes_take_the_step_of_one_at_the_full_batch_and_only_rank_0_wr
     results = {r: json.loads((r / "results.json").read_text()) for r in (single, run)}
     assert results[run]["processes"] == 2 and results[single]["processes"] == 1
     assert results[run]["test_loss"] == pytest.approx(results[single]["test_loss"], rel=1e-6)  # exact totals
-    assert done.stdout.count("test-loss") == 1  # one rank reports
+    reported = [line for line in done.stdout.splitlines() if line.startswith("test-loss")]
+    assert len(reported) == 2 and reported[1].endswith("(ngram)")  # one rank reports: the model, the mixture
+    assert results[run]["test_ppl_ngram"] == pytest.approx(results[single]["test_ppl_ngram"], rel=1e-6)
+    assert "terminate called" not in done.stderr  # every rank left the group before rank 0's n-gram work
 
 
 def _children(pid: int) -> list[int]:
@@ -215,7 +219,8 @@ def test_submitit_preemption_signal_saves_last_pt_before_submitit_requeues(tmp_p
     assert epoch == 1 and step >= 10  # submitit's handler ran after last.pt held the step training stopped at
 
 
-@pytest.mark.parametrize("attempt", [0, *(pytest.param(n, marks=pytest.mark.slow) for n in (1, 2))])
+@pytest.mark.slow  # once more per model in the parity test above, which runs test_with=[ngram] too
+@pytest.mark.parametrize("attempt", [0, 1, 2])
 def test_a_finished_two_process_run_exits_cleanly_every_time(attempt, tmp_path, corpus_dir):
     """Every rank leaves the group together after the test (lmlab.runtime.distributed.leave), before rank 0's
     single-process work; a rank that exited while the group was still held aborted one run in five or six
