@@ -46,8 +46,9 @@ class PlainRNN(nn.Module):
 
 
 def plain_rnn(vocab_size: int, arguments: dict[str, Any]) -> nn.Module | None:
-    """The plain loop's RNN; None for an adaptive softmax (a full-softmax loop would not be the same shapes)."""
-    if arguments.get("softmax", "full") != "full":
+    """The plain loop's RNN; None for an adaptive softmax or a body with heads (a plain full-softmax RNN would
+    not be the same shapes)."""
+    if arguments.get("softmax", "full") != "full" or arguments.get("heads"):
         return None
     keys = ("cell", "embed_dim", "hidden_dim", "num_layers", "dropout", "tie_weights")
     defaults = {

@@ -117,3 +117,10 @@ def test_the_config_options_are_the_bodies_with_heads(compose_cfg):
         composed = compose_cfg([f"model={base}", f"model.heads=[{','.join(heads)}]"]).model
         assert list(named.heads) == heads and named.name == composed.name
         assert model_class(named.name, named.heads) is model_class(composed.name, composed.heads)
+
+
+def test_the_bench_compares_no_plain_loop_with_a_body_that_has_heads():
+    from lmlab.bench.plain_loop import plain_rnn
+
+    assert plain_rnn(10, {"heads": [], "embed_dim": 4, "hidden_dim": 4}) is not None
+    assert plain_rnn(10, {"heads": ["pointer"], "embed_dim": 4, "hidden_dim": 4}) is None
