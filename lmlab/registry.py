@@ -4,6 +4,7 @@ registry's decorator; ``plugins=[module]`` on the command line imports it; confi
 it — they never import anything themselves.
 
     MODELS   lmlab.models.base       @register_model("rnn")          model.name=rnn
+    HEADS    lmlab.models.compose    @register_head("pointer")       model.heads=[pointer]
     DATASETS lmlab.data.datasets     @register_dataset("text_dir")   dataset.name=text_dir
     METHODS  lmlab.evaluation.methods @register_method("cache")       method=cache (lmlab.evaluate)
     LOGGERS  lmlab.loggers.base      @register_logger("wandb")       logger=[wandb,tensorboard]
