@@ -64,7 +64,10 @@ def _outside_effects(events: list, output: Path, allowed_reads: tuple[str, ...])
     bad += [e for e in events if e[0] in ("os.mkdir", "os.rename") and not e[1].startswith(harmless)]
     written = [e for e in events if e[0] == "open" and e[2] not in ("r", "rb")]
     bad += [e for e in written if not e[1].startswith((mine, "/dev/", os.environ["AUDIT_LOG"], *allowed_reads))]
-    bad += [e for e in events if e[0] == "open" and e[1].startswith(("/etc/", "/tmp/lmlab-pwned"))]
+    # what the hostile record names: a text folder at /etc (its split files), and the marker os.system would
+    # touch (other files under /etc, such as the system's MIME or SSL tables, are the libraries' own reads)
+    named = ("/etc/train.txt", "/etc/valid.txt", "/etc/test.txt", "/etc/wikitext", "/tmp/lmlab-pwned")
+    bad += [e for e in events if e[0] == "open" and e[1].startswith(named)]
     return bad
 
 
