@@ -1,7 +1,7 @@
 """Config → objects: the only place that calls ``hydra.utils.instantiate``.
 
 Entry points compose a config and hand it here; everything below this module takes plain arguments.
-Models are built through the registry (:func:`lmlab.models.build_model`), not instantiate.
+Models are built through the registry (:func:`lmlab.models.compose.resolve`), not instantiate.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from lmlab.data.rebuild import build_dataset
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.evaluation.methods import METHODS
 from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
-from lmlab.models import LanguageModel, ReadsTrainingText, build_model
+from lmlab.models import LanguageModel, ReadsTrainingText
+from lmlab.models.compose import resolve
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import resolve_precision
 from lmlab.training.hooks import Hook
@@ -101,7 +102,9 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
         raise ConfigError("several processes on Apple MPS are not supported; run one process, or device=cpu")
     resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
     data = build_dataset(cfg.dataset)
-    model = build_model(cfg.model.name, len(data.vocab), **model_arguments(cfg.model)).to(device)
+    # validate_config checked the arguments; the registry's body and heads build them
+    model_cls, constructor_arguments = resolve(cfg.model.name, model_arguments(cfg.model))
+    model = model_cls(len(data.vocab), **constructor_arguments).to(device)
     if isinstance(model, ReadsTrainingText):
         model.take_corpus(data.corpus.train)
     if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:

@@ -139,6 +139,9 @@ def _own_parameters(mixin: type) -> dict[str, inspect.Parameter]:
 
 def build_model(name: str, vocab_size: int, **arguments: Any) -> LanguageModel:
     """The one way lmlab builds a model, from the config group or from a checkpoint: the registry's body and
-    heads with type-checked plain arguments — never anything a file names by import path."""
+    heads with type-checked plain arguments — never anything a file names by import path. (lmlab's own runs
+    check the arguments where they come in — :func:`lmlab.validation.validate_config` for a config,
+    :func:`lmlab.training.checkpoint_format.load_checkpoint` for a file — then build from :func:`resolve`,
+    so that each is checked once.)"""
     cls, constructor_arguments = check_model_arguments(name, arguments)
     return cls(vocab_size, **constructor_arguments)

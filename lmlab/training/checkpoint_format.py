@@ -4,7 +4,7 @@
 A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
 ``torch.load(path, weights_only=True)`` and never runs code. It carries the vocabulary and the model as
 ``{"name": <registered name>, "arguments": {plain values}}``, so generation and evaluation need nothing
-but the file. The model is rebuilt only through the registry (:func:`lmlab.models.build_model`), with
+but the file. The model is rebuilt only through the registry (:func:`lmlab.models.compose.resolve`), with
 every argument type-checked first; the run config stored beside it is a record, never instantiated.
 """
 
@@ -21,7 +21,8 @@ import torch
 
 from lmlab.data.datasets import Vocabulary
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
-from lmlab.models import LanguageModel, build_model, check_model_arguments
+from lmlab.models import LanguageModel, check_model_arguments
+from lmlab.models.compose import resolve
 from lmlab.training.rng import rng_state
 
 FORMAT = "lmlab-checkpoint"
@@ -208,10 +209,11 @@ def model_from_checkpoint(
     """Rebuild the model (in eval mode, on ``device``) and vocabulary saved in a checkpoint."""
     state = load_checkpoint(path)
     vocab = Vocabulary(state["vocab"])
-    name, arguments = state["model"]["name"], state["model"]["arguments"]
+    arguments = state["model"]["arguments"]
+    cls, constructor_arguments = resolve(state["model"]["name"], arguments)  # checked by load_checkpoint
     try:  # on the meta device first: no memory is taken before the shapes are known to fit the file
         with torch.device("meta"):
-            probe = build_model(name, len(vocab), **arguments)
+            probe = cls(len(vocab), **constructor_arguments)
     except LmlabError as err:
         raise CheckpointError(f"refused to build the model stored in {path}: {err}") from None
     except Exception as err:
@@ -220,6 +222,6 @@ def model_from_checkpoint(
             f"({type(err).__name__}); it was not made by this lmlab"
         ) from None
     load_weights(path, probe, {k: v.to("meta") for k, v in state["model_state"].items()})
-    model = build_model(name, len(vocab), **arguments)
+    model = cls(len(vocab), **constructor_arguments)
     load_weights(path, model, state["model_state"])
     return model.to(device).eval(), vocab, state
