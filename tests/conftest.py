@@ -39,6 +39,9 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from tests.commands import close_server
+
+    close_server()  # this process's warm interpreter for lmlab commands (tests/commands.py)
     shutil.rmtree(TEST_CACHE, ignore_errors=True)  # the suite leaves nothing in /tmp
     shutil.rmtree(USER_DIR, ignore_errors=True)
 

@@ -2,9 +2,6 @@
 stored config, precision is checked against the device, the bench works on a fresh trainer."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +11,8 @@ import torch
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.job import train_and_report
 from lmlab.training.checkpoint_format import model_from_checkpoint
-from tests.conftest import TINY, USER_DIR, train_tiny_run
+from tests.commands import lmlab
+from tests.conftest import TINY, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,23 +47,19 @@ class Bigram(LanguageModel):
 """
 
 
-def _cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=USER_DIR, capture_output=True, text=True, timeout=300, env=env
-    )
-
-
 def test_a_model_of_ones_own_trains_generates_and_evaluates_through_the_clis(tmp_path, corpus_dir):
     plugin_dir = tmp_path / "plugin"
     (plugin_dir / "conf" / "model").mkdir(parents=True)
     (plugin_dir / "my_bigram.py").write_text(textwrap.dedent(PLUGIN))
     (plugin_dir / "conf" / "model" / "bigram.yaml").write_text("name: bigram\ndim: 12\n")
-    env = {**os.environ, "PYTHONPATH": f"{plugin_dir}{os.pathsep}{ROOT}"}
     out = tmp_path / "run"
-    common = ["plugins=[my_bigram]", "device=cpu"]
-    run = _cli(
+
+    def users_command(module: str, *args: str):  # the user's module folder on their PYTHONPATH
+        return lmlab(module, *args, "plugins=[my_bigram]", "device=cpu", pythonpath=(plugin_dir,))
+
+    run = users_command(
         "lmlab.run", *(o for o in TINY if not o.startswith(("model.", "device"))), f"dataset.path={corpus_dir}",
-        "model=bigram", f"hydra.searchpath=[file://{plugin_dir / 'conf'}]", f"hydra.run.dir={out}", *common, env=env,
+        "model=bigram", f"hydra.searchpath=[file://{plugin_dir / 'conf'}]", f"hydra.run.dir={out}",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     results = json.loads((out / "results.json").read_text())
@@ -73,17 +67,17 @@ def test_a_model_of_ones_own_trains_generates_and_evaluates_through_the_clis(tmp
     best = out / "checkpoints" / "best.pt"
     assert torch.load(best, weights_only=True)["model"] == {"name": "bigram", "arguments": {"dim": 12}}
 
-    gen = _cli("lmlab.generate", f"checkpoint={best}", "num_words=6", "prompt=the cat", "seed=1", *common, env=env)
+    gen = users_command("lmlab.generate", f"checkpoint={best}", "num_words=6", "prompt=the cat", "seed=1")
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("the cat") and len(gen.stdout.split()) >= 4
-    ev = _cli(
+    ev = users_command(
         "lmlab.evaluate", f"checkpoint={best}", "dataset=text_dir", f"dataset.path={corpus_dir}",
-        "dataset.eval_batch_size=4", "dataset.bptt=8", *common, env=env,
+        "dataset.eval_batch_size=4", "dataset.bptt=8",
     )  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout.splitlines()[-1])["loss"] == pytest.approx(results["test_loss"], rel=1e-5)
 
-    without = _cli("lmlab.generate", f"checkpoint={best}", "device=cpu", env=env)
+    without = lmlab("lmlab.generate", f"checkpoint={best}", "device=cpu", pythonpath=(plugin_dir,))
     assert without.returncode == 4 and "'bigram' is not a registered model" in without.stderr
     assert "plugins=[module]" in without.stderr and "Traceback" not in without.stderr
 
@@ -141,14 +135,14 @@ def test_generate_and_evaluate_refuse_a_nested_target_in_one_line(trained, tmp_p
     marker = tmp_path / "pwned"
     best = _tampered(folder / "best.pt", tmp_path / "best.pt", _edits(marker)["nested _target_"])
     for module, extra in (("lmlab.generate", []), ("lmlab.evaluate", ["dataset=text_dir", f"dataset.path={corpus}"])):
-        proc = _cli(module, f"checkpoint={best}", "device=cpu", *extra)
+        proc = lmlab(module, f"checkpoint={best}", "device=cpu", *extra)
         assert proc.returncode == 4 and proc.stderr.startswith("error: refused to build the model stored in")
         assert "embed_dim" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists()
 
 
 def test_missing_checkpoint_key_is_one_line():
-    proc = _cli("lmlab.generate", "device=cpu")
+    proc = lmlab("lmlab.generate", "device=cpu")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: checkpoint is not set: give the file to load, e.g. checkpoint=outputs/DAY/TIME/checkpoints/best.pt"
     )
@@ -174,7 +168,7 @@ def test_bf16_is_refused_where_missing_and_auto_picks_it_only_where_fast(
 
 def test_bench_runs_a_fresh_trainer_with_checkpoint_options(corpus_dir, tmp_path):
     out = tmp_path / "bench"
-    proc = _cli(
+    proc = lmlab(
         "lmlab.bench", *TINY, f"dataset.path={corpus_dir}", "bench.steps=3", "bench.warmup=1",
         "bench.matmul_size=128", "hooks.checkpoint.save_every_steps=1", "hooks.non_finite.on_nan=skip_batch",
         f"hydra.run.dir={out}",
@@ -185,7 +179,7 @@ def test_bench_runs_a_fresh_trainer_with_checkpoint_options(corpus_dir, tmp_path
 
 def test_transformer_reports_its_flops_in_the_bench(corpus_dir, tmp_path):
     out = tmp_path / "bench"
-    proc = _cli(
+    proc = lmlab(
         "lmlab.bench", *(o for o in TINY if not o.startswith("model.")), "model=transformer", "optimizer=sgd",
         "model.d_model=32",
         "model.num_heads=2", "model.num_layers=1", "model.context=8", f"dataset.path={corpus_dir}",

@@ -5,14 +5,14 @@ refused in one line."""
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmlab.evaluation.ensemble import mixture_loss, mixture_weights
-from tests.conftest import TINY, USER_DIR, train_tiny_run, write_corpus
+from tests.commands import lmlab
+from tests.conftest import TINY, train_tiny_run, write_corpus
 from tests.e2e.test_sweeps import multirun
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,10 +60,7 @@ def members(tmp_path_factory):
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmlab.evaluate", "device=cpu", "method=ensemble", *args],
-        cwd=USER_DIR, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return lmlab("lmlab.evaluate", "device=cpu", "method=ensemble", *args)
 
 
 def test_a_model_with_itself_is_the_model(members, tmp_path):

@@ -5,7 +5,6 @@ every model."""
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from lmlab.evaluation.ngram import mixed_loss
 from lmlab.job import train_and_report
 from lmlab.models import build_model
 from lmlab.training.trainer import Trainer
-from tests.conftest import TINY, USER_DIR, train_tiny_run
+from tests.commands import lmlab
+from tests.conftest import TINY, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {
@@ -80,10 +80,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmlab.evaluate", "device=cpu", *args], cwd=USER_DIR, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    return lmlab("lmlab.evaluate", "device=cpu", *args)
 
 
 def test_the_cli_reports_each_method_and_leaves_the_checkpoint_untouched(checkpoint, tmp_path):
@@ -144,10 +141,7 @@ def _without_timings(settings: dict) -> dict:
 )
 def test_bad_test_with_settings_are_refused_before_any_work(overrides, message, tmp_path, corpus_dir):
     out = tmp_path / "refused"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab.run", *TINY, f"dataset.path={corpus_dir}", *overrides, f"hydra.run.dir={out}"],
-        cwd=USER_DIR, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *overrides, f"hydra.run.dir={out}")
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {message}"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 

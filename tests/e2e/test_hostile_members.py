@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_trust import AUDIT, ROOT, _cli
+from tests.commands import lmlab
+from tests.e2e.test_trust import AUDIT, ROOT
 
 
 def _crafted(trained, folder: Path, name: str, edit) -> Path:
@@ -50,7 +51,7 @@ def audited(tmp_path, monkeypatch):
 
     def run(*args: str):
         env = {**os.environ, "PYTHONPATH": f"{audit}{os.pathsep}{ROOT}"}
-        done = _cli("lmlab.evaluate", *args, "device=cpu", "device.num_threads=1", f"output={output}", env=env)
+        done = lmlab("lmlab.evaluate", *args, "device=cpu", "device.num_threads=1", f"output={output}", env=env)
         return done, json.loads(log.read_text())
 
     return run, output
@@ -146,6 +147,6 @@ def test_a_symlink_to_the_evaluated_checkpoint_is_the_evaluated_checkpoint(train
     best = trained[0] / "checkpoints" / "best.pt"
     alias = tmp_path / "alias.pt"
     alias.symlink_to(best)
-    done = _cli("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{alias}]")
+    done = lmlab("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{alias}]")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "the checkpoint being evaluated" in done.stderr

@@ -17,7 +17,8 @@ from lmlab.models import RNNLanguageModel
 from lmlab.models.output import _softmax_and_log_likelihood, linear_cross_entropy, linear_target_log_probs
 from lmlab.runtime.devices import bf16_support
 from lmlab.training.optim import NTASGD, clip_grad_norm
-from tests.conftest import TINY, USER_DIR
+from tests.commands import lmlab
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -303,24 +304,10 @@ def test_nt_asgd_run_evaluates_with_averaged_weights(corpus_dir, tmp_path, compo
 
 def test_bench_runs_and_writes_well_formed_figures(corpus_dir, tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmlab.bench",
-            *TINY,
-            f"dataset.path={corpus_dir}",
-            "bench.steps=3",
-            "bench.warmup=1",
-            "bench.matmul_size=256",
-            "model.dropout=0.5",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=USER_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = lmlab(
+        "lmlab.bench", *TINY, f"dataset.path={corpus_dir}", "bench.steps=3", "bench.warmup=1", "bench.matmul_size=256",
+        "model.dropout=0.5", f"hydra.run.dir={out}",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "bench.json").read_text())
     assert result["matmul_peak_gflops"]["fp32"] > 0

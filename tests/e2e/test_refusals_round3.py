@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from lmlab.errors import ConfigError
 from lmlab.job import train_and_report
 from lmlab.models import model_class
-from tests.conftest import TINY, USER_DIR
-from tests.e2e.test_run import cli
+from tests.commands import lmlab
+from tests.conftest import TINY
 
 
 @pytest.mark.parametrize(
@@ -53,11 +52,11 @@ def test_an_ensemble_names_each_member_once_and_never_the_evaluated_checkpoint(t
     shutil.copy(best, copy)
     corpus = trained[1]
     data = ["dataset=text_dir", f"dataset.path={corpus}", "device=cpu"]
-    twice = cli("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{copy},{copy}]", *data)
+    twice = lmlab("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{copy},{copy}]", *data)
     assert twice.returncode == 2 and f"ensemble.members names {copy} twice" in twice.stderr
-    itself = cli("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{best}]", *data)
+    itself = lmlab("lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{best}]", *data)
     assert itself.returncode == 2 and "the checkpoint being evaluated" in itself.stderr
-    on_valid = cli(
+    on_valid = lmlab(
         "lmlab.evaluate", f"checkpoint={best}", "method=ensemble", f"ensemble.members=[{copy}]", "split=valid",
         "ensemble.search=true", *data,
     )  # fmt: skip
@@ -95,7 +94,7 @@ def test_a_checkpoint_that_states_an_absurd_window_is_refused_before_any_allocat
     crafted = tmp_path / "crafted.pt"
     torch.save(state, crafted)
     for module, args in (("lmlab.generate", ["num_words=3"]), ("lmlab.evaluate", [])):
-        done = cli(module, f"checkpoint={crafted}", "device=cpu", *args)
+        done = lmlab(module, f"checkpoint={crafted}", "device=cpu", *args)
         assert done.returncode == 4, done.stderr
         assert "pointer_window" in done.stderr and "up to 10,000" in done.stderr and "Traceback" not in done.stderr
 
@@ -107,10 +106,7 @@ def test_a_resumed_sweep_never_reuses_a_job_finished_with_other_overrides(corpus
 
     def sweep_run(*extra: str) -> subprocess.CompletedProcess:
         args = [*SWEEP, f"dataset.path={corpus_dir}", "trainer.epochs=1", "model.hidden_dim=16,24", *extra]
-        return subprocess.run(
-            [sys.executable, "-m", "lmlab.run", "-m", *args, f"hydra.sweep.dir={sweep}"],
-            cwd=USER_DIR, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        return lmlab("lmlab.run", "-m", *args, f"hydra.sweep.dir={sweep}", timeout=600)
 
     first = sweep_run("++model.embed_dim=16")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -140,7 +136,7 @@ def test_a_damaged_checkpoint_field_is_one_line_naming_file_and_field(trained, t
     damage(state)
     crafted = tmp_path / "crafted.pt"
     torch.save(state, crafted)
-    done = cli("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
+    done = lmlab("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
     assert done.returncode == 4 and str(crafted) in done.stderr and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -151,13 +147,13 @@ def test_a_last_pt_with_an_absurd_tensorboard_step_is_one_line(corpus_dir, tmp_p
     pytest.importorskip("tensorboard")
     run = tmp_path / "run"
     args = [*TINY, f"dataset.path={corpus_dir}", "logger=tensorboard", f"hydra.run.dir={run}"]
-    first = cli("lmlab.run", *args, "trainer.epochs=1")
+    first = lmlab("lmlab.run", *args, "trainer.epochs=1")
     assert first.returncode == 0, first.stderr
     last = run / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
     state["logger_state"] = {key: {**(value or {}), "step": 10**30} for key, value in state["logger_state"].items()}
     torch.save(state, last)
-    resumed = cli("lmlab.run", *args, "trainer.epochs=2")
+    resumed = lmlab("lmlab.run", *args, "trainer.epochs=2")
     assert resumed.returncode == 4 and "TensorBoard step" in resumed.stderr and "Traceback" not in resumed.stderr
 
 
@@ -172,7 +168,7 @@ def test_a_last_pt_with_an_absurd_tensorboard_step_is_one_line(corpus_dir, tmp_p
 def test_a_refused_run_leaves_no_folder_and_runs_nothing(refused, corpus_dir, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    done = cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *refused, cwd=work)
+    done = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *refused, cwd=work)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
     assert list(work.iterdir()) == [] and done.stdout == ""  # no folder, and builtins.print never ran
 
@@ -184,7 +180,7 @@ def test_a_checkpoints_absurd_batching_is_the_files_fault(trained, tmp_path):
     state["config"]["dataset"]["eval_batch_size"] = 10**12
     crafted = tmp_path / "crafted.pt"
     torch.save(state, crafted)
-    done = cli("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
+    done = lmlab("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
     assert done.returncode == 4 and "dataset.eval_batch_size=1000000000000" in done.stderr
     assert "dataset=text_dir dataset.path=DIR" in done.stderr and "Traceback" not in done.stderr
 
@@ -195,6 +191,6 @@ def test_a_sweep_hydra_refuses_leaves_no_folder(refused, tmp_path):
     exit 1, one line saying no job ran, and no sweep folder with a ``multirun.yaml`` and "0 finished"."""
     work = tmp_path / "work"
     work.mkdir()
-    done = cli("lmlab.run", "-m", refused, "trainer.epochs=1", cwd=work)
+    done = lmlab("lmlab.run", "-m", refused, "trainer.epochs=1", cwd=work)
     assert done.returncode == 1 and "the sweep ran no job (refused above)" in done.stderr
     assert "0 finished" not in done.stdout and list(work.iterdir()) == []

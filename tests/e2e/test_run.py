@@ -13,13 +13,10 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from lmlab.errors import ConfigError
 from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
+from tests.commands import lmlab
 from tests.conftest import TINY, USER_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(module: str, *args: str, cwd: Path = USER_DIR) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("model", ["lstm", "gru"])
@@ -54,7 +51,7 @@ def test_generate_and_evaluate_clis_use_only_the_checkpoint(trained, tmp_path):
 
     def generate():  # from another folder, with no dataset around
         args = [f"checkpoint={ckpt}", "num_words=12", "temperature=0.8", "prompt=the cat", "seed=3", "device=cpu"]
-        return cli("lmlab.generate", *args, cwd=tmp_path)
+        return lmlab("lmlab.generate", *args, cwd=tmp_path)
 
     gen = generate()
     assert gen.returncode == 0, gen.stderr
@@ -62,7 +59,7 @@ def test_generate_and_evaluate_clis_use_only_the_checkpoint(trained, tmp_path):
     again = generate()
     assert again.stdout == gen.stdout  # seeded sampling is reproducible
 
-    ev = cli(
+    ev = lmlab(
         "lmlab.evaluate",
         f"checkpoint={ckpt}",
         "dataset=text_dir",
@@ -78,15 +75,24 @@ def test_generate_and_evaluate_clis_use_only_the_checkpoint(trained, tmp_path):
 
 
 def test_cli_run_help_and_cfg_job():
-    out = cli("lmlab.run", "--cfg", "job", "model=gru")
+    out = lmlab("lmlab.run", "--cfg", "job", "model=gru")
     assert out.returncode == 0, out.stderr
     assert "cell: gru" in out.stdout and "name: rnn" in out.stdout
-    help_text = cli("lmlab.run", "--help")
+    help_text = lmlab("lmlab.run", "--help")
     models = (
         "model: gru, lstm, ngram_pointer_lstm, ngram_pointer_transformer, pointer_lstm, pointer_transformer, "
         "transformer"
     )
     assert help_text.returncode == 0 and models in help_text.stdout
+
+
+@pytest.mark.parametrize("args", [["--cfg", "job", "model=gru"], ["model.hidden_dim=-1"]])
+def test_a_command_run_from_the_warm_interpreter_answers_as_a_fresh_one(args, tmp_path):
+    """tests/commands.py runs most commands in a child forked from a warm interpreter: same answer, byte for
+    byte, as a fresh ``python -m`` (its exit code, stdout and stderr)."""
+    fresh, warm = (lmlab("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'x'}", fresh=f) for f in (True, False))
+    assert (warm.returncode, warm.stdout, warm.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert not (tmp_path / "x").exists() or args[0] == "--cfg"
 
 
 @pytest.mark.parametrize(
@@ -124,7 +130,7 @@ def test_unknown_option_or_key_is_refused_by_hydra(compose_cfg):
 
 
 def test_cli_reports_config_errors_in_one_line(corpus_dir):
-    out = cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "dataset.bptt=100000")
+    out = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "dataset.bptt=100000")
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: dataset.bptt=100000 is longer than the data")
     assert "Traceback" not in out.stderr

@@ -17,7 +17,8 @@ from lmlab.job import train_and_report
 from lmlab.runtime.files import RunLock, remove_stale_temp_files
 from lmlab.training.checkpoint_format import load_checkpoint
 from lmlab.training.trainer import Trainer
-from tests.conftest import TINY, USER_DIR
+from tests.commands import lmlab
+from tests.conftest import TINY
 from tests.e2e.test_reliability import _inject_nan_at, _start_run, _wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +35,9 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_is_intact(tmp_
     first = _start_run(out, corpus_dir)
     _wait_for(out / "metrics.jsonl", first)
     record = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
-    second = subprocess.run(
-        [sys.executable, "-m", "lmlab.run", *TINY, f"dataset.path={corpus_dir}", "model.hidden_dim=24",
-         f"hydra.run.dir={out}"],
-        cwd=USER_DIR, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    second = lmlab(
+        "lmlab.run", *TINY, f"dataset.path={corpus_dir}", "model.hidden_dim=24", f"hydra.run.dir={out}", timeout=120
+    )
     assert second.returncode == 6, second.stderr
     assert second.stderr.startswith(f"error: {out} is in use by another run (pid {first.pid}")
     assert len(second.stderr.strip().splitlines()) == 1
@@ -209,7 +208,7 @@ def test_each_failure_kind_is_one_line_with_its_own_exit_code(tmp_path, corpus_d
           f"hydra.run.dir={tmp_path / 'run'}"], 3, "training diverged (non-finite or exploding loss) in epoch 1"),
     ]  # fmt: skip
     for args, code, message in cases:
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=USER_DIR, capture_output=True, text=True, timeout=120)
+        proc = lmlab(*args, timeout=120)
         assert proc.returncode == code, proc.stderr
         assert proc.stderr.startswith("error: ") and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "weights_only=False" not in proc.stderr

@@ -3,15 +3,14 @@
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lmlab.compare import main as compare_main
-from tests.conftest import TINY, USER_DIR
+from tests.commands import lmlab
+from tests.conftest import TINY
 from tests.e2e.wandb_records import summarize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,16 +20,13 @@ SWEEP = [o for o in TINY if not o.startswith("trainer.epochs")] + ["trainer.epoc
 def multirun(tmp_path: Path, corpus: Path, *extra: str, base: list[str] = SWEEP, output: list | None = None) -> Path:
     sweep_dir = tmp_path / "sweep"
     args = [
-        sys.executable,
-        "-m",
-        "lmlab.run",
         "-m",
         *base,
         f"dataset.path={corpus}",
         *extra,
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    proc = subprocess.run(args, cwd=USER_DIR, capture_output=True, text=True, timeout=600)
+    proc = lmlab("lmlab.run", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if output is not None:
         output.append(proc)
@@ -140,8 +136,7 @@ def test_optuna_sweep_minimises_validation_perplexity(tmp_path, corpus_dir):
 
 def hydra_package(package: str, *overrides: str) -> dict:
     """The composed Hydra config node at ``package`` for these overrides (`--cfg hydra --package`)."""
-    args = [sys.executable, "-m", "lmlab.run", *overrides, "--cfg", "hydra", "--package", package]
-    proc = subprocess.run(args, cwd=USER_DIR, capture_output=True, text=True, timeout=120)
+    proc = lmlab("lmlab.run", *overrides, "--cfg", "hydra", "--package", package, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
 
@@ -164,10 +159,7 @@ JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "~device.num_threa
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(launcher, tmp_path, corpus_dir, capsys):
     sweep_dir = tmp_path / "sweep"
     args = [*SWEEP, f"dataset.path={corpus_dir}", "trainer.epochs=1", "model.hidden_dim=16,-1,24", *launcher]
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab.run", "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=USER_DIR, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = lmlab("lmlab.run", "-m", *args, f"hydra.sweep.dir={sweep_dir}", timeout=600)
     assert proc.returncode != 0
     results = {p.parent.name.split("_")[0]: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
     assert results["0"]["status"] == results["2"]["status"] == "completed"  # the jobs after the failure ran
@@ -188,11 +180,11 @@ def test_optuna_counts_failed_trials_over_the_whole_study(tmp_path, corpus_dir, 
     """The plugin's failure rate is per batch (one trial): here it is a share of all n_trials."""
     searched = ("optimizer.lr", "model.dropout", "model.hidden_dim")
     args = [o for o in SWEEP if not o.startswith(searched)]
-    command = [sys.executable, "-m", "lmlab.run", "-m", *args, f"dataset.path={corpus_dir}", "+sweep=optuna",
+    command = ["-m", *args, f"dataset.path={corpus_dir}", "+sweep=optuna",
                "hydra.sweeper.n_trials=4", f"hydra.sweeper.max_failure_rate={rate}", "trainer.epochs=1",
                "model.embed_dim=16", "model.hidden_dim=choice(16,-1)",
                "hydra.sweeper.sampler.seed=3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
-    done = subprocess.run(command, cwd=USER_DIR, capture_output=True, text=True, timeout=600)
+    done = lmlab("lmlab.run", *command, timeout=600)
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
     failed = [r for r in results if r["status"] == "failed"]
     assert failed and all("model.hidden_dim=-1 is invalid" in r["error"] for r in failed)

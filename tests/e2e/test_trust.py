@@ -10,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.commands import lmlab
 from tests.conftest import TINY, USER_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cli(module: str, *args: str, cwd: Path = USER_DIR, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
-    )
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -35,7 +30,7 @@ def finished_run(tmp_path_factory) -> tuple[Path, list[str]]:
 
     folder = tmp_path_factory.mktemp("finished")
     args = [*TINY, f"dataset.path={write_corpus(folder / 'corpus')}", "trainer.epochs=1"]
-    done = _cli("lmlab.run", *args, f"hydra.run.dir={folder / 'run'}")
+    done = lmlab("lmlab.run", *args, f"hydra.run.dir={folder / 'run'}")
     assert done.returncode == 0, done.stderr
     return folder / "run", args
 
@@ -52,19 +47,19 @@ def finished_run(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_a_refused_run_leaves_a_finished_run_folder_byte_for_byte(finished_run, change, code):
     run, args = finished_run
     before = snapshot(run)
-    refused = _cli("lmlab.run", *args, *change, f"hydra.run.dir={run}")
+    refused = lmlab("lmlab.run", *args, *change, f"hydra.run.dir={run}")
     assert refused.returncode == code, refused.stderr
     assert refused.stderr.startswith("error: ") and len(refused.stderr.strip().splitlines()) == 1
     assert snapshot(run) == before  # .hydra/ (config, overrides), run.log, metrics: all as they were
 
 
 def test_a_refused_run_leaves_no_folder_behind_not_even_hydras_dated_one(tmp_path, corpus_dir):
-    refused = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "model.hidden_dim=0", cwd=tmp_path)
+    refused = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "model.hidden_dim=0", cwd=tmp_path)
     assert refused.returncode == 2
     assert not (tmp_path / "outputs").exists()
     empty = tmp_path / "made-by-the-user"
     empty.mkdir()
-    refused = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "model.hidden_dim=0", f"hydra.run.dir={empty}")
+    refused = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "model.hidden_dim=0", f"hydra.run.dir={empty}")
     assert refused.returncode == 2 and empty.is_dir() and not any(empty.iterdir())  # there before: kept, as it was
 
 
@@ -180,7 +175,7 @@ def test_a_checkpoints_dataset_record_chooses_no_file_url_or_import(evaluated_ch
         torch.save(state, checkpoint)
         env = {**os.environ, "PYTHONPATH": f"{audit}{os.pathsep}{ROOT}", "AUDIT_LOG": str(tmp_path / "events.json"),
                "LMLAB_DATA_DIR": str(user_root), "LMLAB_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
-        done = _cli("lmlab.evaluate", f"checkpoint={checkpoint}", "device=cpu", "device.num_threads=1", env=env)
+        done = lmlab("lmlab.evaluate", f"checkpoint={checkpoint}", "device=cpu", "device.num_threads=1", env=env)
     finally:
         httpd.shutdown()
     assert done.returncode in (0, 2, 4), done.stderr
@@ -317,7 +312,7 @@ def test_generate_and_evaluate_give_a_damaged_checkpoint_one_line_and_exit_4(tin
     ):
         edit, expected = LOAD_DAMAGE[case]
         best = _edited(folder / "best.pt", tmp_path / module / "best.pt", edit)
-        done = _cli(module, f"checkpoint={best}", "device=cpu", *extra)
+        done = lmlab(module, f"checkpoint={best}", "device=cpu", *extra)
         assert done.returncode == 4, done.stderr
         assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -333,13 +328,13 @@ def test_generate_and_evaluate_give_a_damaged_checkpoint_one_line_and_exit_4(tin
 )
 def test_values_that_used_to_pass_validation_and_crash_are_one_line(tmp_path, corpus_dir, override, message):
     args = [*TINY, f"dataset.path={corpus_dir}", "model.softmax=adaptive", "model.tie_weights=false", override]
-    done = _cli("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    done = lmlab("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_bench_steps_zero_is_refused_in_one_line(tmp_path, corpus_dir):
-    bench = _cli("lmlab.bench", *TINY, f"dataset.path={corpus_dir}", "bench.steps=0", cwd=tmp_path)
+    bench = lmlab("lmlab.bench", *TINY, f"dataset.path={corpus_dir}", "bench.steps=0", cwd=tmp_path)
     assert bench.returncode == 2 and bench.stderr.startswith("error: bench.steps=0 is invalid"), bench.stderr
     assert len(bench.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
@@ -356,7 +351,7 @@ def test_compare_flags_an_unreadable_run_and_keeps_the_table(finished_run, tmp_p
         shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("checkpoints"))
         (tmp_path / name / "results.json").write_text(text)
     shutil.copytree(run, tmp_path / "good", ignore=shutil.ignore_patterns("checkpoints"))
-    done = _cli("lmlab.compare", str(tmp_path))
+    done = lmlab("lmlab.compare", str(tmp_path))
     assert done.returncode == 0, done.stderr
     rows = done.stdout.splitlines()[1:]
     assert len(rows) == 4 and rows[0].startswith("good ")
@@ -376,7 +371,7 @@ def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(
     corpus = write_corpus(tmp_path / "corpus", valid=6000)
     args = [*TINY, f"dataset.path={corpus}", "trainer.epochs=1", "trainer.limit_train_batches=3",
             "dataset.eval_batch_size=1", "hooks.progress.log_interval=1"]  # fmt: skip
-    full = _cli("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'full'}")
+    full = lmlab("lmlab.run", *args, f"hydra.run.dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "lmlab.run", *args, f"hydra.run.dir={cut}"], cwd=USER_DIR, text=True,
@@ -389,7 +384,7 @@ def test_a_stop_signal_during_validation_stops_it_and_the_resumed_run_redoes_it(
     assert proc.returncode == 143, stderr
     saved = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"], saved["history"]) == (1, 3, [])  # trained, not yet validated
-    resumed = _cli("lmlab.run", *args, f"hydra.run.dir={cut}")
+    resumed = lmlab("lmlab.run", *args, f"hydra.run.dir={cut}")
     assert resumed.returncode == 0, resumed.stderr
     figures = [json.loads((run / "results.json").read_text()) for run in (tmp_path / "full", cut)]
     for key in ("best_val_loss", "test_loss"):
@@ -420,6 +415,6 @@ def test_a_planted_link_at_the_lock_is_refused_and_its_target_untouched(tmp_path
     run.mkdir()
     victim.write_text("precious\n")
     (run / ".lmlab.lock").symlink_to(victim)
-    done = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", f"hydra.run.dir={run}")
+    done = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", f"hydra.run.dir={run}")
     assert done.returncode == 6 and "cannot be a lock file" in done.stderr, done.stderr
     assert victim.read_text() == "precious\n"

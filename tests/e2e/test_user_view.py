@@ -6,21 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.commands import lmlab
 from tests.conftest import TINY, USER_DIR
 from tests.e2e.test_trust import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=USER_DIR, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_a_redirected_run_reports_progress_and_where_its_results_are(tmp_path, corpus_dir):
     out = tmp_path / "run"
-    run = _cli(
+    run = lmlab(
         "lmlab.run", *TINY, f"dataset.path={corpus_dir}", "hooks.progress.log_interval=20", f"hydra.run.dir={out}"
     )
     assert run.returncode == 0, run.stderr
@@ -35,7 +30,7 @@ def test_a_redirected_run_reports_progress_and_where_its_results_are(tmp_path, c
     assert f"run folder: {out}" in run.stdout and f"best checkpoint: {out}/checkpoints/best.pt" in run.stdout
     assert f"results: {out}/results.json" in run.stdout
 
-    evaluated = _cli("lmlab.evaluate", f"checkpoint={out}/checkpoints/best.pt", "device=cpu")  # no dataset given
+    evaluated = lmlab("lmlab.evaluate", f"checkpoint={out}/checkpoints/best.pt", "device=cpu")  # no dataset given
     assert evaluated.returncode == 0, evaluated.stderr
     test_loss = json.loads((out / "results.json").read_text())["test_loss"]
     assert abs(json.loads(evaluated.stdout.splitlines()[-1])["loss"] - test_loss) < 1e-5
@@ -49,7 +44,7 @@ def test_refused_runs_leave_no_folder_and_keys_that_do_nothing_are_refused(tmp_p
     ]  # fmt: skip
     for i, (overrides, message) in enumerate(cases):
         out = tmp_path / f"refused{i}"
-        proc = _cli("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *overrides, f"hydra.run.dir={out}")
+        proc = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", *overrides, f"hydra.run.dir={out}")
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr
         assert not out.exists()
 
@@ -63,7 +58,7 @@ def test_multirun_lines_name_their_job(tmp_path, corpus_dir):
         "model.hidden_dim=16,24",
         f"hydra.sweep.dir={sweep}",
     ]
-    proc = _cli("lmlab.run", "-m", *args)
+    proc = lmlab("lmlab.run", "-m", *args)
     assert proc.returncode == 0, proc.stderr
     epoch_lines = [line for line in proc.stdout.splitlines() if "[Epoch: 1]" in line]
     assert [line.split(" [Epoch")[0] for line in epoch_lines] == ["[job 0]", "[job 1]"]
@@ -76,7 +71,7 @@ def test_multirun_lines_name_their_job(tmp_path, corpus_dir):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     before = snapshot(jobs[0])
     (jobs[1] / "results.json").unlink()  # as if job 1 had been interrupted
-    again = _cli("lmlab.run", "-m", *args)
+    again = lmlab("lmlab.run", "-m", *args)
     assert again.returncode == 0, again.stderr
     assert f"[job 0] finished before, kept as it was: {jobs[0]}" in again.stdout
     assert snapshot(jobs[0]) == before  # results.json figures (tokens/s, wall time) untouched

@@ -1,0 +1,119 @@
+"""``lmlab(module, *args)``: run ``python -m <module> <args>`` as a user does, from their own folder.
+
+Every end-to-end test starts its commands through here. A command whose environment is the test session's
+runs in a child forked from a warm interpreter (``tests/command_server.py``: the installed lmlab, torch and
+Hydra imported once per test worker), which saves the ~3 CPU-seconds each fresh interpreter spends importing
+before it reads its first argument. ``fresh=True``, or an ``env`` of its own, runs a real ``python -m``:
+for tests about a fresh process (what it imports, audit hooks installed at start, an environment variable
+read at import time). Signals and torchrun start their own processes (``subprocess.Popen``), not this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.conftest import USER_DIR
+
+SERVER = Path(__file__).resolve().parent / "command_server.py"
+# Variables the test process sets on itself while it runs (pytest for each test; torch's compiler once a test
+# compiled) and nothing reads at import: they may differ from the server's, and the child gets the test's
+# environment as a real subprocess would. Any other difference runs a fresh interpreter.
+SET_WHILE_TESTING = ("PYTEST_", "TORCHINDUCTOR_", "_TORCHINDUCTOR_")
+
+
+def _import_environment(env: dict) -> dict:
+    return {key: value for key, value in env.items() if not key.startswith(SET_WHILE_TESTING)}
+
+
+class _CommandServer:
+    """One warm interpreter per test process, started on first use and ended with the process."""
+
+    def __init__(self) -> None:
+        self.env = _import_environment(os.environ)
+        self.process = subprocess.Popen(
+            [sys.executable, str(SERVER)], cwd=USER_DIR, env=self.env, text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self._replies, self._pending = self.process.stdout.fileno(), b""
+        self._read(timeout=120)  # its pid: it is ready
+
+    def _read(self, timeout: float | None) -> dict:
+        """The server's next reply line (read from the raw pipe: a buffered reader could hold a second
+        reply that ``select`` then never reports)."""
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([self._replies], [], [], timeout)
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(self._replies, 4096)
+            if not chunk:
+                raise RuntimeError(f"the command server ended (exit {self.process.wait()})")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(
+        self, module: str, args: list[str], cwd: Path, env: dict, pythonpath: list[str], timeout: float
+    ) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", module, *args]
+        with tempfile.TemporaryDirectory(prefix="lmlab-command-") as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            request = {"module": module, "args": args, "cwd": str(cwd), "env": env, "pythonpath": pythonpath}
+            request |= {"stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = self._read(timeout=60)["pid"]
+            try:
+                returncode = self._read(timeout)["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)  # what subprocess.run does on its timeout
+                self._read(timeout=60)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(command, returncode, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+_server: _CommandServer | None = None
+
+
+def lmlab(
+    module: str,
+    *args: str,
+    cwd: Path = USER_DIR,
+    pythonpath: tuple[Path, ...] = (),
+    env: dict | None = None,
+    timeout: float = 300,
+    fresh: bool = False,
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` in ``cwd``: its exit code and its stdout and stderr as text.
+    ``pythonpath``: a user's own module folders, put before what ``PYTHONPATH`` already names."""
+    global _server
+    now = _import_environment(os.environ)
+    if fresh or (env is not None and _import_environment(env) != now) or (_server and _server.env != now):
+        env = dict(os.environ if env is None else env)
+        if pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+        return subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    if _server is None:
+        _server = _CommandServer()
+    environment = dict(os.environ if env is None else env)
+    return _server.run(module, list(args), Path(cwd), environment, [str(p) for p in pythonpath], timeout)
+
+
+def close_server() -> None:
+    """End this test process's warm interpreter (the session's end calls it)."""
+    global _server
+    if _server is not None:
+        _server.close()
+        _server = None
