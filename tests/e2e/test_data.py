@@ -1,3 +1,4 @@
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,7 @@ from lmlab.data.batching import TokenStream, batchify
 from lmlab.data.corpus import PIECE_BYTES, SPLITS, read_pieces, tokenize
 from lmlab.data.datasets import EOS, UNK, Corpus, LanguageModelData
 from lmlab.errors import ConfigError, DataError
+from tests.commands import lmlab
 
 
 def _corpus(tmp_path: Path, train: str, valid: str, test: str) -> Corpus:
@@ -160,20 +162,39 @@ def _mapped_from(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def test_a_100_mb_single_line_is_read_in_bounded_pieces(tmp_path):
-    import resource
+# Reads the three files in ``sys.argv[1]`` in 1 MB pieces, in a process of its own (a test worker's peak
+# memory is whatever an earlier test left it at); prints how much the peak grew, in MB, and the tokens read.
+READ_IN_PIECES = """
+import json, resource, sys
+from pathlib import Path
 
+from lmlab.data import corpus
+
+corpus.PIECE_BYTES = 1 << 20
+folder = Path(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+read = corpus.Corpus.from_files({s: folder / f"{s}.txt" for s in ("train", "valid", "test")}, cache=False)
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"grown_mb": grown_mb, "train": len(read.train), "valid": read.vocab.decode(read.valid.tolist())}))
+"""
+
+
+def test_a_30_mb_single_line_is_read_in_bounded_pieces(tmp_path):
     words = [f"w{i}" for i in range(50)]
-    line = (" ".join(words) + " ") * (100 * 2**20 // len(" ".join(words) + " "))  # ~100 MB, no newline
-    (tmp_path / "train.txt").write_text(line)
-    (tmp_path / "valid.txt").write_text("w1 w2 unseen\n")
-    (tmp_path / "test.txt").write_text("w3\n")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    corpus = Corpus.from_files({s: tmp_path / f"{s}.txt" for s in ("train", "valid", "test")}, cache=False)
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert len(corpus.train) == len(line.split()) + 1  # one <eos> for the one line
-    assert corpus.vocab.decode(corpus.valid.tolist()) == ["w1", "w2", UNK, EOS]
-    assert grown_mb < 1000  # splitting the whole line at once would need ~1.5 GB of Python strings
+    line = (" ".join(words) + " ") * (30 * 2**20 // len(" ".join(words) + " "))  # ~30 MB, no newline
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text(line)
+    (data / "valid.txt").write_text("w1 w2 unseen\n")
+    (data / "test.txt").write_text("w3\n")
+    (tmp_path / "read_in_pieces.py").write_text(READ_IN_PIECES)
+    done = lmlab("read_in_pieces", str(data), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    read = json.loads(done.stdout)
+    assert read["train"] == len(line.split()) + 1  # one <eos> for the one line
+    assert read["valid"] == ["w1", "w2", UNK, EOS]
+    # the ids (4 bytes a word) and one piece's words: ~80 MB; splitting the whole line at once: ~630 MB
+    assert read["grown_mb"] < 300
 
 
 def test_rank_shards_together_read_exactly_the_full_batch(monkeypatch):
