@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import importlib.util
 import json
 import os
 import runpy
@@ -46,6 +47,18 @@ def _exit_code(code: object) -> int:
     return 1
 
 
+def _run_sitecustomize(folders: list[str]) -> None:
+    """What ``site`` does at an interpreter's start with a ``sitecustomize`` on ``PYTHONPATH`` (before the
+    command's folder is on ``sys.path``): import the first one (a test's audit hook installs itself so)."""
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, "sitecustomize.py")):
+            spec = importlib.util.spec_from_file_location("sitecustomize", os.path.join(folder, "sitecustomize.py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["sitecustomize"] = module
+            spec.loader.exec_module(module)
+            return
+
+
 def _run_child(request: dict, closing: list[int]) -> None:
     """In the forked child: become ``python -m module args`` in ``cwd``; never returns."""
     code = 1
@@ -65,6 +78,7 @@ def _run_child(request: dict, closing: list[int]) -> None:
         sys.path[0] = os.getcwd()  # `python -m` puts the working folder first, then PYTHONPATH's folders
         if request["pythonpath"]:
             sys.path[1:1] = request["pythonpath"]
+            _run_sitecustomize(request["pythonpath"])
             os.environ["PYTHONPATH"] = os.pathsep.join(
                 [*request["pythonpath"], *filter(None, [os.environ.get("PYTHONPATH")])]
             )

@@ -22,14 +22,15 @@ from pathlib import Path
 from tests.conftest import USER_DIR
 
 SERVER = Path(__file__).resolve().parent / "command_server.py"
-# Variables the test process sets on itself while it runs (pytest for each test; torch's compiler once a test
-# compiled) and nothing reads at import: they may differ from the server's, and the child gets the test's
-# environment as a real subprocess would. Any other difference runs a fresh interpreter.
-SET_WHILE_TESTING = ("PYTEST_", "TORCHINDUCTOR_", "_TORCHINDUCTOR_")
+# Variables a fork may see differ from the server's, because nothing reads them at import: those the test
+# process sets on itself while it runs (pytest for each test; torch's compiler once a test compiled) and
+# lmlab's own (LMLAB_DATA_DIR, LMLAB_CACHE_DIR: read when a command needs them). The child gets the test's
+# environment, as a real subprocess would; any other difference runs a fresh interpreter.
+READ_AFTER_START = ("PYTEST_", "TORCHINDUCTOR_", "_TORCHINDUCTOR_", "LMLAB_")
 
 
 def _import_environment(env: dict) -> dict:
-    return {key: value for key, value in env.items() if not key.startswith(SET_WHILE_TESTING)}
+    return {key: value for key, value in env.items() if not key.startswith(READ_AFTER_START)}
 
 
 class _CommandServer:
@@ -95,7 +96,8 @@ def lmlab(
     fresh: bool = False,
 ) -> subprocess.CompletedProcess:
     """``python -m module args`` in ``cwd``: its exit code and its stdout and stderr as text.
-    ``pythonpath``: a user's own module folders, put before what ``PYTHONPATH`` already names."""
+    ``pythonpath``: a user's own module folders, put before what ``PYTHONPATH`` already names (a
+    ``sitecustomize.py`` there runs first, as at an interpreter's start)."""
     global _server
     now = _import_environment(os.environ)
     if fresh or (env is not None and _import_environment(env) != now) or (_server and _server.env != now):

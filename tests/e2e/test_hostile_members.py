@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.commands import lmlab
-from tests.e2e.test_trust import AUDIT, ROOT
+from tests.e2e.test_trust import AUDIT
 
 
 def _crafted(trained, folder: Path, name: str, edit) -> Path:
@@ -41,18 +41,18 @@ def _arguments(**changes):
 
 
 @pytest.fixture
-def audited(tmp_path, monkeypatch):
+def audited(tmp_path):
     """(run ``lmlab.evaluate`` under the audit hook → (the finished process, its events), the allowed output)."""
     audit = tmp_path / "audit"
     audit.mkdir()
     (audit / "sitecustomize.py").write_text(AUDIT)
-    log, output = tmp_path / "events.json", tmp_path / "out" / "report.json"
-    monkeypatch.setenv("AUDIT_LOG", str(log))  # the hook's own file, written at exit
+    output = tmp_path / "out" / "report.json"
 
     def run(*args: str):
-        env = {**os.environ, "PYTHONPATH": f"{audit}{os.pathsep}{ROOT}"}
-        done = lmlab("lmlab.evaluate", *args, "device=cpu", "device.num_threads=1", f"output={output}", env=env)
-        return done, json.loads(log.read_text())
+        done = lmlab(
+            "lmlab.evaluate", *args, "device=cpu", "device.num_threads=1", f"output={output}", pythonpath=(audit,)
+        )
+        return done, json.loads((audit / "events.json").read_text())
 
     return run, output
 
@@ -64,7 +64,8 @@ def _outside_effects(events: list, output: Path, allowed_reads: tuple[str, ...])
     harmless = (f"('{mine}", "('.',", "('/tmp/torchinductor_")  # the current folder (exists), torch's own cache
     bad += [e for e in events if e[0] in ("os.mkdir", "os.rename") and not e[1].startswith(harmless)]
     written = [e for e in events if e[0] == "open" and e[2] not in ("r", "rb")]
-    bad += [e for e in written if not e[1].startswith((mine, "/dev/", os.environ["AUDIT_LOG"], *allowed_reads))]
+    hooks_own = str(output.parent.parent / "audit" / "events.json")
+    bad += [e for e in written if not e[1].startswith((mine, "/dev/", hooks_own, *allowed_reads))]
     # what the hostile record names: a text folder at /etc (its split files), and the marker os.system would
     # touch (other files under /etc, such as the system's MIME or SSL tables, are the libraries' own reads)
     named = ("/etc/train.txt", "/etc/valid.txt", "/etc/test.txt", "/etc/wikitext", "/tmp/lmlab-pwned")

@@ -64,7 +64,7 @@ def test_a_refused_run_leaves_no_folder_behind_not_even_hydras_dated_one(tmp_pat
 
 
 # Records every file opened for writing or created, every file read, and every connection, in a process
-# started with this folder on PYTHONPATH (Python's audit hooks: PEP 578).
+# started with this folder on PYTHONPATH (Python's audit hooks: PEP 578); writes them to events.json beside it.
 AUDIT = """
 import atexit, json, os, sys
 _events = []
@@ -75,7 +75,7 @@ def _hook(event, args):
         _events.append([event, repr(args)])
 sys.addaudithook(_hook)
 def _write():
-    with open(os.environ["AUDIT_LOG"], "w") as f:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "events.json"), "w") as f:
         f.write(json.dumps(_events))
 atexit.register(_write)
 """
@@ -173,22 +173,24 @@ def test_a_checkpoints_dataset_record_chooses_no_file_url_or_import(evaluated_ch
         checkpoint = tmp_path / "ckpt" / "best.pt"
         checkpoint.parent.mkdir()
         torch.save(state, checkpoint)
-        env = {**os.environ, "PYTHONPATH": f"{audit}{os.pathsep}{ROOT}", "AUDIT_LOG": str(tmp_path / "events.json"),
-               "LMLAB_DATA_DIR": str(user_root), "LMLAB_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
-        done = lmlab("lmlab.evaluate", f"checkpoint={checkpoint}", "device=cpu", "device.num_threads=1", env=env)
+        env = {**os.environ, "LMLAB_DATA_DIR": str(user_root), "LMLAB_CACHE_DIR": str(tmp_path / "cache")}
+        done = lmlab(
+            "lmlab.evaluate", f"checkpoint={checkpoint}", "device=cpu", "device.num_threads=1", pythonpath=(audit,),
+            env=env,
+        )  # fmt: skip
     finally:
         httpd.shutdown()
     assert done.returncode in (0, 2, 4), done.stderr
     if done.returncode:
         assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    events = json.loads((tmp_path / "events.json").read_text())
+    events = json.loads((audit / "events.json").read_text())
     touched = [e for e in events if e[0] != "open" and str(hostile) in e[1] or "socket.connect" == e[0]]
     assert not touched and not hits, (touched, hits)
     forbidden = (str(hostile), "/etc/hostname", "/etc/passwd", "/etc/hosts", "/proc/self/environ")
     opened = [e for e in events if e[0] == "open" and e[1].startswith(forbidden)]
     assert not opened, opened
     written = [e[1] for e in events if e[0] == "open" and e[2] not in ("r", "rb")]
-    allowed = [str(tmp_path / d) for d in ("ckpt", "cache", "user-data", "events.json")]  # the user's folders
+    allowed = [str(tmp_path / d) for d in ("ckpt", "cache", "user-data", "audit")]  # the user's folders, the hook's
     assert all(p.startswith((*allowed, "/dev/")) for p in written), written
     assert not (hostile / "pwned").exists() and sorted(p.name for p in hostile.iterdir()) == [
         "not-test.txt", "not-train.txt", "not-valid.txt"
