@@ -115,10 +115,9 @@ def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(t
     """+experiment=wt103_lstm (adaptive softmax, WikiText103 dataset) end to end, shrunk to test size."""
     import json
     import os
-    import subprocess
-    import sys
 
     from lmlab.job import train_and_report
+    from tests.commands import lmlab
 
     folder = tmp_path / "root" / "wikitext-103"
     folder.mkdir(parents=True)
@@ -134,7 +133,7 @@ def test_wt103_recipe_trains_on_a_stand_in_corpus_and_its_checkpoint_evaluates(t
     results = train_and_report(cfg, tmp_path / "run")
     best, report = tmp_path / "run" / "checkpoints" / "best.pt", tmp_path / "report.json"
     env = {**os.environ, "LMLAB_DATA_DIR": str(tmp_path / "root")}  # the user's data root, not the record's
-    subprocess.run([sys.executable, "-m", "lmlab.evaluate", f"checkpoint={best}", "device=cpu", f"output={report}"],
-                   check=True, capture_output=True, env=env)  # fmt: skip
+    done = lmlab("lmlab.evaluate", f"checkpoint={best}", "device=cpu", f"output={report}", env=env)
+    assert done.returncode == 0, done.stderr
     loss = json.loads(report.read_text())["loss"]
     assert loss == pytest.approx(results["test_loss"], rel=1e-5)  # its dataset rebuilt from the checkpoint's record

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from lmlab.errors import ConfigError
 from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
 from tests.commands import lmlab
-from tests.conftest import TINY, USER_DIR
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,13 +136,6 @@ def test_cli_reports_config_errors_in_one_line(corpus_dir):
 
 def test_tab_completion_lists_group_options():
     env = {**os.environ, "COMP_LINE": "lmlab-run model=g"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab.run", "-sc", "query=bash"],
-        cwd=USER_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = lmlab("lmlab.run", "-sc", "query=bash", env=env, timeout=120)  # a fresh interpreter: its own environment
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["model=gru"]
