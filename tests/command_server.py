@@ -8,15 +8,16 @@ stderr written to their own files, its ``atexit`` functions run, and the exit st
 give (``sys.exit``'s code, 1 after a traceback printed by ``sys.excepthook``, minus the signal that killed it).
 
 What differs from a fresh interpreter, and so stays on a real ``python -m`` (``tests.commands.lmlab``'s
-``fresh=True``, or any environment other than the one this server started with): the modules listed in
-``PRELOADED`` are already imported, so a test about what a command imports, or about an environment read at
-import time, cannot run here. Started by ``tests.commands`` from the user's folder (``tests.conftest.USER_DIR``),
-never the checkout, so ``import lmlab`` finds the installed lmlab exactly as the command does.
+``fresh=True``, or an environment that differs from this server's in a variable that may be read at import):
+the modules listed in ``PRELOADED`` are already imported, so a test about what a command imports, or about a
+variable read at import time, cannot run here. Started by ``tests.commands`` from the user's folder
+(``tests.conftest.USER_DIR``), never the checkout, so ``import lmlab`` finds the installed lmlab exactly as the
+command does.
 
 Protocol: one JSON request per line on stdin, ``{"module", "args", "cwd", "env", "pythonpath", "stdout",
 "stderr"}`` (``env``: the test's environment, which differs from this server's only where nothing reads it at
-import; ``pythonpath``: folders a user's ``PYTHONPATH`` would add, put where the interpreter puts them); this server
-answers ``{"pid": N}`` once the child runs and ``{"returncode": N}`` when it ended. End of stdin ends it.
+import; ``pythonpath``: folders a user's ``PYTHONPATH`` would add, put where the interpreter puts them); this
+server answers ``{"pid": N}`` once the child runs and ``{"returncode": N}`` when it ended. End of stdin ends it.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Every end-to-end test starts its commands through here. A command whose environment is the test session's
 runs in a child forked from a warm interpreter (``tests/command_server.py``: the installed lmlab, torch and
 Hydra imported once per test worker), which saves the ~3 CPU-seconds each fresh interpreter spends importing
-before it reads its first argument. ``fresh=True``, or an ``env`` of its own, runs a real ``python -m``:
-for tests about a fresh process (what it imports, audit hooks installed at start, an environment variable
-read at import time). Signals and torchrun start their own processes (``subprocess.Popen``), not this.
+before it reads its first argument. ``fresh=True``, or an environment that differs in a variable something
+may read at import (``READ_AFTER_START`` lists those that cannot), runs a real ``python -m``: for tests about
+a fresh process (what it imports, what it does with such a variable). Tests that signal a running command, and
+torchrun's, start their own processes (``subprocess.Popen``), not this.
 """
 
 from __future__ import annotations
