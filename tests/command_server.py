@@ -4,8 +4,9 @@ Why: an lmlab command spends about three CPU-seconds starting (``import torch`` 
 reads its first argument, and the end-to-end tests start well over a hundred of them. This server imports
 torch, Hydra and lmlab's library once; each command then runs in a child forked from it, as ``python -m``
 would run it: in its own working folder with that folder first on ``sys.path``, ``sys.argv`` set, stdout and
-stderr written to their own files, its ``atexit`` functions run, and the exit status the interpreter would
-give (``sys.exit``'s code, 1 after a traceback printed by ``sys.excepthook``, minus the signal that killed it).
+stderr written to their own files, its threads joined and ``atexit`` functions run, and the exit status the
+interpreter would give (``sys.exit``'s code, 1 after a traceback printed by ``sys.excepthook``, minus the
+signal that killed it).
 
 What differs from a fresh interpreter, and so stays on a real ``python -m`` (``tests.commands.lmlab``'s
 ``fresh=True``, or an environment that differs from this server's in a variable that may be read at import):
@@ -29,6 +30,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 
 # What every lmlab command imports before its first step (torch imports its compiler, torch._dynamo, on the
 # first optimizer step or model built on the meta device: 1.4 s); nothing here starts a Python thread or
@@ -92,6 +94,10 @@ def _run_child(request: dict, closing: list[int]) -> None:
         except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
             sys.excepthook(*sys.exc_info())
             code = 1
+        # The interpreter's own finalisation, in its order: join the threads that are not daemons and run
+        # threading's exit hooks (concurrent.futures shuts its executors down there: joblib's loky workers
+        # outlived a command that skipped this), then the atexit functions.
+        threading._shutdown()
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):

@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SWEEP = [o for o in TINY if not o.startswith("trainer.epochs")] + ["trainer.epochs=2"]
 
 
-def multirun(tmp_path: Path, corpus: Path, *extra: str, base: list[str] = SWEEP, output: list | None = None) -> Path:
+def multirun(
+    tmp_path: Path,
+    corpus: Path,
+    *extra: str,
+    base: list[str] = SWEEP,
+    output: list | None = None,
+    env: dict | None = None,
+) -> Path:
     sweep_dir = tmp_path / "sweep"
     args = [
         "-m",
@@ -26,7 +35,7 @@ def multirun(tmp_path: Path, corpus: Path, *extra: str, base: list[str] = SWEEP,
         *extra,
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    proc = lmlab("lmlab.run", *args, timeout=600)
+    proc = lmlab("lmlab.run", *args, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if output is not None:
         output.append(proc)
@@ -82,20 +91,32 @@ def test_sequential_grid_with_wandb_offline_and_compare(tmp_path, corpus_dir, ca
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _processes_with(variable: str) -> list[int]:
+    """The processes whose environment holds ``variable`` (``NAME=value``), read from /proc."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if variable.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours
+            pass
+    return found
+
+
 def test_joblib_launcher_runs_jobs_in_parallel_with_one_thread_each(tmp_path, corpus_dir):
+    mark = f"LMLAB_TEST_SWEEP={tmp_path}"  # inherited by every process the sweep starts
     sweep = multirun(
-        tmp_path,
-        corpus_dir,
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "dataset.batch_size=4,8",
-        "model.hidden_dim=16,32",
-        "~device.num_threads",
-    )
+        tmp_path, corpus_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "dataset.batch_size=4,8",
+        "model.hidden_dim=16,32", "~device.num_threads", env={**os.environ, mark.split("=")[0]: str(tmp_path)},
+    )  # fmt: skip
     jobs = job_dirs(sweep)
     assert len(jobs) == 4
     results = [json.loads((j / "results.json").read_text()) for j in jobs]
     assert all(r["torch_threads"] == 1 for r in results)  # loky caps threads at cores // n_jobs
+    deadline = time.monotonic() + 10
+    while _processes_with(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with(mark)  # the command took its joblib workers with it when it ended
 
 
 def test_submitit_local_launcher(tmp_path, corpus_dir):
