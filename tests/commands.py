@@ -100,9 +100,9 @@ def lmlab(
     ``pythonpath``: a user's own module folders, put before what ``PYTHONPATH`` already names (a
     ``sitecustomize.py`` there runs first, as at an interpreter's start)."""
     global _server
-    now = _import_environment(os.environ)
-    if fresh or (env is not None and _import_environment(env) != now) or (_server and _server.env != now):
-        env = dict(os.environ if env is None else env)
+    env = dict(os.environ if env is None else env)
+    at_import = _import_environment(env)
+    if fresh or at_import != _import_environment(os.environ) or (_server and _server.env != at_import):
         if pythonpath:
             env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
         return subprocess.run(
@@ -110,8 +110,7 @@ def lmlab(
         )
     if _server is None:
         _server = _CommandServer()
-    environment = dict(os.environ if env is None else env)
-    return _server.run(module, list(args), Path(cwd), environment, [str(p) for p in pythonpath], timeout)
+    return _server.run(module, list(args), Path(cwd), env, [str(p) for p in pythonpath], timeout)
 
 
 def close_server() -> None:

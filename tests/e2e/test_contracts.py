@@ -14,8 +14,6 @@ from lmlab.training.checkpoint_format import model_from_checkpoint
 from tests.commands import lmlab
 from tests.conftest import TINY, train_tiny_run
 
-ROOT = Path(__file__).resolve().parents[2]
-
 # A complete model of a user's own: stateless, each word predicts the next from its embedding alone.
 PLUGIN = """
 import torch.nn.functional as F

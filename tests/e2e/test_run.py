@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ from lmlab.job import train_and_report
 from lmlab.models import RNNLanguageModel
 from tests.commands import lmlab
 from tests.conftest import TINY
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("model", ["lstm", "gru"])

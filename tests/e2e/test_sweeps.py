@@ -15,7 +15,6 @@ from tests.commands import lmlab
 from tests.conftest import TINY
 from tests.e2e.wandb_records import summarize
 
-ROOT = Path(__file__).resolve().parents[2]
 SWEEP = [o for o in TINY if not o.startswith("trainer.epochs")] + ["trainer.epochs=2"]
 
 

@@ -13,8 +13,6 @@ import pytest
 from tests.commands import lmlab
 from tests.conftest import TINY, USER_DIR
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file and folder under ``folder`` with its bytes' digest (folders: "dir")."""

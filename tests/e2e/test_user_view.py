@@ -4,13 +4,10 @@ data for evaluation, no folder left by refused runs, no silently ignored keys, j
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.commands import lmlab
 from tests.conftest import TINY, USER_DIR
 from tests.e2e.test_trust import snapshot
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_redirected_run_reports_progress_and_where_its_results_are(tmp_path, corpus_dir):
