@@ -54,8 +54,9 @@ def _run_sitecustomize(folders: list[str]) -> None:
     """What ``site`` does at an interpreter's start with a ``sitecustomize`` on ``PYTHONPATH`` (before the
     command's folder is on ``sys.path``): import the first one (a test's audit hook installs itself so)."""
     for folder in folders:
-        if os.path.isfile(os.path.join(folder, "sitecustomize.py")):
-            spec = importlib.util.spec_from_file_location("sitecustomize", os.path.join(folder, "sitecustomize.py"))
+        path = os.path.join(folder, "sitecustomize.py")
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location("sitecustomize", path)
             module = importlib.util.module_from_spec(spec)
             sys.modules["sitecustomize"] = module
             spec.loader.exec_module(module)
@@ -80,11 +81,8 @@ def _run_child(request: dict, closing: list[int]) -> None:
         os.environ.update(request["env"])
         sys.path[0] = os.getcwd()  # `python -m` puts the working folder first, then PYTHONPATH's folders
         if request["pythonpath"]:
-            sys.path[1:1] = request["pythonpath"]
+            sys.path[1:1] = request["pythonpath"]  # (``env`` holds the PYTHONPATH naming them)
             _run_sitecustomize(request["pythonpath"])
-            os.environ["PYTHONPATH"] = os.pathsep.join(
-                [*request["pythonpath"], *filter(None, [os.environ.get("PYTHONPATH")])]
-            )
         sys.argv = [request["module"], *request["args"]]
         try:
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)

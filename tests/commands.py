@@ -102,9 +102,10 @@ def lmlab(
     global _server
     env = dict(os.environ if env is None else env)
     at_import = _import_environment(env)
-    if fresh or at_import != _import_environment(os.environ) or (_server and _server.env != at_import):
-        if pythonpath:
-            env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+    warm = not fresh and at_import == _import_environment(os.environ) and (not _server or _server.env == at_import)
+    if pythonpath:  # what the command's own subprocesses inherit, either way
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+    if not warm:
         return subprocess.run(
             [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
         )

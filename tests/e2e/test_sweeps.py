@@ -103,10 +103,11 @@ def _processes_with(variable: str) -> list[int]:
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_with_one_thread_each(tmp_path, corpus_dir):
-    mark = f"LMLAB_TEST_SWEEP={tmp_path}"  # inherited by every process the sweep starts
+    name, value = "LMLAB_TEST_SWEEP", str(tmp_path)  # inherited by every process the sweep starts
+    mark = f"{name}={value}"
     sweep = multirun(
         tmp_path, corpus_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "dataset.batch_size=4,8",
-        "model.hidden_dim=16,32", "~device.num_threads", env={**os.environ, mark.split("=")[0]: str(tmp_path)},
+        "model.hidden_dim=16,32", "~device.num_threads", env={**os.environ, name: value},
     )  # fmt: skip
     jobs = job_dirs(sweep)
     assert len(jobs) == 4
