@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from lmlab.config import CONF_DIR
 from lmlab.data.batching import TokenStream
 from lmlab.factory import build, build_training_objects
-from lmlab.runtime.devices import bf16_support, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
+from lmlab.runtime.devices import bf16_support, cpu_isa, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
 from lmlab.runtime.dispatch import DispatchCount, as_on_an_accelerator, count_dispatch, reads_are_free
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.job_records import task_wrapper, write_run_record
@@ -97,6 +97,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     return {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        "cpu_isa": cpu_isa(),
         "precision": precision,
         "matmul_peak_gflops": peak,
         "model": {
@@ -193,7 +194,8 @@ def summary(r: dict[str, Any]) -> str:
     peaks = ", ".join(f"{k} {v:,.0f}" for k, v in r["matmul_peak_gflops"].items())
     return "\n".join(
         [
-            f"device {r['device']} ({r['torch_threads']} threads) | matmul peak GFLOP/s: {peaks}",
+            f"device {r['device']} ({r['torch_threads']} threads, CPU {r.get('cpu_isa', '?')}) "
+            f"| matmul peak GFLOP/s: {peaks}",
             f"model {m['name']} {_brief(m['arguments'])} | vocab {m['vocab_size']:,} | {m['num_params']:,} params "
             f"| batch {r['batch_size']} bptt {r['bptt']} | {r['precision']}",
             "FLOPs/token: not counted by this model (flops_per_token)"

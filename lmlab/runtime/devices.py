@@ -131,6 +131,13 @@ def bf16_support(device: torch.device) -> str | None:
     return "fast" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "emulated"
 
 
+def cpu_isa() -> str:
+    """The vector instructions torch's CPU kernels use here (``AVX2``, ``AVX512``, ...; torch's own probe), with
+    ``+bf16`` where the CPU has native bf16 dot products: the figures of a CPU benchmark depend on both."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return isa + ("+bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "")
+
+
 @functools.cache
 def _cpu_flags() -> frozenset[str]:
     cpuinfo = Path("/proc/cpuinfo")
