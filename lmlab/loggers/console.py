@@ -1,5 +1,8 @@
-"""The logger every run has: lines for people on the console and in ``run.log``, and one JSON object per
-epoch in ``metrics.jsonl``."""
+"""The logger every run has: lines for people on the console and in ``run.log``, one JSON object per epoch in
+``metrics.jsonl`` and one per progress report in ``steps.jsonl`` (the training curve; schema in docs/outputs.md).
+
+Both files are the checkpoint's view of the run: a resumed run rewrites them (atomically) to what its
+checkpoint had seen, then appends, so no epoch or step is lost or written twice."""
 
 from __future__ import annotations
 
@@ -8,18 +11,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmlab.errors import CheckpointError, printable
 from lmlab.loggers.base import Logger
 from lmlab.metrics import format_ppl, perplexity
+from lmlab.runtime.files import atomic_write_text
+
+# steps.jsonl's fields, from the names the progress hook reports under (the dashboards' names)
+STEP_FIELDS = {
+    "epoch": "epoch",
+    "train/loss": "loss",
+    "train/ppl": "ppl",
+    "lr": "lr",
+    "throughput/tokens_per_sec": "tokens_per_sec",
+}
 
 
 class ConsoleLogger(Logger):
     """Lines for people on stdout, each also appended to the run folder's ``run.log``; one JSON object
-    per epoch in ``metrics.jsonl``. ``prefix`` marks a multirun job's lines (``[job 3] ``)."""
+    per epoch in ``metrics.jsonl``, one per progress report in ``steps.jsonl``. ``prefix`` marks a multirun
+    job's lines (``[job 3] ``)."""
 
     def __init__(self, out_dir: str | Path, prefix: str = "") -> None:
         self.out_dir, self.prefix = Path(out_dir), prefix
         self.path = self.out_dir / "metrics.jsonl"
+        self.steps_path = self.out_dir / "steps.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.last_step = 0  # the global step of the last line in steps.jsonl
         self._finished = False
 
     def say(self, line: str) -> None:
@@ -34,6 +51,12 @@ class ConsoleLogger(Logger):
             f"ppl {format_ppl(perplexity(p['loss']))} | lr {p['lr']:g} | ETA {_duration(p['eta_s'])}"
         )
 
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{STEP_FIELDS[key]: value for key, value in metrics.items() if key in STEP_FIELDS}}
+        with self.steps_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last_step = step
+
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         self.say(format_epoch(metrics))
         if metrics.get("warning"):
@@ -42,8 +65,22 @@ class ConsoleLogger(Logger):
             f.write(json.dumps(metrics) + "\n")
 
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
-        # The checkpoint is the truth: epochs logged after it was written are dropped, none are lost.
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in history))
+        # The checkpoint is the truth: epochs and steps logged after it was written are dropped, none are lost.
+        atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in history))
+        last = state.get("last_step") if isinstance(state, dict) else None
+        if last is None:  # a checkpoint from before steps.jsonl: the file stays as it is
+            return
+        if not (isinstance(last, int) and not isinstance(last, bool) and 0 <= last < 2**62):
+            raise CheckpointError(
+                f"the checkpoint's last logged step ({printable(last, 40)}) is not a step count: its logger record "
+                "is damaged; resume from another checkpoint"
+            )
+        self.last_step = last
+        kept = [line for line in _lines(self.steps_path) if _step_of(line) <= last]
+        atomic_write_text(self.steps_path, "".join(kept))
+
+    def state(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
 
     def log_summary(self, results: dict[str, Any]) -> None:
         self.say(f"test-loss: {results['test_loss']:.2f} | test-pp: {format_ppl(results['test_ppl'])}")
@@ -63,6 +100,22 @@ class ConsoleLogger(Logger):
             self.say(f"run folder: {self.out_dir}")
             self.say(f"best checkpoint: {self.out_dir / 'checkpoints' / 'best.pt'}")
             self.say(f"results: {self.out_dir / 'results.json'}")
+
+
+def _lines(path: Path) -> list[str]:
+    """The complete lines of a JSON-lines file (a line cut short by a kill has no newline and is dropped)."""
+    if not path.is_file():
+        return []
+    return [line + "\n" for line in path.read_text(errors="replace").split("\n")[:-1]]
+
+
+def _step_of(line: str) -> float:
+    """A steps.jsonl line's step; a line that is not one of ours sorts after every step (and is dropped)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return float("inf")
+    return step if isinstance(step, int) and not isinstance(step, bool) else float("inf")
 
 
 def format_epoch(m: dict[str, Any]) -> str:

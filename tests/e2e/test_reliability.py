@@ -75,6 +75,43 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(model, corpus_dir, t
     assert a == b  # every epoch's figures, none lost or doubled
 
 
+def _steps(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in path.read_text().splitlines()]
+
+
+def test_the_training_curve_survives_a_crash_and_resume_without_lost_or_doubled_steps(
+    corpus_dir, tmp_path, compose_cfg, monkeypatch
+):
+    """steps.jsonl is the checkpoint's view of the run: steps logged after the last checkpoint (a crash lost
+    them from the weights) are dropped on resume and logged again, once."""
+    overrides = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=2", "hooks.progress.log_interval=10",
+                 "hooks.checkpoint.save_every_steps=40"]  # fmt: skip
+    train_and_report(compose_cfg(overrides), tmp_path / "straight")
+    straight = _steps(tmp_path / "straight" / "steps.jsonl")
+    assert [r["step"] for r in straight] == [*range(10, 81, 10), 88, *range(98, 169, 10), 176]  # 88 steps an epoch
+    assert set(straight[0]) == {"step", "epoch", "loss", "ppl", "lr"}
+
+    crashed = tmp_path / "crashed"
+    original, calls = EagerStep.update, {"n": 0}
+
+    def crash_at_step_130(self, *args):
+        original(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 130:  # the last checkpoint is step 120's (40 steps each; 88 an epoch, then 32)
+            raise RuntimeError("power cut")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EagerStep, "update", crash_at_step_130)
+        with pytest.raises(RuntimeError, match="power cut"):
+            train_and_report(compose_cfg(overrides), crashed)
+    logged = [r["step"] for r in _steps(crashed / "steps.jsonl")]
+    assert logged[-1] == 128 and 118 in logged  # 128 was logged after the checkpoint at 120
+    assert load_checkpoint(crashed / "checkpoints" / "last.pt")["global_step"] == 120
+
+    train_and_report(compose_cfg(overrides), crashed)  # hooks.checkpoint.resume=auto
+    assert _steps(crashed / "steps.jsonl") == straight
+
+
 def test_a_run_with_an_lr_schedule_resumes_on_its_curve(corpus_dir, tmp_path, compose_cfg, monkeypatch):
     schedule = ["hooks=warmup_decay", "scheduler=null", "hooks.lr_schedule.warmup_steps=10",
                 "hooks.lr_schedule.total_steps=176", "hooks.lr_schedule.final_lr_ratio=0.1"]  # fmt: skip

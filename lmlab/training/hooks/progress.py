@@ -8,6 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lmlab.config.schema import PositiveInt
+from lmlab.metrics import perplexity
 from lmlab.runtime import distributed
 from lmlab.training.hooks.base import FitContext, Hook
 
@@ -15,8 +16,8 @@ from lmlab.training.hooks.base import FitContext, Hook
 class Progress(Hook):
     """Progress every ``log_interval`` steps: a bar on a terminal (``bar`` null) or when asked
     (true); otherwise — output redirected, as on a cluster — a plain line with step, ms/step, tokens/s,
-    loss, perplexity, lr and the epoch's ETA. The running loss goes to the logger either way, and the
-    epoch's metrics at its end."""
+    loss, perplexity, lr and the epoch's ETA. The same figures go to the logger either way (``log_step``: the
+    run's ``steps.jsonl`` and any dashboard), and the epoch's metrics at its end."""
 
     def __init__(self, log_interval: PositiveInt = 200, bar: bool | None = None) -> None:
         self.log_interval, self.show_bar = log_interval, bar
@@ -44,19 +45,25 @@ class Progress(Hook):
         step = ctx.state.step
         if step % self.log_interval and step != ctx.num_windows:
             return
-        running = ctx.running_loss()
+        running, seconds = ctx.running_loss(), time.perf_counter() - self.since
+        speed = self.tokens_since / seconds if seconds > 0 else 0.0
         self.bar.set_postfix(loss=f"{running:.3f}")
-        ctx.logger.log_step(ctx.state.global_step, {"train/loss": running, "lr": ctx.lr})
+        ctx.logger.log_step(
+            ctx.state.global_step,
+            {
+                "epoch": ctx.state.epoch, "train/loss": running, "train/ppl": perplexity(running), "lr": ctx.lr,
+                "throughput/tokens_per_sec": speed,
+            },
+        )  # fmt: skip
         if self.bar.disable and step % self.log_interval == 0:
-            seconds = time.perf_counter() - self.since
             ctx.logger.log_progress(
                 {
                     "epoch": ctx.state.epoch, "step": step, "steps": ctx.num_windows, "loss": running,
-                    "ms_per_step": 1000 * seconds / self.steps_since, "tokens_per_sec": self.tokens_since / seconds,
+                    "ms_per_step": 1000 * seconds / self.steps_since, "tokens_per_sec": speed,
                     "lr": ctx.lr, "eta_s": seconds / self.steps_since * (ctx.num_windows - step),
                 }
             )  # fmt: skip
-            self._start_report()
+        self._start_report()
 
     def on_epoch_end(self, ctx: FitContext, metrics: dict[str, Any]) -> None:
         self.bar.close()
