@@ -4,6 +4,11 @@ Event files go to ``<run dir>/tensorboard``; ``tensorboard --logdir multirun/DAY
 sweep's jobs side by side (each under its own folder name), ``--logdir outputs`` every run. Scalars share
 one step axis, the global training step, so that a resumed run drops (``purge_step``) what was logged
 after its checkpoint instead of drawing it twice. Needs the ``tensorboard`` package.
+
+At its end a run also writes its hyperparameters (:func:`hyperparameters`: the config's model, optimizer,
+scheduler, dataset and trainer values, flattened to dotted keys, and the seed) with its final figures
+(:data:`HPARAM_METRICS`) through TensorBoard's HParams plugin: the HParams dashboard of a sweep's folder
+then holds one row per job (table, parallel coordinates, scatter matrix).
 """
 
 from __future__ import annotations
@@ -17,6 +22,37 @@ from typing import Any
 from lmlab.config.schema import PositiveInt
 from lmlab.errors import CheckpointError, ConfigError, printable
 from lmlab.loggers.base import Logger, close_quietly, epoch_figures, register_logger
+
+# The figures a run reports to the HParams dashboard (each also written as a scalar of that name).
+HPARAM_METRICS = {
+    "hparams/best_val_ppl": "best_val_ppl",
+    "hparams/test_ppl": "test_ppl",
+    "hparams/epochs_run": "epochs_run",
+}
+HPARAM_GROUPS = ("model", "optimizer", "scheduler", "dataset", "trainer")
+
+
+def hyperparameters(run_config: dict[str, Any]) -> dict[str, float | int | str | bool]:
+    """The run's settings as HParams wants them: dotted keys (``model.hidden_dim``), numbers, strings or
+    booleans (a list or null as its text); constructor targets (``_target_``) left out."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not str(key).startswith("_"):
+                    walk(f"{prefix}.{key}", item)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = json.dumps(value, default=str)
+
+    for group in HPARAM_GROUPS:
+        if isinstance(run_config.get(group), dict):
+            walk(group, run_config[group])
+    if run_config.get("seed") is not None:
+        flat["seed"] = run_config["seed"]
+    return flat
 
 
 @register_logger("tensorboard")
@@ -75,6 +111,17 @@ class TensorBoardLogger(Logger):
                 continue
             figures.update({f"test_{name}/loss": scored["loss"], f"test_{name}/ppl": scored["ppl"]})
         self._write(lambda w: [w.add_scalar(key, value, self.step) for key, value in figures.items()])
+        self._write(lambda w: self._write_hparams(w, results))
+
+    def _write_hparams(self, writer: Any, results: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        finals = {tag: float(results[key]) for tag, key in HPARAM_METRICS.items() if results.get(key) is not None}
+        experiment, session_start, session_end = hparams(hyperparameters(self.run_config), finals)
+        for summary in (experiment, session_start, session_end):
+            writer.file_writer.add_summary(summary)
+        for tag, value in finals.items():
+            writer.add_scalar(tag, value, self.step)
 
     def log_samples(self, text: str) -> None:
         self._write(lambda w: w.add_text("samples", text, self.step))

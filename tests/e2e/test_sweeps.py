@@ -90,6 +90,36 @@ def test_sequential_grid_with_wandb_offline_and_compare(tmp_path, corpus_dir, ca
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_sweep_fills_tensorboards_hparams_dashboard(tmp_path, corpus_dir):
+    """Each job writes its settings and final figures through TensorBoard's HParams plugin; read back with
+    TensorBoard's own event reader and its plugin's protobuf, as `tensorboard --logdir SWEEP` reads them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sweep = multirun(tmp_path, corpus_dir, "dataset.batch_size=4,8", "logger=tensorboard")
+    seen = {}
+    for job in job_dirs(sweep):
+        events = EventAccumulator(str(job / "tensorboard")).Reload()
+        content = events.PluginTagToContent("hparams")
+        records = {tag: plugin_data_pb2.HParamsPluginData.FromString(data) for tag, data in content.items()}
+        experiment = records["_hparams_/experiment"].experiment
+        session = records["_hparams_/session_start_info"].session_start_info
+        assert {"dataset.batch_size", "model.hidden_dim", "optimizer.lr", "seed"} <= {
+            h.name for h in experiment.hparam_infos
+        }
+        assert {m.name.tag for m in experiment.metric_infos} == {
+            "hparams/best_val_ppl",
+            "hparams/test_ppl",
+            "hparams/epochs_run",
+        }
+        assert records["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+        results = json.loads((job / "results.json").read_text())
+        assert events.Scalars("hparams/best_val_ppl")[0].value == pytest.approx(results["best_val_ppl"], rel=1e-6)
+        seen[session.hparams["dataset.batch_size"].number_value] = session.hparams["model.hidden_dim"].number_value
+    assert seen == {4.0: 32.0, 8.0: 32.0}  # the swept key, one value per job
+
+
 def _processes_with(variable: str) -> list[int]:
     """The processes whose environment holds ``variable`` (``NAME=value``), read from /proc."""
     found = []
