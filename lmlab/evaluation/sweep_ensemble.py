@@ -82,7 +82,7 @@ class EnsembleOfSweep(Callback):
         """Every way out writes ``ensemble.json``: the figures, or ``status: failed`` and why (the summary then
         exits 1); Hydra would turn an exception raised here into a warning and exit 0."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        finished = [run.folder for run in find_runs([sweep_dir]) if not run.failed]
+        finished = [run.folder for run in find_runs([sweep_dir]) if run.finished]
         limit = OmegaConf.select(config, "trainer.limit_eval_batches")
         interrupted = False
         try:

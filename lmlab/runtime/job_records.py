@@ -262,11 +262,14 @@ def summarize_sweep(sweep_dir: Path) -> int:
     """Print the sweep's folder, its jobs as a table and the best one; returns the number that failed."""
     runs = find_runs([sweep_dir])
     failed = [r for r in runs if r.failed]
-    print(f"\nmultirun folder: {sweep_dir} ({len(runs) - len(failed)} finished, {len(failed)} failed)", flush=True)
+    finished = [r for r in runs if r.finished]
+    unfinished = len(runs) - len(finished) - len(failed)
+    counts = f"{len(finished)} finished, {len(failed)} failed" + (f", {unfinished} unfinished" if unfinished else "")
+    print(f"\nmultirun folder: {sweep_dir} ({counts})", flush=True)
     if runs:
         print(render(rows(runs), "table"), end="", flush=True)
-    if len(failed) < len(runs):
-        best = runs[0]
+    if finished:
+        best = finished[0]
         print(f"best job: {best.folder} (val ppl {best.results['best_val_ppl']:.2f})", flush=True)
     for run in failed:
         print(f"failed job: {run.folder}: {run.results.get('error', '?')}", file=sys.stderr, flush=True)

@@ -186,7 +186,7 @@ def test_a_crash_or_ctrl_c_while_scoring_is_a_failed_ensemble_not_a_warning(inte
         raise interruption
 
     monkeypatch.setattr(sweep_ensemble, "ensemble_of_runs", crash)
-    finished = [type("Run", (), {"folder": tmp_path / name, "failed": False})() for name in "ab"]
+    finished = [type("Run", (), {"folder": tmp_path / name, "finished": True})() for name in "ab"]
     monkeypatch.setattr(sweep_ensemble, "find_runs", lambda paths: finished)
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "trainer": {"limit_eval_batches": 2}})
     if isinstance(interruption, KeyboardInterrupt):

@@ -76,7 +76,8 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(model, corpus_dir, t
 
 
 def _steps(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in path.read_text().splitlines()]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k != "tokens_per_sec"} for record in records]
 
 
 def test_the_training_curve_survives_a_crash_and_resume_without_lost_or_doubled_steps(

@@ -4,6 +4,9 @@ import csv
 import io
 import json
 import os
+import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -85,8 +88,14 @@ def test_sequential_grid_with_wandb_offline_and_compare(tmp_path, corpus_dir, ca
     expected = sorted(json.loads((j / "results.json").read_text())["best_val_ppl"] for j in jobs)
     assert [float(row["best_val_ppl"]) for row in table] == pytest.approx(expected, abs=0.01)  # best first
     assert {row["run"] for row in table} == {j.name for j in jobs}
-    assert table[0]["overrides"].startswith("dataset.batch_size=") and "model.hidden_dim=" in table[0]["overrides"]
-    assert "model.embed_dim" not in table[0]["overrides"]  # only overrides that differ between runs
+    assert list(table[0])[:4] == ["run", "status", "batch_size", "hidden_dim"]  # the swept keys, by their last part
+    assert {(row["batch_size"], row["hidden_dim"]) for row in table} == {
+        ("4", "16"),
+        ("4", "32"),
+        ("8", "16"),
+        ("8", "32"),
+    }
+    assert "embed_dim" not in table[0] and {row["status"] for row in table} == {"completed"}
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -223,7 +232,8 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(launcher, tmp_path, cor
     capsys.readouterr()
     assert compare_main([str(sweep_dir)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 4 and "FAILED" in table[-1] and "hidden_dim=-1" in table[-1]  # failed jobs last
+    assert table[0].split()[:3] == ["run", "status", "hidden_dim"]
+    assert len(table) == 4 and table[-1].split()[1:4] == ["failed", "-1", "FAILED"]  # failed jobs last
 
 
 @pytest.mark.parametrize("rate, stops", [(0.75, False), (0.0, True)])
@@ -247,3 +257,53 @@ def test_optuna_counts_failed_trials_over_the_whole_study(tmp_path, corpus_dir, 
         assert len(results) == 4 and len(failed) < 4
         best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
         assert best["best_params"]["model.hidden_dim"] == 16
+
+
+def _screenshot(page: Path, png: Path) -> str:
+    """Open ``page`` in headless Chromium (Debian's package, as a user would): its screenshot into ``png``, and
+    the page's DOM after its script ran."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={png.parent / 'chr'}",
+             "--window-size=1366,900"]  # fmt: skip
+    shot = subprocess.run([chromium, *flags, f"--screenshot={png}", page.as_uri()], capture_output=True, timeout=120)
+    assert png.is_file(), shot.stderr[-2000:]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    return dom.stdout
+
+
+def test_compare_answers_a_sweep_with_unfinished_and_failed_runs_in_a_table_a_figure_and_a_page(tmp_path, corpus_dir):
+    import matplotlib.image
+
+    sweep = multirun(tmp_path, corpus_dir, "dataset.batch_size=4,8", "model.hidden_dim=16,32",
+                     "hooks.progress.log_interval=10")  # fmt: skip
+    stopped = sweep / "9_stopped"  # a run killed after its first epoch leaves its record and epochs, no results
+    shutil.copytree(job_dirs(sweep)[0], stopped, ignore=shutil.ignore_patterns("checkpoints"))
+    (stopped / "results.json").unlink()
+    (stopped / "metrics.jsonl").write_text((stopped / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    failed = sweep / "8_failed"
+    failed.mkdir()
+    (failed / "results.json").write_text('{"status": "failed", "error": "model.hidden_dim=-1 is invalid"}')
+
+    done = lmlab(
+        "lmlab.compare", str(sweep), "--plot", str(tmp_path / "runs.svg"), "--html", str(tmp_path / "runs.html")
+    )
+    assert done.returncode == 0, done.stderr
+    header, *table = done.stdout.splitlines()
+    assert header.split()[:4] == ["run", "status", "batch_size", "hidden_dim"] and "=-" not in done.stdout
+    assert [row.split()[1] for row in table] == ["completed"] * 4 + ["unfinished", "failed"]
+    assert "unfinished at epoch 1" in table[4] and table[5].split()[2:4] == ["FAILED", "-"]
+    assert (tmp_path / "runs.svg").read_text().lstrip().startswith("<?xml")
+
+    page = (tmp_path / "runs.html").read_text()
+    assert not re.findall(r"""(?:src|href|url)\s*[=(]\s*["']?(?:https?:|//)""", page)  # nothing to fetch
+    dom = _screenshot(tmp_path / "runs.html", tmp_path / "shot.png")
+    assert dom.count("<tr class=") == 6 and "batch_size" in dom and "<svg" in dom
+    shot = matplotlib.image.imread(tmp_path / "shot.png")[..., :3]
+    coloured = (shot.max(axis=2) - shot.min(axis=2)) > 0.3  # plot lines and markers; the table is grey on white
+    rows_of_colour = coloured.any(axis=1).nonzero()[0]
+    assert coloured.sum() > 2000 and rows_of_colour.min() > 150, "the screenshot shows no figure below the table"
+    greyish = (abs(shot - 0.94) < 0.03).all(axis=2).sum()  # the table's header cells (#f0f0f0)
+    assert greyish > 5000, "the screenshot shows no table"
