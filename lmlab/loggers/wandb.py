@@ -99,9 +99,18 @@ class WandbLogger(Logger):
             settings=wandb.Settings(init_timeout=self.init_timeout_s, silent=self.quiet),
             **self.init_args,
         )
+        self._say_where()
         self.run.define_metric("epoch")
         for pattern in ("val/*", "train/epoch_loss", "throughput/*"):
             self.run.define_metric(pattern, step_metric="epoch")
+
+    def _say_where(self) -> None:
+        """One line as the run starts: where the W&B run is (offline: its folder and the command that uploads it)."""
+        if self.init_args["mode"] == "offline" or getattr(self.run.settings, "_offline", False):
+            folder = Path(self.run.dir).parent  # <run dir>/wandb/offline-run-<time>-<id>; files/ is inside it
+            print(f"W&B offline run: {folder} (upload it with: wandb sync {folder})", flush=True)
+        elif getattr(self.run, "url", None):
+            print(f"W&B run: {self.run.url}", flush=True)
 
     def start(self) -> None:
         self._call("init", lambda: None)  # connects (or gives up after init_timeout_s, once) before timing

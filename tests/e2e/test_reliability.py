@@ -1,5 +1,6 @@
 """Runs survive interruption, faults and bad input, and lose nothing."""
 
+import csv
 import json
 import math
 import os
@@ -86,7 +87,7 @@ def test_the_training_curve_survives_a_crash_and_resume_without_lost_or_doubled_
     """steps.jsonl is the checkpoint's view of the run: steps logged after the last checkpoint (a crash lost
     them from the weights) are dropped on resume and logged again, once."""
     overrides = [*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=2", "hooks.progress.log_interval=10",
-                 "hooks.checkpoint.save_every_steps=40"]  # fmt: skip
+                 "hooks.checkpoint.save_every_steps=40", "logger=csv"]  # fmt: skip
     train_and_report(compose_cfg(overrides), tmp_path / "straight")
     straight = _steps(tmp_path / "straight" / "steps.jsonl")
     assert [r["step"] for r in straight] == [*range(10, 81, 10), 88, *range(98, 169, 10), 176]  # 88 steps an epoch
@@ -111,6 +112,14 @@ def test_the_training_curve_survives_a_crash_and_resume_without_lost_or_doubled_
 
     train_and_report(compose_cfg(overrides), crashed)  # hooks.checkpoint.resume=auto
     assert _steps(crashed / "steps.jsonl") == straight
+    assert _csv_rows(crashed / "metrics.csv") == _csv_rows(tmp_path / "straight" / "metrics.csv")  # logger=csv too
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    timing = {"tokens_per_sec", "elapsed_s"}
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    assert {r["kind"] for r in rows} == {"step", "epoch"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
 def test_a_run_with_an_lr_schedule_resumes_on_its_curve(corpus_dir, tmp_path, compose_cfg, monkeypatch):

@@ -49,6 +49,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def test_sequential_grid_with_wandb_offline_and_compare(tmp_path, corpus_dir, capsys):
+    output = []
     sweep = multirun(
         tmp_path,
         corpus_dir,
@@ -56,9 +57,16 @@ def test_sequential_grid_with_wandb_offline_and_compare(tmp_path, corpus_dir, ca
         "model.hidden_dim=16,32",
         "logger=wandb",
         "hooks.progress.log_interval=20",
+        output=output,
     )
     jobs = job_dirs(sweep)
     assert len(jobs) == 4
+    said = [line for line in output[0].stdout.splitlines() if line.startswith("W&B offline run: ")]
+    assert len(said) == 4  # each job says where its W&B run went and how to upload it
+    folder, command = re.fullmatch(r"W&B offline run: (\S+) \(upload it with: (wandb sync \S+)\)", said[0]).groups()
+    assert (
+        Path(folder).parent.parent in jobs and command == f"wandb sync {folder}" and any(Path(folder).glob("*.wandb"))
+    )
     assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]  # job number: names never collide
     configs = {
         (
