@@ -116,6 +116,19 @@ def epoch_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"hidden_dim": 650}}`` → ``{"model.hidden_dim": 650}``: a run config as the dashboards' filters
+    and tables name its keys."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def close_quietly(what: str, close: Callable[[], object]) -> None:
     """A backend's last call: a failure warns (the run's own files are complete) and never raises."""
     try:

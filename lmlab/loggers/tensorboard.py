@@ -21,7 +21,7 @@ from typing import Any
 
 from lmlab.config.schema import PositiveInt
 from lmlab.errors import CheckpointError, ConfigError, printable
-from lmlab.loggers.base import Logger, close_quietly, epoch_figures, register_logger
+from lmlab.loggers.base import Logger, close_quietly, epoch_figures, flatten, register_logger
 
 # The figures a run reports to the HParams dashboard (each also written as a scalar of that name).
 HPARAM_METRICS = {
@@ -36,20 +36,12 @@ def hyperparameters(run_config: dict[str, Any]) -> dict[str, float | int | str |
     """The run's settings as HParams wants them: dotted keys (``model.hidden_dim``), numbers, strings or
     booleans (a list or null as its text); constructor targets (``_target_``) left out."""
     flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not str(key).startswith("_"):
-                    walk(f"{prefix}.{key}", item)
-        elif isinstance(value, (bool, int, float, str)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = json.dumps(value, default=str)
-
     for group in HPARAM_GROUPS:
         if isinstance(run_config.get(group), dict):
-            walk(group, run_config[group])
+            for key, value in flatten(run_config[group], f"{group}.").items():
+                if not key.rsplit(".", 1)[-1].startswith("_"):
+                    is_plain = isinstance(value, (bool, int, float, str))
+                    flat[key] = value if is_plain else json.dumps(value, default=str)
     if run_config.get("seed") is not None:
         flat["seed"] = run_config["seed"]
     return flat

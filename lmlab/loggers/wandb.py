@@ -16,19 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config.schema import PositiveFloat
-from lmlab.loggers.base import Logger, close_quietly, epoch_figures, register_logger
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"hidden_dim": 650}}`` → ``{"model.hidden_dim": 650}`` (W&B tables filter on these)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+from lmlab.loggers.base import Logger, close_quietly, epoch_figures, flatten, register_logger
 
 
 @register_logger("wandb")

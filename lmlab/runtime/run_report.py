@@ -8,7 +8,7 @@ One figure answers a sweep's two questions::
     └────────────┘ └────────────┘ └───────────┘                best validation ppl at its value
 
 A key's panel draws every run at its value of that key in the run's colour, the mean of each value as a grey
-line, and the best run as a star; its title names the winning value and the spread of the means (how much the
+line, and the best run as a star; its title names the value best on average and the spread of the means (how much the
 key matters). :func:`html_page` puts the table (sortable by any column), that figure and the runs that did
 not finish on one self-contained page: no script, style or font is fetched from anywhere.
 """
@@ -87,7 +87,9 @@ def _key_panel(ax: Any, finished: list[Run], key: str, name: str, colour_of: dic
     winner = values[means.index(min(means))]
     ax.set_xticks(range(len(values)), values)
     ax.set(
-        xlabel=name, ylabel="best validation ppl", title=f"{name}: {winner} wins; spread {max(means) - min(means):.1f}"
+        xlabel=name,
+        ylabel="best validation ppl",
+        title=f"{name}: {winner} best on average (spread {max(means) - min(means):.0f})",
     )
     ax.title.set_fontsize("medium")
 

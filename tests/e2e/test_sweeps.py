@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from lmlab.compare import main as compare_main
+from tests.browser import screenshot
 from tests.commands import lmlab
 from tests.conftest import TINY
 from tests.e2e.wandb_records import summarize
@@ -267,21 +267,6 @@ def test_optuna_counts_failed_trials_over_the_whole_study(tmp_path, corpus_dir, 
         assert best["best_params"]["model.hidden_dim"] == 16
 
 
-def _screenshot(page: Path, png: Path) -> str:
-    """Open ``page`` in headless Chromium (Debian's package, as a user would): its screenshot into ``png``, and
-    the page's DOM after its script ran."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={png.parent / 'chr'}",
-             "--window-size=1366,900"]  # fmt: skip
-    shot = subprocess.run([chromium, *flags, f"--screenshot={png}", page.as_uri()], capture_output=True, timeout=120)
-    assert png.is_file(), shot.stderr[-2000:]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    return dom.stdout
-
-
 def test_compare_answers_a_sweep_with_unfinished_and_failed_runs_in_a_table_a_figure_and_a_page(tmp_path, corpus_dir):
     import matplotlib.image
 
@@ -307,7 +292,7 @@ def test_compare_answers_a_sweep_with_unfinished_and_failed_runs_in_a_table_a_fi
 
     page = (tmp_path / "runs.html").read_text()
     assert not re.findall(r"""(?:src|href|url)\s*[=(]\s*["']?(?:https?:|//)""", page)  # nothing to fetch
-    dom = _screenshot(tmp_path / "runs.html", tmp_path / "shot.png")
+    dom = screenshot((tmp_path / "runs.html").as_uri(), tmp_path / "shot.png")
     assert dom.count("<tr class=") == 6 and "batch_size" in dom and "<svg" in dom
     shot = matplotlib.image.imread(tmp_path / "shot.png")[..., :3]
     coloured = (shot.max(axis=2) - shot.min(axis=2)) > 0.3  # plot lines and markers; the table is grey on white
