@@ -48,25 +48,26 @@ def test_a_sweep_logs_to_mlflow_and_mlflow_ui_lists_its_runs(tmp_path, corpus_di
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"samples.txt", "checkpoints"} <= artifacts
 
-    port = _free_port()
+    port, log = _free_port(), open(tmp_path / "mlflow-ui.log", "w")  # a file: a pipe nobody reads fills and blocks it
     ui = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except OSError:
-                assert ui.poll() is None, ui.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "mlflow ui did not answer in 120 s"
+                assert ui.poll() is None, (tmp_path / "mlflow-ui.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "mlflow ui did not answer in 180 s"
                 time.sleep(0.5)
         page = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
-        dom = screenshot(page, tmp_path / "mlflow.png", wait_ms=15000)
+        dom = screenshot(page, tmp_path / "mlflow.png", wait_ms=3000)
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+        log.close()
     names = [run.info.run_name for run in runs.values()]
     assert all(name in dom for name in names), f"mlflow ui lists none of {names}"
