@@ -1,11 +1,7 @@
 """Hydra multirun sweeps (sequential, joblib, submitit_local, Optuna), W&B offline, lmlab.compare."""
 
-import csv
-import io
 import json
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 
@@ -13,10 +9,8 @@ import pytest
 import yaml
 
 from lmlab.compare import main as compare_main
-from tests.browser import screenshot
 from tests.commands import lmlab
 from tests.conftest import TINY
-from tests.e2e.wandb_records import summarize
 
 SWEEP = [o for o in TINY if not o.startswith("trainer.epochs")] + ["trainer.epochs=2"]
 
@@ -46,95 +40,6 @@ def multirun(
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p.parent for p in sweep_dir.glob("*/results.json"))
-
-
-def test_sequential_grid_with_wandb_offline_and_compare(tmp_path, corpus_dir, capsys):
-    output = []
-    sweep = multirun(
-        tmp_path,
-        corpus_dir,
-        "dataset.batch_size=4,8",
-        "model.hidden_dim=16,32",
-        "logger=wandb",
-        "hooks.progress.log_interval=20",
-        output=output,
-    )
-    jobs = job_dirs(sweep)
-    assert len(jobs) == 4
-    said = [line for line in output[0].stdout.splitlines() if line.startswith("W&B offline run: ")]
-    assert len(said) == 4  # each job says where its W&B run went and how to upload it
-    folder, command = re.fullmatch(r"W&B offline run: (\S+) \(upload it with: (wandb sync \S+)\)", said[0]).groups()
-    assert (
-        Path(folder).parent.parent in jobs and command == f"wandb sync {folder}" and any(Path(folder).glob("*.wandb"))
-    )
-    assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]  # job number: names never collide
-    configs = {
-        (
-            yaml.safe_load((j / ".hydra/config.yaml").read_text())["dataset"]["batch_size"],
-            yaml.safe_load((j / ".hydra/config.yaml").read_text())["model"]["hidden_dim"],
-        )
-        for j in jobs
-    }
-    assert configs == {(4, 16), (4, 32), (8, 16), (8, 32)}
-    for job in jobs:
-        assert {"metrics.jsonl", "results.json", "samples.txt"} <= {p.name for p in job.iterdir()}
-
-    runs = [summarize(next(j.glob("wandb/offline-run-*/run-*.wandb"))) for j in jobs]
-    assert len({r["group"] for r in runs}) == 1 and runs[0]["group"]  # one sweep, one group
-    assert len({r["run_id"] for r in runs}) == 4
-    assert "model.hidden_dim=16" in runs[0]["name"] and "dataset.batch_size=4" in runs[0]["name"]
-    assert json.loads(runs[0]["config"]["model.hidden_dim"]) == 16  # flattened keys
-    assert {"train/loss", "lr", "val/ppl", "val/loss", "epoch"} <= runs[0]["history_keys"]
-    val = [json.loads(row["val/ppl"]) for row in runs[0]["history"] if "val/ppl" in row]
-    metrics = [json.loads(x)["val_ppl"] for x in (jobs[0] / "metrics.jsonl").read_text().splitlines()]
-    assert val == pytest.approx(metrics)
-
-    capsys.readouterr()
-    assert compare_main([str(sweep), "--format", "csv", "--plot", str(tmp_path / "curves.png")]) == 0
-    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(table) == 4
-    expected = sorted(json.loads((j / "results.json").read_text())["best_val_ppl"] for j in jobs)
-    assert [float(row["best_val_ppl"]) for row in table] == pytest.approx(expected, abs=0.01)  # best first
-    assert {row["run"] for row in table} == {j.name for j in jobs}
-    assert list(table[0])[:4] == ["run", "status", "batch_size", "hidden_dim"]  # the swept keys, by their last part
-    assert {(row["batch_size"], row["hidden_dim"]) for row in table} == {
-        ("4", "16"),
-        ("4", "32"),
-        ("8", "16"),
-        ("8", "32"),
-    }
-    assert "embed_dim" not in table[0] and {row["status"] for row in table} == {"completed"}
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_sweep_fills_tensorboards_hparams_dashboard(tmp_path, corpus_dir):
-    """Each job writes its settings and final figures through TensorBoard's HParams plugin; read back with
-    TensorBoard's own event reader and its plugin's protobuf, as `tensorboard --logdir SWEEP` reads them."""
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    sweep = multirun(tmp_path, corpus_dir, "dataset.batch_size=4,8", "logger=tensorboard")
-    seen = {}
-    for job in job_dirs(sweep):
-        events = EventAccumulator(str(job / "tensorboard")).Reload()
-        content = events.PluginTagToContent("hparams")
-        records = {tag: plugin_data_pb2.HParamsPluginData.FromString(data) for tag, data in content.items()}
-        experiment = records["_hparams_/experiment"].experiment
-        session = records["_hparams_/session_start_info"].session_start_info
-        assert {"dataset.batch_size", "model.hidden_dim", "optimizer.lr", "seed"} <= {
-            h.name for h in experiment.hparam_infos
-        }
-        assert {m.name.tag for m in experiment.metric_infos} == {
-            "hparams/best_val_ppl",
-            "hparams/test_ppl",
-            "hparams/epochs_run",
-        }
-        assert records["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
-        results = json.loads((job / "results.json").read_text())
-        assert events.Scalars("hparams/best_val_ppl")[0].value == pytest.approx(results["best_val_ppl"], rel=1e-6)
-        seen[session.hparams["dataset.batch_size"].number_value] = session.hparams["model.hidden_dim"].number_value
-    assert seen == {4.0: 32.0, 8.0: 32.0}  # the swept key, one value per job
 
 
 def _processes_with(variable: str) -> list[int]:
@@ -265,38 +170,3 @@ def test_optuna_counts_failed_trials_over_the_whole_study(tmp_path, corpus_dir, 
         assert len(results) == 4 and len(failed) < 4
         best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
         assert best["best_params"]["model.hidden_dim"] == 16
-
-
-def test_compare_answers_a_sweep_with_unfinished_and_failed_runs_in_a_table_a_figure_and_a_page(tmp_path, corpus_dir):
-    import matplotlib.image
-
-    sweep = multirun(tmp_path, corpus_dir, "dataset.batch_size=4,8", "model.hidden_dim=16,32",
-                     "hooks.progress.log_interval=10")  # fmt: skip
-    stopped = sweep / "9_stopped"  # a run killed after its first epoch leaves its record and epochs, no results
-    shutil.copytree(job_dirs(sweep)[0], stopped, ignore=shutil.ignore_patterns("checkpoints"))
-    (stopped / "results.json").unlink()
-    (stopped / "metrics.jsonl").write_text((stopped / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    failed = sweep / "8_failed"
-    failed.mkdir()
-    (failed / "results.json").write_text('{"status": "failed", "error": "model.hidden_dim=-1 is invalid"}')
-
-    done = lmlab(
-        "lmlab.compare", str(sweep), "--plot", str(tmp_path / "runs.svg"), "--html", str(tmp_path / "runs.html")
-    )
-    assert done.returncode == 0, done.stderr
-    header, *table = done.stdout.splitlines()
-    assert header.split()[:4] == ["run", "status", "batch_size", "hidden_dim"] and "=-" not in done.stdout
-    assert [row.split()[1] for row in table] == ["completed"] * 4 + ["unfinished", "failed"]
-    assert "unfinished at epoch 1" in table[4] and table[5].split()[2:4] == ["FAILED", "-"]
-    assert (tmp_path / "runs.svg").read_text().lstrip().startswith("<?xml")
-
-    page = (tmp_path / "runs.html").read_text()
-    assert not re.findall(r"""(?:src|href|url)\s*[=(]\s*["']?(?:https?:|//)""", page)  # nothing to fetch
-    dom = screenshot((tmp_path / "runs.html").as_uri(), tmp_path / "shot.png")
-    assert dom.count("<tr class=") == 6 and "batch_size" in dom and "<svg" in dom
-    shot = matplotlib.image.imread(tmp_path / "shot.png")[..., :3]
-    coloured = (shot.max(axis=2) - shot.min(axis=2)) > 0.3  # plot lines and markers; the table is grey on white
-    rows_of_colour = coloured.any(axis=1).nonzero()[0]
-    assert coloured.sum() > 2000 and rows_of_colour.min() > 150, "the screenshot shows no figure below the table"
-    greyish = (abs(shot - 0.94) < 0.03).all(axis=2).sum()  # the table's header cells (#f0f0f0)
-    assert greyish > 5000, "the screenshot shows no table"
