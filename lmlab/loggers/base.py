@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmlab.errors import printable
 from lmlab.registry import Registry
 
 
@@ -56,6 +57,38 @@ class Logger:
 
     def finish(self) -> None:
         pass
+
+
+class ServiceLogger(Logger):
+    """A backend that talks to a service (W&B, MLflow) and must never stop training: :meth:`_call` connects on first
+    use (:meth:`_start`, once :attr:`connected` is false) and runs an action; the first failure warns once and
+    the backend goes quiet for the rest of the run, the run's own files being complete without it."""
+
+    service = "the service"  # its name in the warning
+    failed = False
+
+    @property
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _call(self, what: str, action: Callable[[], Any]) -> None:
+        if self.failed:
+            return
+        try:
+            if not self.connected:
+                self._start()
+            action()
+        except Exception as err:  # a service must never take training down with it
+            self.failed = True
+            warnings.warn(
+                f"{self.service} {what} failed ({type(err).__name__}: {printable(str(err), 300)}); "
+                "continuing with local files only",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 class MultiLogger(Logger):

@@ -19,21 +19,21 @@ import fcntl
 import importlib.util
 import re
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmlab.errors import CheckpointError, ConfigError, printable
-from lmlab.loggers.base import Logger, close_quietly, epoch_figures, flatten, register_logger
+from lmlab.loggers.base import ServiceLogger, close_quietly, epoch_figures, flatten, register_logger
 
 PARAM_VALUE_LIMIT = 6000  # MLflow refuses longer parameter values
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @register_logger("mlflow")
-class MlflowLogger(Logger):
+class MlflowLogger(ServiceLogger):
     """Params, per-step and per-epoch metrics, final figures, best checkpoint and samples into an MLflow store."""
+
+    service = "MLflow"
 
     def __init__(
         self,
@@ -58,23 +58,10 @@ class MlflowLogger(Logger):
         self.client: Any = None
         self.run_id: str | None = None
         self.finished = False
-        self.failed = False
 
-    def _call(self, what: str, action: Callable[[], Any]) -> None:
-        """Run an MLflow action; on the first failure warn once and stop using MLflow for this run."""
-        if self.failed:
-            return
-        try:
-            if self.client is None:
-                self._start()
-            action()
-        except Exception as err:  # MLflow must never take training down with it
-            self.failed = True
-            warnings.warn(
-                f"MLflow {what} failed ({type(err).__name__}: {printable(str(err), 300)}); continuing with local files",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    @property
+    def connected(self) -> bool:
+        return self.client is not None
 
     def _start(self) -> None:
         from mlflow.entities import Param

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import re
 import uuid
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmlab.config.schema import PositiveFloat
-from lmlab.loggers.base import Logger, close_quietly, epoch_figures, flatten, register_logger
+from lmlab.loggers.base import ServiceLogger, close_quietly, epoch_figures, flatten, register_logger
 
 
 @register_logger("wandb")
-class WandbLogger(Logger):
+class WandbLogger(ServiceLogger):
     """Logs the flattened config, per-step train loss/lr, per-epoch validation figures, test summary,
     generated samples (a table) and optionally the best checkpoint (an artifact)."""
+
+    service = "W&B"
 
     def __init__(
         self,
@@ -54,23 +54,10 @@ class WandbLogger(Logger):
         self.quiet = quiet
         self.run: Any = None
         self.run_id: str | None = None
-        self.failed = False
 
-    def _call(self, what: str, action: Callable[[], Any]) -> None:
-        """Run a W&B action; on the first failure warn once and stop using W&B for this run."""
-        if self.failed:
-            return
-        try:
-            if self.run is None:
-                self._start()
-            action()
-        except Exception as err:  # W&B must never take training down with it
-            self.failed = True
-            warnings.warn(
-                f"W&B {what} failed ({type(err).__name__}: {err}); continuing with local files only",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    @property
+    def connected(self) -> bool:
+        return self.run is not None
 
     def _start(self) -> None:
         import wandb
