@@ -197,7 +197,8 @@ def test_mlflow_holds_the_sweep_and_mlflow_ui_lists_the_runs(sweep, tmp_path):
 
     port, log = _free_port(), open(tmp_path / "mlflow-ui.log", "w")  # a file: a pipe nobody reads fills and blocks it
     ui = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],  # one request at a time is all a test makes
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
     )  # fmt: skip
     try:
