@@ -130,10 +130,14 @@ def differing(runs: list[Run]) -> list[str]:
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
-    """Each key by its last part where no other key shown ends the same (``model.hidden_dim`` → ``hidden_dim``),
-    else in full."""
+    """Each key by its last part where no other key shown ends the same and no column of figures has that name
+    (``model.hidden_dim`` → ``hidden_dim``; ``trainer.epochs`` stays whole beside the ``epochs`` column), else
+    in full."""
     last = [key.rsplit(".", 1)[-1] for key in keys]
-    return {key: name if last.count(name) == 1 else key for key, name in zip(keys, last, strict=True)}
+    taken = {"run", "status", *FIGURE_COLUMNS}
+    return {
+        key: name if last.count(name) == 1 and name not in taken else key for key, name in zip(keys, last, strict=True)
+    }
 
 
 def label(run: Run, keys: list[str]) -> str:
