@@ -169,7 +169,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_holds_the_sweep_and_mlflow_ui_lists_the_runs(sweep, tmp_path):
+def test_mlflow_holds_the_sweep(sweep, tmp_path):
     from mlflow.tracking import MlflowClient
 
     folder, stdout = sweep
@@ -195,6 +195,16 @@ def test_mlflow_holds_the_sweep_and_mlflow_ui_lists_the_runs(sweep, tmp_path):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == steps
         assert {"samples.txt", "checkpoints"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
+
+@pytest.mark.slow  # another reader of the store the test above reads with MLflow's client (~30 s: the server starts)
+def test_mlflow_ui_lists_the_sweeps_runs(sweep, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    folder, _ = sweep
+    uri = f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = client.search_experiments(filter_string="name != 'Default'")
+    runs = client.search_runs([experiment.experiment_id])
     port, log = _free_port(), open(tmp_path / "mlflow-ui.log", "w")  # a file: a pipe nobody reads fills and blocks it
     ui = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
