@@ -5,6 +5,7 @@ checked against (:mod:`lmlab.config.schema`) and the validation of a composed co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def _find_conf_dir() -> str:
@@ -18,6 +19,22 @@ def _find_conf_dir() -> str:
 
 
 CONF_DIR = _find_conf_dir()
+
+
+def flatten(config: dict[str, Any], prefix: str = "", private: bool = True) -> dict[str, Any]:
+    """``{"model": {"hidden_dim": 650}}`` → ``{"model.hidden_dim": 650}``: a composed config under the dotted keys
+    the command line, the dashboards' filters and ``lmlab.compare``'s columns name. ``private=False`` leaves out
+    the keys that build objects rather than set them (``_target_``, ``_partial_``)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if not private and str(key).startswith("_"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}.", private))
+        else:
+            flat[name] = value
+    return flat
 
 
 # Keys that moved when the hooks took over their own options: old name -> new name.

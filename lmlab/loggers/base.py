@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import printable
+from lmlab.errors import CheckpointError, printable
 from lmlab.registry import Registry
 
 
@@ -149,17 +149,27 @@ def epoch_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"hidden_dim": 650}}`` → ``{"model.hidden_dim": 650}``: a run config as the dashboards' filters
-    and tables name its keys."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+# The per-step figures the progress hook reports (under the dashboards' names) -> their names in a run's files
+STEP_FIELDS = {
+    "epoch": "epoch",
+    "train/loss": "loss",
+    "train/ppl": "ppl",
+    "lr": "lr",
+    "throughput/tokens_per_sec": "tokens_per_sec",
+}
+
+
+def restored_step(state: dict[str, Any] | None, key: str, record: str, without: str) -> int | None:
+    """The global step a backend's record in a checkpoint names under ``key`` (None: the record has none, as in a
+    checkpoint older than that backend's use of it). A value that is no step count is a damaged checkpoint: one
+    line naming ``record`` (the checkpoint's "TensorBoard step") and how to go on (``without``)."""
+    step = state.get(key) if isinstance(state, dict) else None
+    if step is not None and not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**62):
+        raise CheckpointError(
+            f"the checkpoint's {record} ({printable(step, 40)}) is not a step count: its logger record is damaged; "
+            f"resume from another checkpoint{without}"
+        )
+    return step
 
 
 def close_quietly(what: str, close: Callable[[], object]) -> None:

@@ -11,19 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import CheckpointError, printable
-from lmlab.loggers.base import Logger
+from lmlab.loggers.base import STEP_FIELDS, Logger, restored_step
 from lmlab.metrics import format_ppl, perplexity
 from lmlab.runtime.files import atomic_write_text
-
-# steps.jsonl's fields, from the names the progress hook reports under (the dashboards' names)
-STEP_FIELDS = {
-    "epoch": "epoch",
-    "train/loss": "loss",
-    "train/ppl": "ppl",
-    "lr": "lr",
-    "throughput/tokens_per_sec": "tokens_per_sec",
-}
 
 
 class ConsoleLogger(Logger):
@@ -67,14 +57,9 @@ class ConsoleLogger(Logger):
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
         # The checkpoint is the truth: epochs and steps logged after it was written are dropped, none are lost.
         atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in history))
-        last = state.get("last_step") if isinstance(state, dict) else None
+        last = restored_step(state, "last_step", "last logged step", "")
         if last is None:  # a checkpoint from before steps.jsonl: the file stays as it is
             return
-        if not (isinstance(last, int) and not isinstance(last, bool) and 0 <= last < 2**62):
-            raise CheckpointError(
-                f"the checkpoint's last logged step ({printable(last, 40)}) is not a step count: its logger record "
-                "is damaged; resume from another checkpoint"
-            )
         self.last_step = last
         kept = [line for line in _lines(self.steps_path) if _step_of(line) <= last]
         atomic_write_text(self.steps_path, "".join(kept))

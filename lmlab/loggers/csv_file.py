@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from lmlab.loggers.base import Logger, register_logger
+from lmlab.loggers.base import STEP_FIELDS, Logger, register_logger, restored_step
 from lmlab.runtime.files import atomic_write_text
 
 COLUMNS = (
@@ -32,8 +32,6 @@ COLUMNS = (
     "val_ppl",
     "elapsed_s",
 )
-STEP_NAMES = {"train/loss": "loss", "train/ppl": "ppl", "lr": "lr", "throughput/tokens_per_sec": "tokens_per_sec",
-              "epoch": "epoch"}  # fmt: skip
 
 
 @register_logger("csv")
@@ -55,15 +53,14 @@ class CsvLogger(Logger):
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
         self._append(
-            {"kind": "step", "step": step, **{STEP_NAMES[k]: v for k, v in metrics.items() if k in STEP_NAMES}}
+            {"kind": "step", "step": step, **{STEP_FIELDS[k]: v for k, v in metrics.items() if k in STEP_FIELDS}}
         )
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         self._append({"kind": "epoch", "step": self.step, **metrics})
 
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
-        step = state.get("step") if isinstance(state, dict) else None
-        self.step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
+        self.step = restored_step(state, "step", "CSV logger's step", ", or without logger=csv") or 0
         if not self.path.is_file():
             return
         epochs = len(history)

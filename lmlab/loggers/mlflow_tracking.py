@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmlab.config import flatten
 from lmlab.errors import CheckpointError, ConfigError, printable
-from lmlab.loggers.base import ServiceLogger, close_quietly, epoch_figures, flatten, register_logger
+from lmlab.loggers.base import ServiceLogger, close_quietly, epoch_figures, register_logger
 
 PARAM_VALUE_LIMIT = 6000  # MLflow refuses longer parameter values
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -53,7 +54,7 @@ class MlflowLogger(ServiceLogger):
         self.tracking_uri = tracking_uri or f"sqlite:///{self.store_dir / 'mlflow.db'}"
         self.experiment = experiment or group or "lmlab"
         self.run_name = name or self.out_dir.name
-        self.params = {k: v for k, v in flatten(run_config).items() if not k.rsplit(".", 1)[-1].startswith("_")}
+        self.params = flatten(run_config, private=False)
         self.log_checkpoint_file = log_checkpoint
         self.client: Any = None
         self.run_id: str | None = None

@@ -19,9 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lmlab.config import flatten
 from lmlab.config.schema import PositiveInt
-from lmlab.errors import CheckpointError, ConfigError, printable
-from lmlab.loggers.base import Logger, close_quietly, epoch_figures, flatten, register_logger
+from lmlab.errors import ConfigError
+from lmlab.loggers.base import Logger, close_quietly, epoch_figures, register_logger, restored_step
 
 # The figures a run reports to the HParams dashboard (each also written as a scalar of that name).
 HPARAM_METRICS = {
@@ -38,10 +39,8 @@ def hyperparameters(run_config: dict[str, Any]) -> dict[str, float | int | str |
     flat: dict[str, Any] = {}
     for group in HPARAM_GROUPS:
         if isinstance(run_config.get(group), dict):
-            for key, value in flatten(run_config[group], f"{group}.").items():
-                if not key.rsplit(".", 1)[-1].startswith("_"):
-                    is_plain = isinstance(value, (bool, int, float, str))
-                    flat[key] = value if is_plain else json.dumps(value, default=str)
+            for key, value in flatten(run_config[group], f"{group}.", private=False).items():
+                flat[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
     if run_config.get("seed") is not None:
         flat["seed"] = run_config["seed"]
     return flat
@@ -119,12 +118,7 @@ class TensorBoardLogger(Logger):
         self._write(lambda w: w.add_text("samples", text, self.step))
 
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
-        step = state.get("step") if isinstance(state, dict) else None
-        if step is not None and not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**62):
-            raise CheckpointError(
-                f"the checkpoint's TensorBoard step ({printable(step, 40)}) is not a step count: its logger record "
-                "is damaged; resume from another checkpoint, or without logger=tensorboard"
-            )
+        step = restored_step(state, "step", "TensorBoard step", ", or without logger=tensorboard")
         if step is not None:
             self.step, self.purge_step = step, step + 1  # events past the checkpoint are dropped
 

@@ -13,8 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lmlab.config import flatten
 from lmlab.config.schema import PositiveFloat
-from lmlab.loggers.base import ServiceLogger, close_quietly, epoch_figures, flatten, register_logger
+from lmlab.loggers.base import ServiceLogger, close_quietly, epoch_figures, register_logger
 
 
 @register_logger("wandb")

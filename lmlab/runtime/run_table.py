@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from lmlab.config import flatten
 from lmlab.errors import printable
 
 FIGURE_COLUMNS = ("best_val_ppl", "test_ppl", "epochs", "num_params", "tokens_per_sec", "wall_s", "note")
@@ -80,7 +81,8 @@ def _read_run(folder: Path) -> Run:
         items = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         overrides = dict(str(item).split("=", 1) if "=" in str(item) else (str(item), "") for item in items or [])
         config_file = folder / ".hydra" / "config.yaml"
-        config = _flatten(yaml.safe_load(config_file.read_text())) if config_file.is_file() else {}
+        record = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        config = flatten(record) if isinstance(record, dict) else {}
         metrics = folder / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         curve = [float(json.loads(line)["val_ppl"]) for line in lines]
@@ -103,15 +105,6 @@ def _training_curve(path: Path) -> list[tuple[int, float]]:
         except (ValueError, TypeError, KeyError, AttributeError):
             continue
     return points
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
-    return flat
 
 
 def _text(value: Any) -> str:
