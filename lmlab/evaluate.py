@@ -25,20 +25,27 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
-from lmlab.data.rebuild import SplitStreams, build_dataset, dataset_from_record
+from lmlab.config.help import answer_help
 from lmlab.errors import ConfigError
-from lmlab.evaluation.methods import EvaluationInputs, check_before_work
-from lmlab.factory import build, import_plugins, require_checkpoint
-from lmlab.metrics import perplexity
 from lmlab.runtime.files import atomic_write_text
 from lmlab.runtime.job_records import task_wrapper
-from lmlab.training.checkpoint_format import model_from_checkpoint
-from lmlab.validation import evaluation_method, validate_config
+
+USAGE = (
+    "python -m lmlab.evaluate checkpoint=PATH [method=static|ngram|cache|dynamic|ensemble] [split=test] [dataset=...]"
+)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @task_wrapper
-def main(cfg: DictConfig) -> dict[str, Any]:
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    # here: --help and a refused argument answer before torch is loaded
+    from lmlab.data.rebuild import SplitStreams, build_dataset, dataset_from_record
+    from lmlab.evaluation.methods import EvaluationInputs, check_before_work
+    from lmlab.factory import build, import_plugins, require_checkpoint
+    from lmlab.metrics import perplexity
+    from lmlab.training.checkpoint_format import model_from_checkpoint
+    from lmlab.validation import evaluation_method, validate_config
+
     checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
     validate_config(cfg, "evaluate")
@@ -58,7 +65,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     stream = SplitStreams(data, vocab, device)
 
     limit = cfg.trainer.limit_eval_batches
-    static = lambda s: trainer.evaluate(model, s, device)  # noqa: E731
+    static = lambda s: trainer.evaluate(model, s, device, label=cfg.split)  # noqa: E731
     inputs = EvaluationInputs(model, cfg.split, stream, static, limit, vocab, trainer.autocast_dtype(device))
     started = time.perf_counter()
     scored = method(inputs, **settings)
@@ -85,6 +92,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     except OSError as err:  # e.g. a read-only checkpoint folder: the printed line is the result
         print(f"warning: could not write {output} ({err.strerror or err}); set output=PATH", file=sys.stderr)
     return result
+
+
+def main() -> None:
+    answer_help("lmlab.evaluate", "evaluate", USAGE)
+    evaluate()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from lmlab.evaluation.methods import METHODS
 from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
 from lmlab.models import LanguageModel, ReadsTrainingText
 from lmlab.models.compose import resolve
-from lmlab.runtime import distributed
+from lmlab.runtime import banner, distributed
 from lmlab.runtime.devices import resolve_precision
 from lmlab.training.hooks import Hook
 from lmlab.training.optim import Schedule, takes_sparse_gradients
@@ -85,8 +86,12 @@ class TrainingObjects:
     hooks: dict[str, Hook]  # the trainer's hooks by their config name (conf/hooks/), in the order they run
 
 
-def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> TrainingObjects:
-    """Validate and seed, then build device, data, model, optimizer, schedule, hooks and trainer (run, bench)."""
+def build_training_objects(
+    cfg: DictConfig, say: Callable[[str], None] | None = None, **trainer_overrides: Any
+) -> TrainingObjects:
+    """Validate and seed, then build device, data, model, optimizer, schedule, hooks and trainer (run, bench).
+    ``say`` gets the start banner's lines (:mod:`lmlab.runtime.banner`) as each thing is known: a run prints them."""
+    say = say or (lambda line: None)
     import_plugins(cfg.get("plugins"))
     refuse_unread_keys(cfg)
     validate_config(cfg)
@@ -100,13 +105,18 @@ def build_training_objects(cfg: DictConfig, **trainer_overrides: Any) -> Trainin
         device = torch.device("cuda", where.local_rank)
     if where.world_size > 1 and device.type == "mps":
         raise ConfigError("several processes on Apple MPS are not supported; run one process, or device=cpu")
-    resolve_precision(cfg.trainer.precision, device)  # refuse what the device cannot run before loading data
+    precision = resolve_precision(cfg.trainer.precision, device)  # refused before the data is read
+    say(banner.device_line(device, precision))
     data = build_dataset(cfg.dataset)
+    say(banner.data_line(cfg.dataset.name, data))
     # validate_config checked the arguments; the registry's body and heads build them
     model_cls, constructor_arguments = resolve(cfg.model.name, model_arguments(cfg.model))
     model = model_cls(len(data.vocab), **constructor_arguments).to(device)
     if isinstance(model, ReadsTrainingText):
         model.take_corpus(data.corpus.train)
+    say(banner.model_line(cfg.model.name + (f", cell {cfg.model.cell}" if cfg.model.get("cell") else ""), model))
+    steps = data.stream("train").shard(0, where.world_size).num_windows(cfg.trainer.get("limit_train_batches"))
+    say(banner.plan_line(cfg.trainer.get("epochs", 1), steps, data.batch_size, data.bptt, where.world_size))
     if cfg.model.get("softmax") == "full" and len(data.vocab) > LARGE_VOCABULARY and where.is_main:
         print(
             f"note: a full softmax over {len(data.vocab):,} words makes the output layer most of the model's cost; "

@@ -7,20 +7,25 @@ A model of your own: add ``plugins=[module]`` so that its registration is import
 from __future__ import annotations
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
-from lmlab.evaluation.sampling import format_words, sample_words
-from lmlab.factory import build, import_plugins, require_checkpoint
+from lmlab.config.help import answer_help
 from lmlab.runtime.job_records import task_wrapper
-from lmlab.training.checkpoint_format import model_from_checkpoint
-from lmlab.validation import SAMPLING_SETTINGS, validate_config
+
+USAGE = 'python -m lmlab.generate checkpoint=PATH [num_words=50] [temperature=0.8] [prompt="The game"] [seed=1]'
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 @task_wrapper
-def main(cfg: DictConfig) -> str:
+def generate(cfg: DictConfig) -> str:
+    import torch  # here: --help and a refused argument answer before torch is loaded
+
+    from lmlab.evaluation.sampling import format_words, sample_words
+    from lmlab.factory import build, import_plugins, require_checkpoint
+    from lmlab.training.checkpoint_format import model_from_checkpoint
+    from lmlab.validation import SAMPLING_SETTINGS, validate_config
+
     checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
     validate_config(cfg, "generate")
@@ -31,6 +36,11 @@ def main(cfg: DictConfig) -> str:
     text = format_words(sample_words(model, vocab, **settings, generator=generator))
     print(text)
     return text
+
+
+def main() -> None:
+    answer_help("lmlab.generate", "generate", USAGE)
+    generate()
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def train_and_report(
 
 
 def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: float, on_started: Any) -> dict[str, Any]:
-    objects = build_training_objects(cfg)
+    prefix = labels[2]
+    say = (lambda line: print(f"{prefix}{line}", flush=True)) if process_rank() == 0 else None
+    objects = build_training_objects(cfg, say=say)
     device, data, model, trainer = objects.device, objects.data, objects.model, objects.trainer
     methods = test_methods(cfg)
     for method_name, (_, settings) in methods.items():  # refused now, not after the training
@@ -71,7 +73,9 @@ def _train_and_report(cfg: DictConfig, out_dir: Path, labels: tuple, started: fl
             model.load_state_dict(load_checkpoint(fit.best_checkpoint, device)["model_state"])
             logger.log_checkpoint(fit.best_checkpoint)
             try:  # a stop signal ends it at the next window; the resumed run (nothing left to train) tests again
-                test_loss = trainer.evaluate(model, data.stream("test").to(device), device, stop=signals.agreed)
+                test_loss = trainer.evaluate(
+                    model, data.stream("test").to(device), device, stop=signals.agreed, label="test"
+                )
             except EvaluationStopped:
                 raise TrainingInterrupted(signals.received or signal.SIGTERM, str(fit.last_checkpoint)) from None
             trainer.release_step()  # the step holds DistributedDataParallel, and it the process group

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from lmlab.config import CONF_DIR, moved_key
+from lmlab.config.help import answer_help
 from lmlab.errors import ConfigError
 from lmlab.runtime.job_records import (
     finished_results,
@@ -31,6 +32,7 @@ from lmlab.runtime.job_records import (
     write_run_record,
 )
 from lmlab.runtime.launch import launched_processes, process_rank, under_torchrun
+from lmlab.runtime.run_log import begin_run_log
 from lmlab.runtime.signals import TrainingInterrupted
 
 
@@ -47,6 +49,10 @@ def hydra_task(cfg: DictConfig) -> float:
     if presets and not multirun:
         raise ConfigError(f"{presets[0]} only acts in a multirun; add -m (python -m lmlab.run -m {presets[0]} ...)")
     prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
+    if process_rank() == 0:  # the banner's first lines, before torch is imported (seconds on a slow machine)
+        command = "torchrun -m lmlab.run" if under_torchrun() else "python -m lmlab.run"
+        print(f"{prefix}lmlab run: {command} {' '.join(shlex.quote(o) for o in hydra_cfg.overrides.task)}".rstrip())
+        print(f"{prefix}run folder: {out_dir}", flush=True)
     from lmlab.job import train_and_report
     from lmlab.runtime import distributed
 
@@ -55,6 +61,7 @@ def hydra_task(cfg: DictConfig) -> float:
     def on_started() -> None:  # the run holds its folder and proved sound: only now is it recorded there
         if process_rank() == 0:
             write_run_record(cfg, out_dir)
+            begin_run_log()  # the lines held so far (the banner), then every line as it is printed
         if where.world_size > 1 and where.is_main:  # the other ranks wait in main() for the folder
             distributed.broadcast(str(out_dir))
 
@@ -118,7 +125,12 @@ def register_bundled_plugins() -> None:
     Plugins.instance().register(OptunaAllTrialsSweeper)
 
 
+USAGE = """python -m lmlab.run [group=option ...] [key=value ...]        one run (outputs/DAY/TIME/)
+python -m lmlab.run -m [key=a,b ...] [+sweep=preset]            a sweep (multirun/DAY/TIME/N_.../)"""
+
+
 def main() -> None:
+    answer_help("lmlab.run", "run", USAGE)
     moved = moved_key(sys.argv[1:])
     if moved:
         print(f"error: {moved}", file=sys.stderr)

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmlab.config import CONF_DIR
+from lmlab.config.help import answer_help
 from lmlab.data.batching import TokenStream
 from lmlab.factory import build, build_training_objects
 from lmlab.runtime.devices import bf16_support, cpu_isa, peak_gpu_mb, peak_rss_mb, resolve_precision, synchronize
@@ -252,7 +253,7 @@ def _dispatch_lines(r: dict[str, Any]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
 @task_wrapper
-def main(cfg: DictConfig) -> dict[str, Any]:
+def bench(cfg: DictConfig) -> dict[str, Any]:
     result = benchmark(cfg)
     folder = Path(HydraConfig.get().runtime.output_dir)
     write_run_record(cfg, folder)
@@ -261,6 +262,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     print(summary(result))
     print(f"written to {out}")
     return result
+
+
+def main() -> None:
+    answer_help(
+        "lmlab.bench", "bench", "python -m lmlab.bench [any lmlab.run overrides] [bench.steps=N] [bench.baseline=false]"
+    )
+    bench()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ dict. Train ids are first numbered in order of first appearance (a dict whose ``
 out the next number — Python runs only once per *new* word), counted with ``bincount`` and renumbered
 by frequency with one tensor gather. Memory: the ids (4 bytes each) plus one piece's words.
 
-The ids are cached as int32 tensors in ``.lmlab-cache-<source>-<version>.pt`` beside the data, or in
-:func:`cache_dir` when the data folder is read-only, and loaded memory-mapped: a second run starts in
+The ids are cached as int32 tensors in ``.lmlab-cache-<source>-<version>.pt`` in lmlab's cache folder
+(:func:`cache_dir`; never beside the data, which is the user's) and loaded memory-mapped: a second run starts in
 well under a second and shares the pages with every other process reading the same corpus.
 """
 
@@ -151,8 +151,8 @@ def _as_tensor(ids: array) -> torch.Tensor:
 
 
 def cache_dir() -> Path:
-    """Where corpus caches go when the data folder is read-only: ``$LMLAB_CACHE_DIR``, else the user's
-    cache folder (``~/.cache/lmlab/corpora`` on Linux)."""
+    """Where corpus caches go: ``$LMLAB_CACHE_DIR``, else the user's cache folder (``~/.cache/lmlab/corpora`` on
+    Linux)."""
     env = os.environ.get("LMLAB_CACHE_DIR")
     if env:
         return Path(env).expanduser()
@@ -173,15 +173,13 @@ class Corpus:
     @classmethod
     def from_files(cls, files: dict[str, Path], cache: bool = True) -> Corpus:
         """Build from ``{"train": path, "valid": path, "test": path}``, using the cache if present."""
-        name = _cache_name(files)
-        places = [Path(files["train"]).parent, cache_dir()]
+        path = cache_dir() / _cache_name(files)
         if cache:
-            for folder in places:
-                with contextlib.suppress(OSError):  # a read-only data folder keeps what it has
-                    remove_stale_temp_files(folder)  # a killed cache write's leftovers
-                loaded = _load_cache(folder / name)
-                if loaded is not None:
-                    return loaded
+            with contextlib.suppress(OSError):  # a cache folder that cannot be written keeps what it has
+                remove_stale_temp_files(path.parent)  # a killed cache write's leftovers
+            loaded = _load_cache(path)
+            if loaded is not None:
+                return loaded
         vocab, train = build_vocabulary(Path(files["train"]))
         corpus = cls(vocab, train, *(encode_file(Path(files[s]), vocab) for s in SPLITS[1:]))
         for split in SPLITS:
@@ -189,12 +187,8 @@ class Corpus:
                 raise DataError(f"{files[split]} is empty: a split needs at least one word")
         if cache:
             state = {"words": vocab.words, **{s: getattr(corpus, s) for s in SPLITS}}
-            for folder in places:
-                try:
-                    _write_cache(folder / name, state)
-                    break
-                except OSError:  # read-only: try the next place (without one, the next run tokenises again)
-                    continue
+            with contextlib.suppress(OSError):  # cannot be written: the next run tokenises again
+                _write_cache(path, state)
         return corpus
 
     def capped(self, max_vocab: int | None = None, min_freq: int = 1) -> Corpus:

@@ -19,6 +19,7 @@ from lmlab.data.batching import TokenStream
 from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method
 from lmlab.metrics import perplexity
 from lmlab.models import LanguageModel
+from lmlab.runtime.pass_progress import reported
 
 
 @dataclass
@@ -46,7 +47,7 @@ def cache_scores(
     keys: torch.Tensor | None = None  # (cached positions, B, D): features whose next word is in `ids`
     ids = torch.zeros(0, stream.batch_size, dtype=torch.long, device=device)
     model_probs, cache_probs = [], {theta: [] for theta in thetas}
-    for window in stream.windows(limit=limit):
+    for window in reported(stream.windows(limit=limit), stream.num_windows(limit), "cache"):
         features, state = model(window.inputs, state)
         h = model.context_vectors(features).float()
         model_probs.append(model.target_log_probs(features, window.targets).exp())

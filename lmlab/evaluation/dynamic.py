@@ -17,6 +17,7 @@ from lmlab.data.batching import TokenStream
 from lmlab.errors import NonFiniteLoss
 from lmlab.evaluation.methods import EvaluationInputs, Scored, register_method
 from lmlab.models import LanguageModel, diverged
+from lmlab.runtime.pass_progress import reported
 
 
 def gradient_rms(model: LanguageModel, stream: TokenStream, batches: PositiveInt) -> list[torch.Tensor]:
@@ -57,7 +58,7 @@ def dynamic_loss(
     decays = [(decay * r / mean_rms).clamp(max=1.0) for r in rms]
     state = adapted.init_state(stream.batch_size, stream.columns.device)
     total, count = 0.0, 0
-    for window in stream.windows(limit=limit):
+    for window in reported(stream.windows(limit=limit), stream.num_windows(limit), "dynamic evaluation"):
         state = adapted.detach_state(state)
         adapted.zero_grad(set_to_none=True)
         features, state = adapted(window.inputs, state)

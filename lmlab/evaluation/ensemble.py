@@ -78,7 +78,9 @@ def score_members(
     """Each model's probability of each target of ``stream``, (K, N) float64, aligned token by token, each
     under autocast to its ``dtypes`` entry (None: fp32)."""
     dtypes = dtypes or [None] * len(models)
-    return torch.stack([target_probs(m, stream, limit, d) for m, d in zip(models, dtypes, strict=True)])
+    labels = [f"ensemble member {i}/{len(models)}" for i in range(1, len(models) + 1)]
+    scored = zip(models, dtypes, labels, strict=True)
+    return torch.stack([target_probs(m, stream, limit, dtype, label) for m, dtype, label in scored])
 
 
 def score_ensemble(

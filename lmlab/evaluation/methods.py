@@ -35,6 +35,7 @@ from lmlab.data.corpus import Vocabulary
 from lmlab.errors import ConfigError
 from lmlab.models import LanguageModel
 from lmlab.registry import Registry
+from lmlab.runtime.pass_progress import reported
 
 
 @dataclass
@@ -108,14 +109,19 @@ def method_settings(name: str, values: dict[str, Any]) -> dict[str, Any]:
 
 @torch.inference_mode()
 def target_probs(
-    model: LanguageModel, stream: TokenStream, limit: int | None = None, dtype: torch.dtype | None = None
+    model: LanguageModel,
+    stream: TokenStream,
+    limit: int | None = None,
+    dtype: torch.dtype | None = None,
+    label: str = "scoring",
 ) -> torch.Tensor:
     """The model's probability of each target (float64), flattened row by row as the windows hand them out;
-    computed under autocast to ``dtype`` if given (the precision the model's own run tested it in)."""
+    computed under autocast to ``dtype`` if given (the precision the model's own run tested it in). A long pass
+    reports its progress as ``label``."""
     model.eval()
     device = stream.columns.device
     state, probs = model.init_state(stream.batch_size, device), []
-    for window in stream.windows(limit=limit):
+    for window in reported(stream.windows(limit=limit), stream.num_windows(limit), label):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             features, state = model(window.inputs, state)
             probs.append(model.target_log_probs(features, window.targets).double().exp().flatten().cpu())

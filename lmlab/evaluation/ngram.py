@@ -40,17 +40,17 @@ def ngram(
     settings: dict[str, Any] = {"order": order, "lambda": lambda_, "search": search}
     settings["build_seconds"] = time.perf_counter() - started
 
-    def scores(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
-        model_prob = target_probs(inputs.model, stream, inputs.limit, inputs.dtype)
+    def scores(stream: TokenStream, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        model_prob = target_probs(inputs.model, stream, inputs.limit, inputs.dtype, label)
         return model_prob, counts.column_probs(stream.columns, model_prob.numel() // stream.batch_size)
 
     if search:
         started = time.perf_counter()
-        valid = scores(inputs.stream("valid"))
+        valid = scores(inputs.stream("valid"), "ngram weight search (valid)")
         best, settings["lambda"] = min((mixed_loss(*valid, weight), weight) for weight in NGRAM_LAMBDAS)
         settings.update(valid_ppl=perplexity(best), search_seconds=time.perf_counter() - started)
     target = inputs.stream(inputs.split)
-    model_prob, ngram_prob = scores(target)
+    model_prob, ngram_prob = scores(target, f"ngram ({inputs.split})")
     settings["ngram_ppl"] = perplexity(-ngram_prob.log().mean().item())  # the n-gram alone, for reference
     return Scored(mixed_loss(model_prob, ngram_prob, settings["lambda"]), target, settings)
 

@@ -7,17 +7,17 @@ checkpoint had seen, then appends, so no epoch or step is lost or written twice.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from lmlab.loggers.base import STEP_FIELDS, Logger, restored_step
 from lmlab.metrics import format_ppl, perplexity
 from lmlab.runtime.files import atomic_write_text
+from lmlab.runtime.pass_progress import duration
 
 
 class ConsoleLogger(Logger):
-    """Lines for people on stdout, each also appended to the run folder's ``run.log``; one JSON object
+    """Lines for people on stdout (which :mod:`lmlab.runtime.run_log` copies into ``run.log``); one JSON object
     per epoch in ``metrics.jsonl``, one per progress report in ``steps.jsonl``. ``prefix`` marks a multirun
     job's lines (``[job 3] ``)."""
 
@@ -30,15 +30,13 @@ class ConsoleLogger(Logger):
         self._finished = False
 
     def say(self, line: str) -> None:
-        print(f"{self.prefix}{line}", flush=True)
-        with (self.out_dir / "run.log").open("a") as f:  # Hydra's job log appends there too
-            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+        print(f"{self.prefix}{line}", flush=True)  # and into run.log: lmlab.runtime.run_log copies every console line
 
     def log_progress(self, p: dict[str, float]) -> None:
         self.say(
             f"epoch {p['epoch']} | step {p['step']:,}/{p['steps']:,} | {p['ms_per_step']:.1f} ms/step | "
             f"{p['tokens_per_sec']:,.0f} tok/s | loss {format_ppl(p['loss'])} | "
-            f"ppl {format_ppl(perplexity(p['loss']))} | lr {p['lr']:g} | ETA {_duration(p['eta_s'])}"
+            f"ppl {format_ppl(perplexity(p['loss']))} | lr {p['lr']:g} | ETA {duration(p['eta_s'])}"
         )
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -110,9 +108,3 @@ def format_epoch(m: dict[str, Any]) -> str:
         f"val-pp: {format_ppl(m['val_ppl'])} | lr {m['lr']:g} | {m['tokens_per_sec']:,.0f} tok/s | "
         f"{m['elapsed_s']:.0f} s"
     )
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -9,6 +9,10 @@ budget is checked on a CPU too.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -34,12 +38,38 @@ class DispatchCount:
 def count_dispatch(run: Callable[[], object]) -> DispatchCount:
     """Profile ``run()`` and count what it dispatched (per step: the difference of two runs of different
     length, divided by the difference, leaves out what a run does once)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _profiler_chatter_dropped(), profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     aten = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in aten if not _inside_aten(e)]
     reads = [e for e in aten if e.name == HOST_READ]
     return DispatchCount(len(top), len(aten), len(reads))
+
+
+# What the profiler's engine (Kineto) writes to the process's stderr at each profiled region whatever its log
+# level: "USDT:<time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start", and "STAGE:" lines.
+_PROFILER_CHATTER = re.compile(rb"^(USDT|STAGE):\S+ \S+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _profiler_chatter_dropped() -> Iterator[None]:
+    """While inside, the process's stderr (file descriptor 2, where C++ writes) goes to a temp file; after, every
+    line of it but the profiler's own chatter is passed on: a command's stderr carries only what matters."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True) if not _PROFILER_CHATTER.match(line)]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def _inside_aten(event: object) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -24,6 +25,15 @@ from lmlab.errors import DiskFull, RunFolderBusy
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (by setting it, the only way, and setting it back: not while other threads
+    may create files, hence once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`atomic_write`."""
     import torch  # here, not at the top: the lock and temp-file helpers are used where torch is not loaded
@@ -36,11 +46,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path`` (and fsync the folder)."""
+    """Write to a temp file in the same folder, fsync, then rename over ``path`` (and fsync the folder).
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), as the run's other files have:
+    ``mkstemp`` alone makes it 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

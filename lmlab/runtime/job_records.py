@@ -14,6 +14,7 @@ that launched the sweep, which is where the summary is printed, and a single run
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.errors import DiskFull, LmlabError, RunFolderBusy, printable
 from lmlab.runtime.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
 from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
+from lmlab.runtime.run_log import RunLog
 from lmlab.runtime.run_table import find_runs, render, rows
 
 T = TypeVar("T")
@@ -51,31 +53,39 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
     def wrapper(cfg: DictConfig) -> T:
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        try:
-            return _disk_full_as_one_line(task, cfg, hydra_cfg.runtime.output_dir)
-        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
-            print("\ninterrupted", file=sys.stderr, flush=True)
-            if not multirun and process_rank() == 0:
-                _undo_hydra_leftovers(Path(hydra_cfg.runtime.output_dir))  # stopped before it began: no folder
-            sys.exit(130)
-        except LmlabError as err:
-            if not multirun:
-                if process_rank() == 0:  # every rank meets the same error; one line says it
-                    print(f"error: {err}", file=sys.stderr, flush=True)
-                    _undo_hydra_leftovers(Path(hydra_cfg.runtime.output_dir))
-                sys.exit(err.exit_code)
-            _record_failure(
-                cfg, Path(hydra_cfg.runtime.output_dir), str(err), str(err), busy=isinstance(err, RunFolderBusy)
-            )
-            raise JobFailed(_job_label(hydra_cfg) + f" failed: {err}") from None
-        except Exception as err:  # a bug or a crash: keep the traceback in the job's folder
-            if not multirun:
-                raise
-            message = f"{type(err).__name__}: {err}"
-            _record_failure(cfg, Path(hydra_cfg.runtime.output_dir), message, traceback.format_exc())
-            raise JobFailed(_job_label(hydra_cfg) + f" failed: {message} (traceback in its error.txt)") from None
+        prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
+        log = Path(hydra_cfg.runtime.output_dir) / "run.log"
+        # Every console line of the run, its error included, lands in run.log once the run holds the folder.
+        with RunLog(log, prefix) if process_rank() == 0 else contextlib.nullcontext():
+            return _with_failure_semantics(task, cfg, hydra_cfg, multirun)
 
     return wrapper
+
+
+def _with_failure_semantics(task: Callable[[DictConfig], T], cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> T:
+    try:
+        return _disk_full_as_one_line(task, cfg, hydra_cfg.runtime.output_dir)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        if not multirun and process_rank() == 0:
+            _undo_hydra_leftovers(Path(hydra_cfg.runtime.output_dir))  # stopped before it began: no folder
+        sys.exit(130)
+    except LmlabError as err:
+        if not multirun:
+            if process_rank() == 0:  # every rank meets the same error; one line says it
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                _undo_hydra_leftovers(Path(hydra_cfg.runtime.output_dir))
+            sys.exit(err.exit_code)
+        _record_failure(
+            cfg, Path(hydra_cfg.runtime.output_dir), str(err), str(err), busy=isinstance(err, RunFolderBusy)
+        )
+        raise JobFailed(_job_label(hydra_cfg) + f" failed: {err}") from None
+    except Exception as err:  # a bug or a crash: keep the traceback in the job's folder
+        if not multirun:
+            raise
+        message = f"{type(err).__name__}: {err}"
+        _record_failure(cfg, Path(hydra_cfg.runtime.output_dir), message, traceback.format_exc())
+        raise JobFailed(_job_label(hydra_cfg) + f" failed: {message} (traceback in its error.txt)") from None
 
 
 def _disk_full_as_one_line(task: Callable[[DictConfig], T], cfg: DictConfig, out_dir: str) -> T:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lmlab.data.datasets import Vocabulary
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
@@ -212,7 +213,7 @@ def model_from_checkpoint(
     arguments = state["model"]["arguments"]
     cls, constructor_arguments = resolve(state["model"]["name"], arguments)  # checked by load_checkpoint
     try:  # on the meta device first: no memory is taken before the shapes are known to fit the file
-        with torch.device("meta"):
+        with torch.device("meta"), _ShapesOnly():
             probe = cls(len(vocab), **constructor_arguments)
     except LmlabError as err:
         raise CheckpointError(f"refused to build the model stored in {path}: {err}") from None
@@ -225,3 +226,17 @@ def model_from_checkpoint(
     model = cls(len(vocab), **constructor_arguments)
     load_weights(path, model, state["model_state"])
     return model.to(device).eval(), vocab, state
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Builds a module's shapes without its random normal fills, which have nothing to fill on the meta device
+    and whose meta kernel (a Python reference implementation) imports ``torch._dynamo``: over a second and
+    tens of MB for a shape check, paid by every ``lmlab.generate`` and ``lmlab.evaluate``."""
+
+    SKIPPED = (torch.Tensor.normal_, torch.nn.init.normal_, torch.nn.init.trunc_normal_, torch.nn.init.xavier_normal_,
+               torch.nn.init.kaiming_normal_)  # fmt: skip
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in self.SKIPPED:
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))

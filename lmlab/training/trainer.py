@@ -25,6 +25,7 @@ from lmlab.metrics import perplexity
 from lmlab.models import LanguageModel
 from lmlab.runtime import distributed
 from lmlab.runtime.devices import PRECISIONS, resolve_precision
+from lmlab.runtime.pass_progress import reported
 from lmlab.runtime.signals import TrainingInterrupted
 from lmlab.training.checkpoint_format import damaged
 from lmlab.training.cuda_graph import GraphedStep
@@ -211,7 +212,8 @@ class Trainer:
         state = ctx.state
         try:
             with evaluation_weights(hooks, ctx):  # the training weights are back after it, even on a stop
-                val_loss = self.evaluate(ctx.model, valid, ctx.device, stop=lambda: ctx.poll_interrupt() is not None)
+                stop = lambda: ctx.poll_interrupt() is not None  # noqa: E731
+                val_loss = self.evaluate(ctx.model, valid, ctx.device, stop=stop, label="validation")
         except EvaluationStopped:
             ctx.interrupt = ctx.poll_interrupt()
             self._call(hooks, "on_interrupt", ctx)
@@ -249,11 +251,12 @@ class Trainer:
         device: torch.device,
         stop: Callable[[], bool] | None = None,
         limit: int | None = None,
+        label: str = "evaluation",
     ) -> float:
         """Mean loss per token over ``stream`` (at most ``limit`` windows, default ``limit_eval_batches``).
         Under several processes each evaluates its share of the columns and the sums are added up: the exact figure
         one process would get. ``stop`` is asked before each window (a stop signal: every rank must
-        give the same answer); True raises :class:`EvaluationStopped`."""
+        give the same answer); True raises :class:`EvaluationStopped`. A long pass reports its progress as ``label``."""
         if self._dtype is None:
             self._dtype = PRECISIONS[resolve_precision(self.precision, device)]
         where = distributed.place()
@@ -262,7 +265,9 @@ class Trainer:
         state = model.init_state(stream.batch_size, device)
         total = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
         count = 0
-        for window in stream.windows(limit=limit or self.limit_eval_batches):
+        limit = limit or self.limit_eval_batches
+        windows = reported(stream.windows(limit=limit), stream.num_windows(limit), label, quiet=not where.is_main)
+        for window in windows:
             if stop is not None and stop():
                 raise EvaluationStopped
             with self._autocast(device):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab.data.corpus import SPLITS, _cache_name, cache_dir
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.job import train_and_report
 from lmlab.training.checkpoint_format import model_from_checkpoint
@@ -161,7 +162,8 @@ def test_bf16_is_refused_where_missing_and_auto_picks_it_only_where_fast(
     cfg = compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.precision=bf16"])
     with pytest.raises(ConfigError, match="trainer.precision=bf16 needs bf16 support.*trainer.precision=auto"):
         train_and_report(cfg, tmp_path / "run")
-    assert not list(corpus_dir.glob(".lmlab-cache-*"))  # refused before the data was even read
+    source = _cache_name({s: corpus_dir / f"{s}.txt" for s in SPLITS}).rsplit("-", 1)[0]
+    assert not list(cache_dir().glob(f"{source}-*"))  # refused before the data was even read
 
 
 def test_bench_runs_a_fresh_trainer_with_checkpoint_options(corpus_dir, tmp_path):

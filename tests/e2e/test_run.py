@@ -75,10 +75,12 @@ def test_cli_run_help_and_cfg_job():
     assert "cell: gru" in out.stdout and "name: rnn" in out.stdout
     help_text = lmlab("lmlab.run", "--help")
     models = (
-        "model: gru, lstm, ngram_pointer_lstm, ngram_pointer_transformer, pointer_lstm, pointer_transformer, "
+        "model: gru, lstm*, ngram_pointer_lstm, ngram_pointer_transformer, pointer_lstm, pointer_transformer, "
         "transformer"
     )
-    assert help_text.returncode == 0 and models in help_text.stdout
+    assert help_text.returncode == 0 and models in help_text.stdout and "+experiment: " in help_text.stdout
+    generate = lmlab("lmlab.generate", "--help")  # only the groups generate reads
+    assert generate.returncode == 0 and "device: auto*" in generate.stdout and "model:" not in generate.stdout
 
 
 @pytest.mark.parametrize("args", [["--cfg", "job", "model=gru"], ["model.hidden_dim=-1"]])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab.data.corpus import SPLITS, _cache_name, cache_dir
 from lmlab.errors import CheckpointError, NonFiniteLoss, RunFolderBusy
 from lmlab.job import train_and_report
 from lmlab.runtime.files import RunLock, remove_stale_temp_files
@@ -154,10 +155,11 @@ def test_temp_files_of_dead_writers_are_removed_on_the_next_start(tmp_path, corp
     live.unlink()
     train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=2"]), out)  # resumes
     assert not list((out / "checkpoints").glob("*.tmp"))
-    caches = list(corpus_dir.glob(".lmlab-cache-*.pt"))
+    source = _cache_name({s: corpus_dir / f"{s}.txt" for s in SPLITS}).rsplit("-", 1)[0]
+    caches = list(cache_dir().glob(f"{source}-*.pt"))
     os.utime(corpus_dir / "train.txt")  # a new mtime: the next run tokenises again and replaces the cache
     train_and_report(compose_cfg([*TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1"]), tmp_path / "other")
-    now = list(corpus_dir.glob(".lmlab-cache-*.pt"))
+    now = list(cache_dir().glob(f"{source}-*.pt"))
     assert len(caches) == len(now) == 1 and now != caches  # one cache per source: the old one was removed
 
 
