@@ -9,6 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+import lmlab.runtime.cpu_load  # noqa: F401  (first of lmlab: its sample of the machine's load starts now)
 from lmlab.config import CONF_DIR
 from lmlab.config.help import answer_help
 from lmlab.runtime.job_records import task_wrapper

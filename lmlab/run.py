@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+import lmlab.runtime.cpu_load  # noqa: F401  (first of lmlab: its sample of the machine's load starts now)
 from lmlab.config import CONF_DIR, moved_key
 from lmlab.config.help import answer_help
 from lmlab.errors import ConfigError

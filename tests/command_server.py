@@ -32,6 +32,8 @@ import runpy
 import sys
 import threading
 
+import lmlab.runtime.cpu_load
+
 # What every lmlab command imports before its first step (torch imports its compiler, torch._dynamo, on the
 # first optimizer step or model built on the meta device: 1.4 s); nothing here starts a Python thread or
 # touches a device, so a fork of this process is as clean as a fresh interpreter that imported the same.
@@ -70,6 +72,7 @@ def _run_child(request: dict, closing: list[int]) -> None:
         for fd in closing:
             os.close(fd)
         atexit._clear()  # the server's exit functions are not the command's
+        lmlab.runtime.cpu_load.restart()  # the command's start, which a fresh interpreter would measure from
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):

@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import lmlab.runtime.cpu_load  # noqa: F401  (first of lmlab: its sample of the machine's load starts now)
 from lmlab.config import CONF_DIR
 from lmlab.config.help import answer_help
 from lmlab.data.batching import TokenStream

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmlab.runtime import devices
 from lmlab.runtime.devices import cpu_isa
 
 
@@ -25,7 +26,8 @@ def device_line(device: torch.device, precision: str) -> str:
     where = f"cpu ({cpu_isa()})" if device.type == "cpu" else str(device)
     if device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(device)})"
-    return f"device: {where}, {torch.get_num_threads()} threads, precision {precision}"
+    threads = f"{torch.get_num_threads()} threads" if devices.thread_choice is None else devices.thread_choice
+    return f"device: {where}, {threads}, precision {precision}"
 
 
 def data_line(name: str, data: Any) -> str:

@@ -13,6 +13,9 @@ import torch
 
 from lmlab.config.schema import NonNegativeInt, PositiveInt
 from lmlab.errors import ConfigError
+from lmlab.runtime.cpu_load import free_threads
+
+thread_choice: str | None = None  # why the last select_device took fewer threads than torch's default, if it did
 
 
 def select_device(
@@ -26,9 +29,23 @@ def select_device(
     picks one of several GPUs (null: the current one; a multirun spreads its jobs over them,
     :func:`place_sweep_job`). ``matmul_precision``: see :func:`resolve_matmul_precision`.
 
+    ``num_threads``: torch's CPU threads; null: torch's default (one per core) less the cores other work kept busy
+    while the command started (:mod:`lmlab.runtime.cpu_load`), so that a run beside other work does not
+    slow itself down; the choice is in :data:`thread_choice` (the start banner prints it).
     ``cpu_heap`` (CPU only): see :func:`tune_cpu_heap`."""
+    global thread_choice
+    thread_choice = None
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    else:
+        default = torch.get_num_threads()
+        threads, busy = free_threads(default)
+        if threads < default:
+            torch.set_num_threads(threads)
+            thread_choice = (
+                f"{busy:.1f} of {default} cores busy with other work: {threads} thread{'s' * (threads > 1)} "
+                "(device.num_threads=N to choose)"
+            )
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if (name == "cuda" and not cuda) or (name == "mps" and not mps):
         raise ConfigError(

@@ -78,3 +78,19 @@ def test_atomic_writes_get_the_mode_a_plain_open_gets(tmp_path, umask, monkeypat
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_the_default_thread_count_leaves_out_the_cores_other_work_keeps_busy(monkeypatch):
+    import subprocess
+
+    import lmlab.runtime.cpu_load as cpu_load
+
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        cpu_load.restart()
+        assert cpu_load.busy_cores() >= 0.6  # the loop's core (other tests may keep more busy)
+    finally:
+        loop.kill()
+    for busy, threads in ((0.0, 2), (0.3, 2), (1.0, 1), (1.8, 1), (3.0, 1)):
+        monkeypatch.setattr(cpu_load, "busy_cores", lambda b=busy: b)
+        assert cpu_load.free_threads(2) == (threads, busy)
