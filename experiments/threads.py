@@ -27,9 +27,9 @@ def bench(data: Path, threads: int, passive: bool, steps: int, overrides: list[s
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     command = [
-        sys.executable, "-m", "lmlab.bench", "dataset=text_dir", f"dataset.path={data}", f"device.num_threads={threads}",
-        "bench.baseline=false", "bench.dispatch_steps=0", f"bench.steps={steps}", "trainer.precision=fp32",
-        f"hydra.run.dir={out}", *overrides,
+        sys.executable, "-m", "lmlab.bench", "dataset=text_dir", f"dataset.path={data}",
+        f"device.num_threads={threads}", "bench.baseline=false", "bench.dispatch_steps=0", f"bench.steps={steps}",
+        "trainer.precision=fp32", f"hydra.run.dir={out}", *overrides,
     ]  # fmt: skip
     subprocess.run(command, env=env, check=True, capture_output=True, cwd=work)
     return json.loads((out / "bench.json").read_text())["train"]["ms_per_step"]
