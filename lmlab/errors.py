@@ -3,7 +3,7 @@ each kind has its own exit code, so scripts and schedulers can tell them apart.
 
 | exit | error |
 |---|---|
-| 2 | :class:`ConfigError`, :class:`DataError` (bad input: nothing was done) |
+| 2 | :class:`ConfigError`, :class:`DataError`, :class:`UnsafeRunFile` (bad input: nothing was done) |
 | 3 | :class:`NonFiniteLoss` (the loss or weights diverged) |
 | 4 | :class:`CheckpointError` (a file is missing, damaged, unsafe or does not fit) |
 | 5 | :class:`DiskFull` (no space left; the previous files are intact) |
@@ -42,6 +42,10 @@ class ConfigError(LmlabError, ValueError):
 
 class DataError(LmlabError):
     """A data file is missing, unreadable or could not be downloaded."""
+
+
+class UnsafeRunFile(LmlabError):
+    """A file a run appends to is a symbolic link planted in its folder (lmlab never writes through one)."""
 
 
 class NonFiniteLoss(LmlabError, RuntimeError):

@@ -68,15 +68,20 @@ def hydra_task(cfg: DictConfig) -> float:
 
     if multirun and where.world_size == 1:
         place_on_a_gpu(cfg, hydra_cfg.job.num, prefix)
-    finished = finished_results(out_dir) if multirun else None
+    finished = finished_results(out_dir)
     changed = overrides_differ(out_dir, list(hydra_cfg.overrides.task)) if finished is not None else None
+    if changed and not multirun:  # more epochs, another test: the run resumes from its last.pt (or is refused)
+        finished = None
     if changed:  # the folder's figures are another config's: neither reused nor written over
         raise ConfigError(
             f"{out_dir} holds a finished job with other overrides ({changed}); resume a sweep with the overrides "
             "it was started with, or give this one a new hydra.sweep.dir"
         )
-    if finished is not None:  # a resumed sweep: this job ended before; its folder and figures stay as they are
+    if finished is not None:  # the same command again, or a resumed sweep: its folder and figures stay as they are
         print(f"{prefix}finished before, kept as it was: {out_dir}", flush=True)
+        if not multirun:
+            print(f"(to train it further: the same command with a larger trainer.epochs; {out_dir}/results.json "
+                  "has its figures)", flush=True)  # fmt: skip
         return finished["best_val_ppl"]
     try:
         return train_and_report(cfg, out_dir, group, name, prefix, on_started=on_started)["best_val_ppl"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from lmlab.loggers.base import STEP_FIELDS, Logger, restored_step
 from lmlab.metrics import format_ppl, perplexity
-from lmlab.runtime.files import atomic_write_text
+from lmlab.runtime.files import atomic_write_text, open_append
 from lmlab.runtime.pass_progress import duration
 
 
@@ -41,7 +41,7 @@ class ConsoleLogger(Logger):
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{STEP_FIELDS[key]: value for key, value in metrics.items() if key in STEP_FIELDS}}
-        with self.steps_path.open("a") as f:
+        with open_append(self.steps_path) as f:
             f.write(json.dumps(record) + "\n")
         self.last_step = step
 
@@ -49,7 +49,7 @@ class ConsoleLogger(Logger):
         self.say(format_epoch(metrics))
         if metrics.get("warning"):
             self.say(metrics["warning"])
-        with self.path.open("a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(metrics) + "\n")
 
     def restore(self, history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:

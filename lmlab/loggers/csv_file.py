@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.loggers.base import STEP_FIELDS, Logger, register_logger, restored_step
-from lmlab.runtime.files import atomic_write_text
+from lmlab.runtime.files import atomic_write_text, open_append
 
 COLUMNS = (
     "kind",
@@ -44,7 +44,7 @@ class CsvLogger(Logger):
 
     def _append(self, row: dict[str, Any]) -> None:
         new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
+        with open_append(self.path) as f:  # (lineterminator below: the rows' own newlines)
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
             if new:
                 writer.writeheader()

@@ -20,9 +20,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from lmlab.errors import DiskFull, RunFolderBusy
+from lmlab.errors import DiskFull, RunFolderBusy, UnsafeRunFile
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@functools.cache
+def open_append(path: str | os.PathLike) -> IO[str]:
+    """``open(path, "a")`` for a run's own append-only files (run.log, metrics.jsonl, steps.jsonl, metrics.csv),
+    refusing a symbolic link planted in their place: a run writes its folder's files, never through a link to
+    somewhere else."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeRunFile(
+                f"{path} is a symbolic link; a run writes its own files and never through a link: remove it, or "
+                "give the run a new hydra.run.dir"
+            ) from None
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
 
 @functools.cache

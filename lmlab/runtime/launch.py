@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 from omegaconf import OmegaConf
 
 MAX_DIRNAME = 120
+UNSAFE_IN_A_NAME = re.compile(r"[^A-Za-z0-9._,=+-]|\.{2,}")
 # Set by lmlab.runtime.job_records.JobRecorder when a multirun starts (the environment reaches every launcher's jobs):
 # the keys that vary between the sweep's jobs, comma-separated.
 SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
@@ -42,7 +44,8 @@ def short_dirname(override_dirname: str) -> str:
     """A job folder name from its overrides: only those that vary between the sweep's jobs (when known),
     keys shortened to their last part (``batch_size=40``), the whole capped at ~120 characters (plus a
     hash), since file systems refuse names over 255 bytes. The full overrides stay in the job's
-    ``.hydra/overrides.yaml``."""
+    ``.hydra/overrides.yaml``. Only letters, digits and ``._,=+-`` stay; anything else (a ``/``, a space, a
+    control character) becomes ``_``, and so does a run of dots: the name is one folder, inside the sweep's."""
     swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
     parts = []
     for item in override_dirname.split(","):
@@ -50,7 +53,7 @@ def short_dirname(override_dirname: str) -> str:
         if item.startswith("+sweep=") or (swept and key.lstrip("~") not in swept):
             continue  # a preset name or a value every job shares says nothing about the job
         parts.append(f"{key.rsplit('.', 1)[-1]}{sep}{value}")
-    name = ",".join(parts)
+    name = UNSAFE_IN_A_NAME.sub("_", ",".join(parts))  # a value's "/" or ".." never makes a path of the name
     if len(name) > MAX_DIRNAME:
         name = f"{name[:MAX_DIRNAME]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name

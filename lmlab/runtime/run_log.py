@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from lmlab.runtime.files import open_append
+
 _active: RunLog | None = None
 
 
@@ -51,7 +53,7 @@ class RunLog:
     def begin(self) -> None:
         """The run holds its folder: write the held lines, and every line from now on as it comes."""
         if self._file is None:
-            self._file = self.path.open("a", encoding="utf-8", errors="replace")
+            self._file = open_append(self.path)
             self._file.writelines(self._held)
             self._file.flush()
             self._held = []

@@ -418,3 +418,11 @@ def test_a_planted_link_at_the_lock_is_refused_and_its_target_untouched(tmp_path
     done = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", f"hydra.run.dir={run}")
     assert done.returncode == 6 and "cannot be a lock file" in done.stderr, done.stderr
     assert victim.read_text() == "precious\n"
+
+
+def test_the_same_command_again_keeps_a_finished_run_as_it_was(finished_run):
+    run, args = finished_run
+    before = snapshot(run)
+    again = lmlab("lmlab.run", *args, f"hydra.run.dir={run}")
+    assert again.returncode == 0 and f"finished before, kept as it was: {run}" in again.stdout, again.stderr
+    assert snapshot(run) == before  # results.json (its speed, its wall time) untouched

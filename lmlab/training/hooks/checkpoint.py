@@ -13,7 +13,7 @@ from lmlab.config.schema import PositiveInt
 from lmlab.errors import ConfigError, NonFiniteLoss
 from lmlab.models import map_tensors
 from lmlab.runtime import distributed
-from lmlab.runtime.files import atomic_save, remove_stale_temp_files
+from lmlab.runtime.files import atomic_save, atomic_write, remove_stale_temp_files
 from lmlab.training.checkpoint_format import training_checkpoint
 from lmlab.training.hooks.base import FitContext, Hook, good_checkpoint
 from lmlab.training.resume import initial_weights, restore_training
@@ -35,6 +35,7 @@ class Checkpointing(Hook):
         self.resume = resume
         self.init_from = init_from
         self._pending_rng: dict[str, Any] | None = None  # a periodic save waiting for the next loss
+        self._carried_best: Path | None = None  # the best.pt of the folder resumed from, if not this one
 
     def on_fit_start(self, ctx: FitContext) -> None:
         folder = Path(ctx.out_dir) / "checkpoints"
@@ -59,6 +60,15 @@ class Checkpointing(Hook):
         ctx.state, logger_state = restore_training(source, self.meta, ctx.model, ctx.optimizer, schedule, ctx.scaler)
         ctx.logger.restore(ctx.state.history, logger_state)
         print(f"Resuming from {source}: epoch {ctx.state.epoch}, step {ctx.state.step}")
+        # Resumed from another folder: that run's best is this run's best until an epoch here beats it.
+        carried = source.parent / "best.pt"
+        self._carried_best = (
+            carried if carried.is_file() and source.parent.resolve() != self.last.parent.resolve() else None
+        )
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        if self._carried_best is not None and not self.best.exists() and distributed.place().is_main:
+            atomic_write(self.best, lambda f: f.write(self._carried_best.read_bytes()))  # the folder holds its best
 
     def _resume_source(self) -> Path | None:
         if self.resume in (None, "never", False):
