@@ -42,13 +42,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # here: --help and a refused argument answer before torch is loaded
     from lmlab.data.rebuild import SplitStreams, build_dataset, dataset_from_record
     from lmlab.evaluation.methods import EvaluationInputs, check_before_work
-    from lmlab.factory import build, import_plugins, require_checkpoint
+    from lmlab.factory import EVALUATE_KEYS, build, import_plugins, refuse_unread_keys, require_checkpoint
     from lmlab.metrics import perplexity
     from lmlab.training.checkpoint_format import model_from_checkpoint
     from lmlab.validation import evaluation_method, validate_config
 
     checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
+    refuse_unread_keys(cfg, EVALUATE_KEYS)
     validate_config(cfg, "evaluate")
     method, settings = evaluation_method(cfg)
     device = build(cfg.device)

@@ -25,6 +25,7 @@ from lmlab.evaluation.methods import METHODS
 from lmlab.loggers import LOGGERS, ConsoleLogger, Logger, MultiLogger
 from lmlab.models import LanguageModel, ReadsTrainingText
 from lmlab.models.compose import resolve
+from lmlab.models.shapes import TRAINING_COPIES, refuse_unless_fits
 from lmlab.runtime import banner, distributed
 from lmlab.runtime.devices import resolve_precision
 from lmlab.training.hooks import Hook
@@ -111,6 +112,10 @@ def build_training_objects(
     say(banner.data_line(cfg.dataset.name, data))
     # validate_config checked the arguments; the registry's body and heads build them
     model_cls, constructor_arguments = resolve(cfg.model.name, model_arguments(cfg.model))
+    refuse_unless_fits(
+        model_cls, len(data.vocab), constructor_arguments, device, TRAINING_COPIES, f"model {cfg.model.name}",
+        "lower its sizes (model.hidden_dim, model.embed_dim, model.d_model, layers) or dataset.max_vocab",
+    )  # fmt: skip
     model = model_cls(len(data.vocab), **constructor_arguments).to(device)
     if isinstance(model, ReadsTrainingText):
         model.take_corpus(data.corpus.train)
@@ -180,13 +185,18 @@ RUN_KEYS = {
 }
 
 
-def refuse_unread_keys(cfg: DictConfig) -> None:
+# The top-level keys lmlab.generate and lmlab.evaluate read (evaluate also each method's section).
+GENERATE_KEYS = {"checkpoint", "plugins", "seed", "device", "num_words", "temperature", "prompt", "top_k"}
+EVALUATE_KEYS = {"checkpoint", "plugins", "seed", "device", "dataset", "trainer", "split", "method", "output"}
+
+
+def refuse_unread_keys(cfg: DictConfig, known: set[str] = RUN_KEYS) -> None:
     """A top-level key nothing reads (``+epochs=2``: Hydra's own hint after ``epochs=2`` is refused) would
-    be silently ignored; name the key it probably meant instead."""
+    be silently ignored; name the key it probably meant instead. ``known``: the command's keys."""
     for key in cfg:
-        if key in RUN_KEYS or key in METHODS:  # an evaluation method's section: test_with reads it
+        if key in known or key in METHODS:  # an evaluation method's section: test_with reads it
             continue
-        meant = [f"{group}.{key}" for group in RUN_KEYS if OmegaConf.is_dict(cfg.get(group)) and key in cfg[group]]
+        meant = [f"{group}.{key}" for group in known if OmegaConf.is_dict(cfg.get(group)) and key in cfg[group]]
         hint = f"did you mean {meant[0]}={cfg[key]}?" if meant else "remove it"
         raise ConfigError(f"+{key}={cfg[key]} adds a key that nothing reads, so it would do nothing; {hint}")
 

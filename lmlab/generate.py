@@ -23,12 +23,13 @@ def generate(cfg: DictConfig) -> str:
     import torch  # here: --help and a refused argument answer before torch is loaded
 
     from lmlab.evaluation.sampling import format_words, sample_words
-    from lmlab.factory import build, import_plugins, require_checkpoint
+    from lmlab.factory import GENERATE_KEYS, build, import_plugins, refuse_unread_keys, require_checkpoint
     from lmlab.training.checkpoint_format import model_from_checkpoint
     from lmlab.validation import SAMPLING_SETTINGS, validate_config
 
     checkpoint = require_checkpoint(cfg)
     import_plugins(cfg.get("plugins"))
+    refuse_unread_keys(cfg, GENERATE_KEYS)
     validate_config(cfg, "generate")
     settings = {key: cfg[key] for key in SAMPLING_SETTINGS}
     device = build(cfg.device)

@@ -71,7 +71,7 @@ def hydra_task(cfg: DictConfig) -> float:
     finished = finished_results(out_dir)
     changed = overrides_differ(out_dir, list(hydra_cfg.overrides.task)) if finished is not None else None
     if changed and not multirun:  # more epochs, another test: the run resumes from its last.pt (or is refused)
-        finished = None
+        finished = changed = None
     if changed:  # the folder's figures are another config's: neither reused nor written over
         raise ConfigError(
             f"{out_dir} holds a finished job with other overrides ({changed}); resume a sweep with the overrides "

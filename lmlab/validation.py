@@ -28,7 +28,7 @@ from lmlab.config.schema import (
     check_value,
 )
 from lmlab.data.datasets import DATASETS
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, printable
 from lmlab.evaluation.methods import METHODS, method_settings
 from lmlab.evaluation.sampling import sample_words
 from lmlab.loggers import LOGGERS
@@ -78,8 +78,9 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
         node = _plain(cfg.get(group))
         if isinstance(node, dict) and "_target_" in node:
             extra = OPTIMIZER_HINTS if group == "optimizer" else None
-            check_arguments(get_object(node["_target_"]), node, group, extra)
-    for name, node in (_plain(cfg.get("hooks")) or {}).items():
+            check_arguments(_target_of_kind(group, node["_target_"]), node, group, extra)
+    hooks = (_plain(cfg.get("hooks")) or {}).items()
+    for name, node in sorted(hooks, key=lambda item: item[0] != "progress"):  # others read its log_interval
         if isinstance(node, dict) and "_target_" not in node:  # keys added to a hook that is off (null)
             keys = ", ".join(f"hooks.{name}.{key}" for key in node)
             raise ConfigError(
@@ -103,7 +104,8 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
         node = _plain(cfg.scheduler)
         own = {key: node[key] for key in ("interval", "warmup_steps") if key in node}  # the Schedule's, not torch's
         check_arguments(Schedule, own, "scheduler")
-        check_arguments(get_object(node["_target_"]), {k: v for k, v in node.items() if k not in own}, "scheduler")
+        target = _target_of_kind("scheduler", node["_target_"])
+        check_arguments(target, {k: v for k, v in node.items() if k not in own}, "scheduler")
     if cfg.get("model") is not None:
         arguments = model_arguments(cfg.model)
         check_model_arguments(cfg.model.get("name"), arguments)
@@ -119,6 +121,38 @@ def validate_config(cfg: DictConfig, command: Literal["run", "bench", "evaluate"
     for key, hint in BENCH_HINTS.items():
         if cfg.get("bench") is not None and key in cfg.bench:
             check_value(f"bench.{key}", _plain(cfg.bench[key]), hint)
+
+
+def _group_kinds() -> dict[str, tuple[tuple[Any, ...], str]]:
+    """What a group's ``_target_`` may name: (accepted classes or the one function, in words)."""
+    import torch
+
+    from lmlab.runtime.devices import select_device
+    from lmlab.training.trainer import Trainer
+
+    schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    return {
+        "optimizer": ((torch.optim.Optimizer,), "a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW)"),
+        "scheduler": (schedulers, "a torch LR scheduler class (e.g. torch.optim.lr_scheduler.StepLR)"),
+        "trainer": ((Trainer,), "lmlab.training.trainer.Trainer or a subclass"),
+        "device": ((select_device,), "lmlab.runtime.devices.select_device"),
+    }
+
+
+def _target_of_kind(group: str, path: str) -> Any:
+    """The object ``group._target_`` names, if it is of the kind the group builds: a config passed around a lab
+    cannot make a run call a plain function or builtin (``builtins.open``, ``os.system``) through it."""
+    accepted, words = _group_kinds()[group]
+    target = get_object(path)  # imported (a module path), never called here
+    if isinstance(target, type):
+        fits = any(isinstance(kind, type) and issubclass(target, kind) for kind in accepted)
+    else:
+        fits = any(target is kind for kind in accepted)
+    if not fits:
+        raise ConfigError(
+            f"{group}._target_={printable(path)} is not what the {group} group builds: it must name {words}"
+        )
+    return target
 
 
 def evaluation_method(cfg: DictConfig) -> tuple[Callable[..., Any], dict[str, Any]]:

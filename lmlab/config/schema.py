@@ -11,6 +11,7 @@ arguments together.
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections import abc
@@ -31,8 +32,8 @@ class Rule:
 
 PositiveInt = Annotated[int, Rule(lambda v: v > 0, "a positive integer")]
 NonNegativeInt = Annotated[int, Rule(lambda v: v >= 0, "an integer >= 0")]
-PositiveFloat = Annotated[float, Rule(lambda v: v > 0, "a number > 0")]
-NonNegativeFloat = Annotated[float, Rule(lambda v: v >= 0, "a number >= 0")]
+PositiveFloat = Annotated[float, Rule(lambda v: 0 < v < math.inf, "a finite number > 0")]
+NonNegativeFloat = Annotated[float, Rule(lambda v: 0 <= v < math.inf, "a finite number >= 0")]
 Probability = Annotated[float, Rule(lambda v: 0 <= v < 1, "a number in [0, 1)")]
 UnitInterval = Annotated[float, Rule(lambda v: 0 <= v <= 1, "a number in [0, 1]")]
 # Positions a model keeps in its state per column (a pointer's window, a KV cache): the state is this many

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from lmlab.config.schema import NonNegativeInt, PositiveFloat, PositiveInt
+from lmlab.config.schema import PositiveFloat, PositiveInt, Rule
 from lmlab.data.datasets import EOS, Vocabulary
 from lmlab.models import LanguageModel
+
+# More words than this is a typo (10**12 would never end); a million is a corpus-sized sample.
+MAX_WORDS = 1_000_000
+WordCount = Annotated[int, Rule(lambda v: 0 <= v <= MAX_WORDS, f"an integer from 0 to {MAX_WORDS:,}")]
 
 
 def sample_words(
     model: LanguageModel,
     vocab: Vocabulary,
-    num_words: NonNegativeInt = 15,
+    num_words: WordCount = 15,
     temperature: PositiveFloat = 1.0,
     prompt: str = "",
     top_k: PositiveInt | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmlab.config import flatten
 from lmlab.config.schema import PositiveFloat
@@ -31,7 +31,7 @@ class WandbLogger(ServiceLogger):
         run_config: dict[str, Any],
         project: str = "lmlab",
         entity: str | None = None,
-        mode: str = "offline",
+        mode: Literal["offline", "online", "disabled"] = "offline",
         group: str | None = None,
         name: str | None = None,
         tags: list[str] | None = None,

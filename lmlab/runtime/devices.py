@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
-from lmlab.config.schema import NonNegativeInt, PositiveInt
+from lmlab.config.schema import NonNegativeInt, Rule
 from lmlab.errors import ConfigError
 from lmlab.runtime.cpu_load import free_threads
 
+# More threads than this is a typo, not a choice (100,000 of them crashed the process); 4 a core still allows
+# oversubscribing on purpose.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+ThreadCount = Annotated[int, Rule(lambda v: 0 < v <= MAX_THREADS, f"a positive integer up to {MAX_THREADS}")]
 thread_choice: str | None = None  # why the last select_device took fewer threads than torch's default, if it did
 
 
 def select_device(
     name: Literal["auto", "cpu", "cuda", "mps"] = "auto",
-    num_threads: PositiveInt | None = None,
+    num_threads: ThreadCount | None = None,
     cpu_heap: Literal["reuse", "release"] | None = "reuse",
     index: NonNegativeInt | None = None,
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto",

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +41,33 @@ def open_append(path: str | os.PathLike) -> IO[str]:
             ) from None
         raise
     return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+
+RECORD_LIMIT = 8 << 20  # a run's records (results.json, .hydra/*.yaml, metrics.jsonl) are kilobytes
+
+
+def read_record(path: str | os.PathLike, limit: int = RECORD_LIMIT) -> str:
+    """The text of one of a run's own record files, read without trusting what sits at ``path``: a FIFO or a
+    device there would block the reader for ever, a huge file fill its memory; either raises ``ValueError``
+    naming the file (a reader lists that run as unreadable). Missing: ``FileNotFoundError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path} is {info.st_size / 2**20:,.0f} MB, past the {limit >> 20} MB a run record has")
+        return f.read(limit + 1).decode("utf-8", errors="replace")
+
+
+def plain_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of a run record, refusing aliases: lmlab writes none, and a few lines of nested
+    aliases expand to gigabytes (raises ``ValueError``)."""
+    import yaml
+
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+        raise ValueError("a YAML alias (*name): run records have none")
+    return yaml.safe_load(text)
 
 
 @functools.cache

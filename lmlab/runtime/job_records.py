@@ -34,7 +34,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import DiskFull, LmlabError, RunFolderBusy, printable
-from lmlab.runtime.files import atomic_write_text, first_missing, is_disk_full, remove_made_folders
+from lmlab.runtime.files import (
+    atomic_write_text,
+    first_missing,
+    is_disk_full,
+    plain_yaml,
+    read_record,
+    remove_made_folders,
+)
 from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
 from lmlab.runtime.run_log import RunLog
 from lmlab.runtime.run_table import find_runs, render, rows
@@ -164,8 +171,8 @@ def _record_failure(cfg: DictConfig, out_dir: Path, message: str, detail: str, b
 def finished_results(out_dir: Path) -> dict[str, Any] | None:
     """The figures of a run that completed in ``out_dir`` (its ``results.json``), else None."""
     try:
-        results = json.loads((Path(out_dir) / "results.json").read_text())
-    except (OSError, ValueError):
+        results = json.loads(read_record(Path(out_dir) / "results.json"))
+    except (OSError, ValueError, RecursionError):
         return None
     done = isinstance(results, dict) and results.get("status") == "completed"
     return results if done and isinstance(results.get("best_val_ppl"), (int, float)) else None
@@ -175,8 +182,8 @@ def overrides_differ(out_dir: Path, overrides: list[str]) -> str | None:
     """How the overrides a finished job in ``out_dir`` recorded differ from ``overrides`` (a resumed sweep's
     job now), in a few words; None when they are the same (in any order)."""
     try:
-        recorded = yaml.safe_load((Path(out_dir) / ".hydra" / "overrides.yaml").read_text()) or []
-    except (OSError, yaml.YAMLError):
+        recorded = plain_yaml(read_record(Path(out_dir) / ".hydra" / "overrides.yaml")) or []
+    except (OSError, ValueError, yaml.YAMLError):
         recorded = None
     if not isinstance(recorded, list):
         return "its record of them (.hydra/overrides.yaml) cannot be read"
@@ -282,5 +289,5 @@ def summarize_sweep(sweep_dir: Path) -> int:
         best = finished[0]
         print(f"best job: {best.folder} (val ppl {best.results['best_val_ppl']:.2f})", flush=True)
     for run in failed:
-        print(f"failed job: {run.folder}: {run.results.get('error', '?')}", file=sys.stderr, flush=True)
+        print(f"failed job: {run.folder}: {printable(run.results.get('error', '?'), 500)}", file=sys.stderr, flush=True)
     return len(failed) + sum(line(sweep_dir) for line in _summary_lines)

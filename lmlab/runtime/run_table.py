@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 
 from lmlab.config import flatten
 from lmlab.errors import printable
+from lmlab.runtime.files import plain_yaml, read_record
 
 FIGURE_COLUMNS = ("best_val_ppl", "test_ppl", "epochs", "num_params", "tokens_per_sec", "wall_s", "note")
 NOT_LEARNED = "NO BETTER THAN UNIFORM"  # the note of a run whose results.json says learned: false
@@ -70,24 +72,26 @@ FIGURES = ("best_val_ppl", "test_ppl", "num_params", "train_tokens_per_sec", "wa
 def _read_run(folder: Path) -> Run:
     try:
         results_file = folder / "results.json"
-        results = json.loads(results_file.read_text()) if results_file.exists() else {"status": "unfinished"}
+        results = json.loads(read_record(results_file)) if results_file.exists() else {"status": "unfinished"}
         if not isinstance(results, dict):
             raise ValueError("results.json is not a JSON object")
         if results.get("status") not in ("failed", "unfinished"):
-            bad = [k for k in FIGURES if type(results.get(k)) not in (int, float)]  # bool is no figure
+            bad = [k for k in FIGURES if not _figure(results.get(k))]
             if bad:
-                raise ValueError(f"results.json lacks {', '.join(bad)}")
+                raise ValueError(f"results.json lacks {', '.join(bad)} (or they are not finite numbers)")
         overrides_file = folder / ".hydra" / "overrides.yaml"
-        items = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        overrides = dict(str(item).split("=", 1) if "=" in str(item) else (str(item), "") for item in items or [])
+        items = plain_yaml(read_record(overrides_file)) if overrides_file.exists() else []
+        if not isinstance(items, list):
+            raise ValueError(".hydra/overrides.yaml is not a list of overrides")
+        overrides = dict(str(item).split("=", 1) if "=" in str(item) else (str(item), "") for item in items)
         config_file = folder / ".hydra" / "config.yaml"
-        record = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        record = plain_yaml(read_record(config_file)) if config_file.exists() else {}
         config = flatten(record) if isinstance(record, dict) else {}
         metrics = folder / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        lines = read_record(metrics).splitlines() if metrics.exists() else []
         curve = [float(json.loads(line)["val_ppl"]) for line in lines]
         steps = _training_curve(folder / "steps.jsonl")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as err:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, yaml.YAMLError) as err:
         reason = f"unreadable run files ({type(err).__name__}: {printable(str(err), 120)})"
         return Run(folder, {}, {"status": "failed", "error": reason}, [])
     return Run(folder, overrides, results, curve, config, steps)
@@ -95,16 +99,21 @@ def _read_run(folder: Path) -> Run:
 
 def _training_curve(path: Path) -> list[tuple[int, float]]:
     """(step, loss) of each line of a run's steps.jsonl; a line that is not one (cut short by a kill) is skipped."""
-    if not path.is_file():
+    if not path.exists():
         return []
     points = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in read_record(path).splitlines():
         try:
             record = json.loads(line)
             points.append((int(record["step"]), float(record["loss"])))
         except (ValueError, TypeError, KeyError, AttributeError):
             continue
     return points
+
+
+def _figure(value: Any) -> bool:
+    """A finite number (a bool is no figure; NaN and infinities sort and plot as nothing sensible)."""
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def _text(value: Any) -> str:

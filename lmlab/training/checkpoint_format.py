@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from lmlab.data.datasets import Vocabulary
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
 from lmlab.models import LanguageModel, check_model_arguments
 from lmlab.models.compose import resolve
+from lmlab.models.shapes import check_fits, on_meta
 from lmlab.training.rng import rng_state
 
 FORMAT = "lmlab-checkpoint"
@@ -135,6 +135,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     weights = state.get("model_state")
     if not (isinstance(weights, dict) and weights and all(isinstance(t, torch.Tensor) for t in weights.values())):
         raise damaged(path, "model_state", "is not a dict of tensors")
+    inflated = _inflated_tensor(state)
+    if inflated is not None:
+        name, tensor = inflated
+        raise damaged(
+            path, printable(name, 80), f"claims {tensor.numel():,} values over {tensor.untyped_storage().nbytes():,} "
+            "bytes of data (a stretched view, not stored values)",
+        )  # fmt: skip
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(
@@ -142,6 +149,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 "mean anything; use an earlier checkpoint"
             )
     return state
+
+
+def _inflated_tensor(value: Any, name: str = "") -> tuple[str, torch.Tensor] | None:
+    """The first tensor anywhere in ``value`` whose values are not all stored (an expanded view: stride 0 over
+    one stored value can claim 10**12 elements, and anything that reads them all allocates terabytes)."""
+    if isinstance(value, torch.Tensor):
+        stored = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+        return (name, value) if value.numel() * value.element_size() > stored else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _inflated_tensor(item, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def damaged(path: str | os.PathLike, field: str, what: str) -> CheckpointError:
@@ -213,8 +234,7 @@ def model_from_checkpoint(
     arguments = state["model"]["arguments"]
     cls, constructor_arguments = resolve(state["model"]["name"], arguments)  # checked by load_checkpoint
     try:  # on the meta device first: no memory is taken before the shapes are known to fit the file
-        with torch.device("meta"), _ShapesOnly():
-            probe = cls(len(vocab), **constructor_arguments)
+        probe = on_meta(cls, len(vocab), constructor_arguments)
     except LmlabError as err:
         raise CheckpointError(f"refused to build the model stored in {path}: {err}") from None
     except Exception as err:
@@ -223,20 +243,10 @@ def model_from_checkpoint(
             f"({type(err).__name__}); it was not made by this lmlab"
         ) from None
     load_weights(path, probe, {k: v.to("meta") for k, v in state["model_state"].items()})
+    try:
+        check_fits(probe, torch.device(device), 1, f"the model stored in {path}", "it was not made for this machine")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
     model = cls(len(vocab), **constructor_arguments)
     load_weights(path, model, state["model_state"])
     return model.to(device).eval(), vocab, state
-
-
-class _ShapesOnly(TorchFunctionMode):
-    """Builds a module's shapes without its random normal fills, which have nothing to fill on the meta device
-    and whose meta kernel (a Python reference implementation) imports ``torch._dynamo``: over a second and
-    tens of MB for a shape check, paid by every ``lmlab.generate`` and ``lmlab.evaluate``."""
-
-    SKIPPED = (torch.Tensor.normal_, torch.nn.init.normal_, torch.nn.init.trunc_normal_, torch.nn.init.xavier_normal_,
-               torch.nn.init.kaiming_normal_)  # fmt: skip
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func in self.SKIPPED:
-            return args[0] if args else (kwargs or {})["tensor"]
-        return func(*args, **(kwargs or {}))

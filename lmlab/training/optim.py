@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmlab.config.schema import NonNegativeInt
+from lmlab.config.schema import NonNegativeInt, PositiveInt
 from lmlab.training.hooks.weight_averaging import swap
 
 
@@ -29,7 +29,7 @@ class NTASGD(torch.optim.SGD):
         params: Any,
         lr: float,
         weight_decay: float = 0.0,
-        nonmono: int = 5,
+        nonmono: PositiveInt = 5,
         start_averaging: bool = False,
         foreach: bool | None = None,
     ) -> None:

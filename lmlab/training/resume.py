@@ -52,6 +52,10 @@ def restore_training(
         path, _dict(ckpt.get("config")), _dict(meta.get("config")), optimizer, scheduler
     ):
         print(f"resume: {line}")
+    for group in optimizer.param_groups:  # the file's LR, unless this run's config set another just above
+        lr = group.get("lr")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise damaged(path, "optimizer_state", f"has the learning rate {printable(lr, 40)}")
     own = _own_share(path, ckpt)
     with _field(path, "rng"):
         set_rng_state(own["rng"])
@@ -88,6 +92,11 @@ def _progress(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
         if not valid(ckpt.get(key)):
             raise damaged(path, key, f"is {printable(ckpt.get(key), 60)}, not a valid value")
     progress = {key: ckpt[key] for key in PROGRESS}
+    # The epoch in progress follows the finished ones in its history; its steps are among the run's.
+    if progress["epoch"] != len(progress["history"]) + 1:
+        raise damaged(path, "epoch", f"is {progress['epoch']} after {len(progress['history'])} finished epochs")
+    if progress["step"] > progress["global_step"]:
+        raise damaged(path, "step", f"is {progress['step']}, past the run's {progress['global_step']} steps in all")
     for key, (default, valid) in OPTIONAL_PROGRESS.items():
         progress[key] = ckpt.get(key, default)
         if not valid(progress[key]):

@@ -176,6 +176,8 @@ class Trainer:
         carry = state.hidden if state.hidden is not None else model.init_state(stream.batch_size, ctx.device)
         ctx.loss_sum = torch.tensor(state.loss_sum, device=ctx.device)
         ctx.num_windows = stream.num_windows(limit)
+        if state.step > ctx.num_windows:  # a last.pt's own count: more steps than an epoch has
+            raise damaged(ctx.last_saved, "step", f"is {state.step}, past the {ctx.num_windows} steps of an epoch")
         self._call(hooks, "on_epoch_start", ctx)
         tokens, world = 0, distributed.place().world_size
         for step, window in enumerate(stream.windows(state.epoch, limit), start=1):
