@@ -26,7 +26,6 @@ from lmlab.errors import DiskFull, RunFolderBusy, UnsafeRunFile
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-@functools.cache
 def open_append(path: str | os.PathLike) -> IO[str]:
     """``open(path, "a")`` for a run's own append-only files (run.log, metrics.jsonl, steps.jsonl, metrics.csv),
     refusing a symbolic link planted in their place: a run writes its folder's files, never through a link to

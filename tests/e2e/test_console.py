@@ -67,8 +67,8 @@ def test_run_log_holds_every_console_line_of_a_stopped_and_resumed_run(tmp_path,
     first = [text for _, text in _read_lines(proc, "[Epoch: 1]", timeout=120)]
     proc.send_signal(signal.SIGINT)
     rest, stopped_err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stopped_err
-    assert "Resume with: python -m lmlab.run" in stopped_err
+    assert proc.returncode == 130 and "stopped by SIGINT" in stopped_err, stopped_err
+    assert "Resume with: python -m lmlab.run" in stopped_err and (out / "checkpoints" / "last.pt").is_file()
     resumed = lmlab("lmlab.run", *args, "trainer.epochs=2")
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout

@@ -151,7 +151,7 @@ def test_bad_test_with_settings_are_refused_before_any_work(overrides, message, 
     [
         (["method=magic"], "method='magic' is not a registered evaluation method; registered: ['cache', 'dynamic'"),
         (["method=cache", "cache.lambda=1.5"], "cache.lambda=1.5 is invalid: it must be a number in [0, 1]"),
-        (["method=dynamic", "dynamic.lr=-1"], "dynamic.lr=-1 is invalid: it must be a number >= 0"),
+        (["method=dynamic", "dynamic.lr=-1"], "dynamic.lr=-1 is invalid: it must be a finite number >= 0"),
         (["method=cache", "cache.size=0"], "cache.size=0 is invalid: it must be a positive integer"),
         (["method=ngram", "ngram.order=0"], "ngram.order=0 is invalid: it must be a positive integer"),
         (["method=ngram", "ngram.order=40"], "ngram.order=40 is too high for a"),
