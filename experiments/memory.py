@@ -1,10 +1,11 @@
 """Where a default run's memory goes, phase by phase, and its whole-command peak RSS.
 
-    python experiments/memory.py DATA_DIR [--steps 20] [--no-phases]
+    python experiments/synthetic_corpus.py /tmp/v33k
+    python experiments/memory.py /tmp/v33k [--steps 20] [--no-phases]
 
-DATA_DIR: a corpus with WikiText-2's vocabulary size (33,278 words: ``--synthesise DIR`` writes one, Zipf-distributed,
-2M training tokens). Part 1 runs the default run's pieces in this process and prints, after each, the resident
-memory (VmRSS) and the peak so far (VmHWM): ``import torch``, lmlab's modules, ``torch._dynamo`` (which
+DATA_DIR: a corpus with WikiText-2's vocabulary size (33,278 words; ``experiments/synthetic_corpus.py DIR`` writes one
+with WikiText-2's split sizes). Part 1 runs the default run's pieces in this process and prints, after each, the
+resident memory (VmRSS) and the peak so far (VmHWM): ``import torch``, lmlab's modules, ``torch._dynamo`` (which
 ``torch.optim`` imports on its first step), the data, the model, the optimizer, the training steps, validation, the
 checkpoints, the test pass. Part 2 runs ``python -m lmlab.run dataset=text_dir dataset.path=DATA_DIR`` (the default
 model and settings, ``--steps`` training and evaluation windows) as a user does and prints its ``peak_rss_mb``
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -33,27 +33,6 @@ def status_mb(field: str) -> float:
 def report(phase: str, rows: list) -> None:
     rows.append((phase, status_mb("VmRSS"), status_mb("VmHWM")))
     print(f"{phase:<48} RSS {rows[-1][1]:7.0f} MB | peak {rows[-1][2]:7.0f} MB", flush=True)
-
-
-def synthesise(folder: Path, vocabulary: int = 33_278, train_tokens: int = 2_000_000) -> None:
-    """A corpus with exactly ``vocabulary`` words (with <eos>, <unk> counted), Zipf-distributed."""
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(vocabulary - 2)]
-    weights = [1.0 / (i + 1) for i in range(len(words))]
-
-    def text(tokens: int, every_word: bool = False) -> str:
-        drawn = rng.choices(words, weights=weights, k=tokens) + (words if every_word else [])
-        lines, i = [], 0
-        while i < len(drawn):
-            step = rng.randint(5, 40)
-            lines.append(" ".join(drawn[i : i + step]))
-            i += step
-        return "\n".join(lines) + "\n"
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.txt").write_text(text(train_tokens, every_word=True))
-    (folder / "valid.txt").write_text(text(train_tokens // 10))
-    (folder / "test.txt").write_text(text(train_tokens // 10))
 
 
 def phases(data: Path, steps: int) -> None:
@@ -110,11 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--synthesise", action="store_true", help="first write a 33,278-word corpus into DATA")
     parser.add_argument("--no-phases", action="store_true")
     args = parser.parse_args()
-    if args.synthesise:
-        synthesise(args.data)
     if not args.no_phases:
         phases(args.data.resolve(), args.steps)
     whole_command(args.data.resolve(), args.steps)
