@@ -24,7 +24,8 @@ from omegaconf import DictConfig, open_dict
 import lmlab.runtime.cpu_load  # noqa: F401  (first of lmlab: its sample of the machine's load starts now)
 from lmlab.config import CONF_DIR, moved_key
 from lmlab.config.help import answer_help
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, printable
+from lmlab.runtime.files import folder_refusal
 from lmlab.runtime.job_records import (
     finished_results,
     overrides_differ,
@@ -32,7 +33,7 @@ from lmlab.runtime.job_records import (
     task_wrapper,
     write_run_record,
 )
-from lmlab.runtime.launch import launched_processes, process_rank, under_torchrun
+from lmlab.runtime.launch import launched_processes, process_rank, task_overrides, under_torchrun
 from lmlab.runtime.run_log import begin_run_log
 from lmlab.runtime.signals import TrainingInterrupted
 
@@ -46,13 +47,14 @@ def hydra_task(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = "_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None
     name = hydra_cfg.job.override_dirname or out_dir.name
-    presets = [o for o in hydra_cfg.overrides.task if o.startswith("+sweep=")]
+    overrides = task_overrides(hydra_cfg)
+    presets = [o for o in overrides if o.startswith("+sweep=")]
     if presets and not multirun:
         raise ConfigError(f"{presets[0]} only acts in a multirun; add -m (python -m lmlab.run -m {presets[0]} ...)")
     prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
     if process_rank() == 0:  # the banner's first lines, before torch is imported (seconds on a slow machine)
         command = "torchrun -m lmlab.run" if under_torchrun() else "python -m lmlab.run"
-        print(f"{prefix}lmlab run: {command} {' '.join(shlex.quote(o) for o in hydra_cfg.overrides.task)}".rstrip())
+        print(f"{prefix}lmlab run: {command} {' '.join(shlex.quote(o) for o in overrides)}".rstrip())
         print(f"{prefix}run folder: {out_dir}", flush=True)
     from lmlab.job import train_and_report
     from lmlab.runtime import distributed
@@ -69,7 +71,7 @@ def hydra_task(cfg: DictConfig) -> float:
     if multirun and where.world_size == 1:
         place_on_a_gpu(cfg, hydra_cfg.job.num, prefix)
     finished = finished_results(out_dir)
-    changed = overrides_differ(out_dir, list(hydra_cfg.overrides.task)) if finished is not None else None
+    changed = overrides_differ(out_dir, overrides) if finished is not None else None
     if changed and not multirun:  # more epochs, another test: the run resumes from its last.pt (or is refused)
         finished = changed = None
     if changed:  # the folder's figures are another config's: neither reused nor written over
@@ -86,12 +88,12 @@ def hydra_task(cfg: DictConfig) -> float:
     try:
         return train_and_report(cfg, out_dir, group, name, prefix, on_started=on_started)["best_val_ppl"]
     except TrainingInterrupted as stop:
-        overrides = " ".join(shlex.quote(o) for o in hydra_cfg.overrides.task)
+        typed = " ".join(shlex.quote(o) for o in overrides)
         now = distributed.place()  # under SLURM the group was joined after `where` was looked up
         command = (
             f"torchrun --nproc_per_node={now.world_size} -m lmlab.run" if now.world_size > 1 else "python -m lmlab.run"
         )
-        resume = "" if multirun else f"\nResume with: {command} {overrides} hydra.run.dir={out_dir}"
+        resume = "" if multirun else f"\nResume with: {command} {typed} hydra.run.dir={out_dir}"
         if now.is_main:  # a multirun prints the sweep's command
             print(f"{prefix}{stop}{resume}", file=sys.stderr, flush=True)
         stop.hand_on()  # SLURM pre-emption: submitit requeues the job now that last.pt is saved
@@ -141,6 +143,15 @@ def main() -> None:
     if moved:
         print(f"error: {moved}", file=sys.stderr)
         sys.exit(2)
+    for argument in sys.argv[1:]:  # Hydra makes these folders before lmlab runs: refused here, in one line
+        key, _, folder = argument.partition("=")
+        refusal = folder_refusal(folder) if key in ("hydra.run.dir", "hydra.sweep.dir") and folder else None
+        if refusal:
+            print(
+                f"error: {key}={printable(folder, 120)} cannot be a run folder: {refusal}; give another",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     register_bundled_plugins()
     if under_torchrun() and launched_processes()[1] > 1:
         _join_torchrun()

@@ -150,7 +150,10 @@ class LanguageModel(nn.Module):
         features, state = self(torch.tensor(prompt, device=device).view(-1, 1), self.init_state(1, device))
         sampled: list[int] = []
         for _ in range(num_tokens):
-            logits = self.log_probs(features[-1, 0]).float() / temperature
+            log_probs = self.log_probs(features[-1, 0]).double()
+            # Shifted so that the likeliest word is 0 before the division (in float64, where a temperature of
+            # 1e-300 is not 0): a tiny temperature then makes the others -inf (greedy), not the softmax NaN.
+            logits = (log_probs - log_probs.max()) / temperature
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

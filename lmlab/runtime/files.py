@@ -42,6 +42,25 @@ def open_append(path: str | os.PathLike) -> IO[str]:
     return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
 
+def folder_refusal(path: str | os.PathLike) -> str | None:
+    """Why a run or sweep folder cannot be made at ``path`` (None: it can): a name past the file system's limits,
+    a file where a folder is needed, or a place this user cannot write."""
+    path = Path(path).expanduser().absolute()
+    longest = max((len(part.encode()) for part in path.parts), default=0)
+    if longest > 255:
+        return f"a folder name in it is {longest} bytes long; file systems take 255 at most"
+    if len(str(path).encode()) > 4000:
+        return f"it is {len(str(path).encode()):,} bytes long; paths take 4,096 at most"
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written by this user"
+    return None
+
+
 RECORD_LIMIT = 8 << 20  # a run's records (results.json, .hydra/*.yaml, metrics.jsonl) are kilobytes
 
 

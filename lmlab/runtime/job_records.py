@@ -32,8 +32,9 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from lmlab.errors import DiskFull, LmlabError, RunFolderBusy, printable
+from lmlab.errors import ConfigError, DiskFull, LmlabError, RunFolderBusy, printable
 from lmlab.runtime.files import (
     atomic_write_text,
     first_missing,
@@ -42,7 +43,7 @@ from lmlab.runtime.files import (
     read_record,
     remove_made_folders,
 )
-from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank
+from lmlab.runtime.launch import SWEPT_KEYS_ENV, process_rank, task_overrides
 from lmlab.runtime.run_log import RunLog
 from lmlab.runtime.run_table import find_runs, render, rows
 
@@ -96,9 +97,18 @@ def _with_failure_semantics(task: Callable[[DictConfig], T], cfg: DictConfig, hy
 
 
 def _disk_full_as_one_line(task: Callable[[DictConfig], T], cfg: DictConfig, out_dir: str) -> T:
-    """Any write that fails for lack of space (not only checkpoints) becomes :class:`DiskFull`."""
+    """Any write that fails for lack of space (not only checkpoints) becomes :class:`DiskFull`; a config value
+    that cannot be resolved (``${oc.env:UNSET}``, a resolver that does not exist) a :class:`ConfigError`."""
     try:
         return task(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        if key.startswith("hydra."):  # resolved while Hydra named the job's folder: the override is the culprit
+            key = " ".join(o for o in task_overrides(HydraConfig.get()) if "${" in o)
+        where = f"{key}: " if key else ""
+        raise ConfigError(
+            f"{where}{printable(str(err).splitlines()[0], 300)}; set it to a plain value (or define what it reads)"
+        ) from None
     except Exception as err:
         if isinstance(err, LmlabError) or not is_disk_full(err):
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -61,3 +62,9 @@ def short_dirname(override_dirname: str) -> str:
 
 if not OmegaConf.has_resolver("lmlab_dirname"):
     OmegaConf.register_new_resolver("lmlab_dirname", short_dirname)
+
+
+def task_overrides(hydra_cfg: Any) -> list[str]:
+    """The command line's overrides as typed: an override whose value is an interpolation (``${oc.env:X}``) stays
+    that text (iterating Hydra's own list would resolve it, and fail on one that cannot be)."""
+    return [str(o) for o in OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)]

@@ -32,8 +32,10 @@ RUN_CASES = [
     (["trainer.clip_grad_norm=inf"], 2, "trainer.clip_grad_norm=inf is invalid"),
     (["hooks.progress.log_interval=0"], 2, "hooks.progress.log_interval=0 is invalid"),
     (["logger=wandb", "logger.wandb.mode=bogus"], 2, "logger.wandb.mode='bogus' is invalid"),
+    (["generate.prompt=${oc.env:LMLAB_UNSET_VARIABLE}"], 2, "Environment variable 'LMLAB_UNSET_VARIABLE' not found"),
+    (["generate.prompt=${eval:1+1}"], 2, "Unsupported interpolation type eval"),
 ]
-FAST_RUN_CASES = {0, 5, 8, 11}
+FAST_RUN_CASES = {0, 5, 8, 11, 13}
 
 
 @pytest.mark.parametrize(
@@ -131,3 +133,28 @@ def test_compare_lists_hostile_run_records_as_unreadable_and_never_hangs(trained
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()[2:]}
     assert {name for name, row in rows.items() if "failed" in row} == {"fifo", "alias_bomb", "nan", "deep", "string"}
     assert "completed" in rows[Path(source).name]
+
+
+@pytest.mark.parametrize("where", ["a component of 300 characters", "under a file", "checkpoints is a file"])
+def test_a_run_folder_that_cannot_be_is_one_line(where, corpus_dir, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    run = {
+        "a component of 300 characters": tmp_path / ("a" * 300),
+        "under a file": tmp_path / "a_file" / "run",
+        "checkpoints is a file": tmp_path / "run",
+    }[where]
+    if where == "checkpoints is a file":
+        run.mkdir()
+        (run / "checkpoints").write_text("x")
+    done = lmlab("lmlab.run", *TINY, f"dataset.path={corpus_dir}", "trainer.epochs=1", f"hydra.run.dir={run}")
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_tiny_temperature_samples_the_likeliest_word(trained):
+    done = lmlab("lmlab.generate", f"checkpoint={trained[0] / 'checkpoints' / 'best.pt'}", "device=cpu",
+                 "temperature=1e-300", "num_words=5", "seed=1")  # fmt: skip
+    greedy = lmlab("lmlab.generate", f"checkpoint={trained[0] / 'checkpoints' / 'best.pt'}", "device=cpu",
+                   "temperature=1e-6", "num_words=5", "seed=2")  # fmt: skip
+    assert done.returncode == greedy.returncode == 0, done.stderr
+    assert done.stdout == greedy.stdout  # greedy whatever the seed

@@ -39,6 +39,10 @@ class Checkpointing(Hook):
 
     def on_fit_start(self, ctx: FitContext) -> None:
         folder = Path(ctx.out_dir) / "checkpoints"
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"{folder} is a file, where the run keeps its checkpoints; move it, or use a new hydra.run.dir"
+            )
         self.last = folder / "last.pt"
         self.best = folder / "best.pt"
         self.meta = ctx.checkpoint_meta
