@@ -46,7 +46,8 @@ def hydra_task(cfg: DictConfig) -> float:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = "_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None
-    name = hydra_cfg.job.override_dirname or out_dir.name
+    # A dashboard's run name: a sweep job's folder name (its number and the swept keys, short) or a run's overrides.
+    name = out_dir.name if multirun else hydra_cfg.job.override_dirname or out_dir.name
     overrides = task_overrides(hydra_cfg)
     presets = [o for o in overrides if o.startswith("+sweep=")]
     if presets and not multirun:

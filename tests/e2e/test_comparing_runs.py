@@ -1,7 +1,7 @@
 """Comparing runs, as a researcher does it: one 4-job sweep (batch size × hidden size) logged to every tracker
 at once — W&B offline, TensorBoard, MLflow, CSV — then read back by each tracker's own reader, by
-``lmlab.compare`` (its page looked at in headless Chromium) and MLflow's own web UI (``mlflow ui``, asked
-through the web API its runs page calls).
+``lmlab.compare`` (its page looked at in headless Chromium) and MLflow's own web UI (``mlflow ui``, its runs page
+drawn in headless Chromium).
 
 The sweep runs once for the whole test session: the first worker to need it makes it, the others wait and read
 it (none of these tests changes it)."""
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from lmlab.compare import main as compare_main
-from tests.browser import screenshot
+from tests.browser import open_app, screenshot
 from tests.commands import lmlab
 from tests.conftest import write_corpus
 from tests.e2e.test_sweeps import job_dirs, multirun
@@ -71,7 +71,7 @@ def test_the_sweeps_jobs_and_their_wandb_runs(sweep):
     runs = [summarize(next(j.glob("wandb/offline-run-*/run-*.wandb"))) for j in jobs]
     assert len({r["group"] for r in runs}) == 1 and runs[0]["group"]  # one sweep, one group
     assert len({r["run_id"] for r in runs}) == 4
-    assert "model.hidden_dim=16" in runs[0]["name"] and "dataset.batch_size=4" in runs[0]["name"]
+    assert sorted(r["name"] for r in runs) == sorted(j.name for j in jobs)  # short: the job's folder name
     assert json.loads(runs[0]["config"]["model.hidden_dim"]) == 16  # flattened keys: the swept keys are columns
     assert {"train/loss", "lr", "val/ppl", "val/loss", "epoch"} <= runs[0]["history_keys"]
     val = [json.loads(row["val/ppl"]) for row in runs[0]["history"] if "val/ppl" in row]
@@ -221,15 +221,38 @@ def test_mlflow_ui_lists_the_sweeps_runs(sweep, tmp_path):
                 assert ui.poll() is None, (tmp_path / "mlflow-ui.log").read_text()[-2000:]
                 assert time.monotonic() < deadline, "mlflow ui did not answer in 180 s"
                 time.sleep(0.5)
-        # What the UI's runs page asks its server for (MLflow's own web API, the one its pages call).
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/search",
-            data=json.dumps({"experiment_ids": [experiment.experiment_id]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        listed = json.loads(urllib.request.urlopen(request, timeout=60).read())["runs"]
+        # The runs page as a user sees it, drawn by MLflow's own web app in headless Chromium.
+        names = [run.info.run_name for run in runs]
+        png = tmp_path / "mlflow-runs.png"
+        text = open_app(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs", png, names)
     finally:
         ui.terminate()
         ui.wait(timeout=30)
         log.close()
-    assert sorted(r["info"]["run_name"] for r in listed) == sorted(run.info.run_name for run in runs)
+    assert all(name in text for name in names) and f"{len(names)} matching runs" in text
+    assert png.stat().st_size > 20_000  # a drawn page, not a blank one
+
+
+def test_compare_keeps_a_mixed_folder_readable(tmp_path, corpus_dir):
+    """An LSTM and a Transformer (each with settings the other lacks), a failed job and an interrupted run: one
+    column per key that varies, short names, no ``key=-`` padding, rows a laptop screen holds."""
+    from tests.conftest import TINY
+    from tests.e2e.test_transformer import TRANSFORMER
+
+    runs = tmp_path / "runs"
+    for name, args in (("lstm", TINY), ("transformer", TRANSFORMER)):
+        done = lmlab(
+            "lmlab.run", *args, f"dataset.path={corpus_dir}", "trainer.epochs=1", f"hydra.run.dir={runs / name}"
+        )
+        assert done.returncode == 0, done.stderr
+    shutil.copytree(runs / "lstm", runs / "stopped")
+    (runs / "stopped" / "results.json").unlink()
+    (runs / "failed").mkdir()
+    (runs / "failed" / "results.json").write_text('{"status": "failed", "error": "model.hidden_dim=-1 is invalid"}')
+    done = lmlab("lmlab.compare", str(runs), "--plot", str(tmp_path / "mixed.png"))
+    assert done.returncode == 0, done.stderr
+    header, *table = done.stdout.splitlines()
+    assert "=-" not in done.stdout  # a key the other model lacks is a blank cell, not key=- padding
+    assert {"d_model", "hidden_dim"} <= set(header.split()) and max(map(len, done.stdout.splitlines())) <= 200
+    assert sorted(row.split()[1] for row in table) == ["completed", "completed", "failed", "unfinished"]
+    assert (tmp_path / "mixed.png").stat().st_size > 10_000
