@@ -64,6 +64,7 @@ class Checkpointing(Hook):
         ctx.state, logger_state = restore_training(source, self.meta, ctx.model, ctx.optimizer, schedule, ctx.scaler)
         ctx.logger.restore(ctx.state.history, logger_state)
         print(f"Resuming from {source}: epoch {ctx.state.epoch}, step {ctx.state.step}")
+        ctx.last_saved = source  # the good checkpoint a later message names, until this run saves its own
         # Resumed from another folder: that run's best is this run's best until an epoch here beats it.
         carried = source.parent / "best.pt"
         self._carried_best = (
