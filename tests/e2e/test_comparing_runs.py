@@ -249,10 +249,13 @@ def test_compare_keeps_a_mixed_folder_readable(tmp_path, corpus_dir):
     (runs / "stopped" / "results.json").unlink()
     (runs / "failed").mkdir()
     (runs / "failed" / "results.json").write_text('{"status": "failed", "error": "model.hidden_dim=-1 is invalid"}')
-    done = lmlab("lmlab.compare", str(runs), "--plot", str(tmp_path / "mixed.png"))
+    page = tmp_path / "mixed.html"
+    done = lmlab("lmlab.compare", str(runs), "--plot", str(tmp_path / "mixed.png"), "--html", str(page))
     assert done.returncode == 0, done.stderr
     header, *table = done.stdout.splitlines()
     assert "=-" not in done.stdout  # a key the other model lacks is a blank cell, not key=- padding
     assert {"d_model", "hidden_dim"} <= set(header.split()) and max(map(len, done.stdout.splitlines())) <= 200
     assert sorted(row.split()[1] for row in table) == ["completed", "completed", "failed", "unfinished"]
     assert (tmp_path / "mixed.png").stat().st_size > 10_000
+    dom = screenshot(page.as_uri(), tmp_path / "mixed-page.png")  # the page as a browser shows it
+    assert dom.count("<tr class=") == 4 and "d_model" in dom and "hidden_dim" in dom and "<svg" in dom
