@@ -44,9 +44,10 @@ def dataset_from_record(record: Any, checkpoint: str) -> LanguageModelData:
     name = record.get("name", RECORDED_TARGETS.get(target) if isinstance(target, str) else None)
     if not isinstance(name, str) or name not in DATASETS:
         shown = name if name is not None else record.get("_target_")
-        raise ConfigError(
-            f"the checkpoint's dataset ({printable(shown)}) is not one lmlab rebuilds (registered: {sorted(DATASETS)}; "
-            "a dataset of your own: plugins=[module]); or name the data, e.g. dataset=text_dir dataset.path=DIR"
+        raise CheckpointError(
+            f"{checkpoint} names a dataset ({printable(shown)}) that lmlab does not rebuild (registered: "
+            f"{sorted(DATASETS)}; a dataset of your own: plugins=[module]); or name the data, e.g. dataset=text_dir "
+            "dataset.path=DIR"
         )
     cls = DATASETS[name]
     chosen = {}

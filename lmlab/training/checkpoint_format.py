@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lmlab.data.datasets import Vocabulary
+from lmlab.data.datasets import EOS, UNK, Vocabulary
 from lmlab.errors import CheckpointError, ConfigError, LmlabError, printable
 from lmlab.models import LanguageModel, check_model_arguments
 from lmlab.models.compose import resolve
@@ -132,6 +132,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise damaged(path, "vocab", "is not a list of words")
     if len(set(vocab)) != len(vocab):
         raise damaged(path, "vocab", "names a word twice")
+    if not {UNK, EOS} <= set(vocab):
+        raise damaged(path, "vocab", f"lacks {UNK} or {EOS}, which every lmlab vocabulary has")
     weights = state.get("model_state")
     if not (isinstance(weights, dict) and weights and all(isinstance(t, torch.Tensor) for t in weights.values())):
         raise damaged(path, "model_state", "is not a dict of tensors")

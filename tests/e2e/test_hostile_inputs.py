@@ -158,3 +158,16 @@ def test_a_tiny_temperature_samples_the_likeliest_word(trained):
                    "temperature=1e-6", "num_words=5", "seed=2")  # fmt: skip
     assert done.returncode == greedy.returncode == 0, done.stderr
     assert done.stdout == greedy.stdout  # greedy whatever the seed
+
+
+@pytest.mark.parametrize("case", ["no <unk>", pytest.param("unknown dataset", marks=pytest.mark.slow)])
+def test_a_checkpoint_that_breaks_lmlabs_own_rules_is_exit_4_naming_the_file(trained, tmp_path, case):
+    state = torch.load(trained[0] / "checkpoints" / "best.pt", weights_only=True)
+    if case == "no <unk>":
+        state["vocab"][state["vocab"].index("<unk>")] = "unk-renamed"
+    else:
+        state["config"]["dataset"]["name"] = "no_such_dataset"
+    crafted = tmp_path / "crafted.pt"
+    torch.save(state, crafted)
+    done = lmlab("lmlab.evaluate", f"checkpoint={crafted}", "device=cpu")
+    assert done.returncode == 4 and str(crafted) in done.stderr and "Traceback" not in done.stderr, done.stderr
