@@ -31,7 +31,7 @@ from lmlab.runtime.devices import resolve_precision
 from lmlab.training.hooks import Hook
 from lmlab.training.optim import Schedule, takes_sparse_gradients
 from lmlab.training.trainer import Trainer
-from lmlab.validation import model_arguments, validate_config
+from lmlab.validation import SAMPLING_SETTINGS, model_arguments, validate_config
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -186,7 +186,7 @@ RUN_KEYS = {
 
 
 # The top-level keys lmlab.generate and lmlab.evaluate read (evaluate also each method's section).
-GENERATE_KEYS = {"checkpoint", "plugins", "seed", "device", "num_words", "temperature", "prompt", "top_k"}
+GENERATE_KEYS = {"checkpoint", "plugins", "seed", "device", *SAMPLING_SETTINGS}
 EVALUATE_KEYS = {"checkpoint", "plugins", "seed", "device", "dataset", "trainer", "split", "method", "output"}
 
 

@@ -28,6 +28,7 @@ from lmlab.errors import ConfigError, printable
 from lmlab.runtime.files import folder_refusal
 from lmlab.runtime.job_records import (
     finished_results,
+    job_prefix,
     overrides_differ,
     run_with_summary,
     task_wrapper,
@@ -52,7 +53,7 @@ def hydra_task(cfg: DictConfig) -> float:
     presets = [o for o in overrides if o.startswith("+sweep=")]
     if presets and not multirun:
         raise ConfigError(f"{presets[0]} only acts in a multirun; add -m (python -m lmlab.run -m {presets[0]} ...)")
-    prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
+    prefix = job_prefix(hydra_cfg)
     if process_rank() == 0:  # the banner's first lines, before torch is imported (seconds on a slow machine)
         command = "torchrun -m lmlab.run" if under_torchrun() else "python -m lmlab.run"
         print(f"{prefix}lmlab run: {command} {' '.join(shlex.quote(o) for o in overrides)}".rstrip())

@@ -5,11 +5,12 @@ the plan, so that a run redirected to a file says what it is doing long before i
     run folder: outputs/2026-12-08/10-21-07.123456
     device: cpu (AVX2), 2 threads, precision fp32
     data: wikitext2 at /data/wikitext-2: vocabulary 33,278 | tokens train 2,088,628, valid 217,646, test 245,569
-    model: lstm (RNNLanguageModel), 23,863,678 parameters
-    plan: 20 epochs of 2,983 steps (batch 20 x 35 tokens); stop with Ctrl-C (saves last.pt; run the same command
-          with hydra.run.dir=FOLDER to resume)
+    model: rnn, cell lstm (RNNLanguageModel), 28,434,378 parameters
+    plan: 20 epochs of 2,983 steps (batch 20 x 35 tokens); Ctrl-C stops after the step and saves last.pt (the
+          line it prints resumes the run)
 
-Each function returns its line; the caller prints it (and :mod:`lmlab.runtime.run_log` keeps it in run.log).
+The first two lines are printed by ``lmlab.run`` before torch is imported; each function here returns one of the
+others; the caller prints it (and :mod:`lmlab.runtime.run_log` keeps it in run.log).
 """
 
 from __future__ import annotations

@@ -61,13 +61,17 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
     def wrapper(cfg: DictConfig) -> T:
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        prefix = f"[job {hydra_cfg.job.num}] " if multirun else ""
         log = Path(hydra_cfg.runtime.output_dir) / "run.log"
         # Every console line of the run, its error included, lands in run.log once the run holds the folder.
-        with RunLog(log, prefix) if process_rank() == 0 else contextlib.nullcontext():
+        with RunLog(log, job_prefix(hydra_cfg)) if process_rank() == 0 else contextlib.nullcontext():
             return _with_failure_semantics(task, cfg, hydra_cfg, multirun)
 
     return wrapper
+
+
+def job_prefix(hydra_cfg: Any) -> str:
+    """What a multirun job's console lines start with (``[job 3] ``); nothing for a single run."""
+    return f"[job {hydra_cfg.job.num}] " if hydra_cfg.mode == RunMode.MULTIRUN else ""
 
 
 def _with_failure_semantics(task: Callable[[DictConfig], T], cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> T:

@@ -8,7 +8,6 @@ then every ``every_s``, with what is done and the ETA. A pass shorter than ``fir
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -39,7 +38,6 @@ def reported(
                 eta = (now - started) / done * (total - done)
                 print(f"{label}: {done:,}/{total:,} {unit} | {now - started:.0f} s | ETA {duration(eta)}", flush=True)
                 next_line_at = now + every_s
-    sys.stdout.flush()
 
 
 def duration(seconds: float) -> str:

@@ -30,6 +30,7 @@ class RunLog:
         self._held: list[str] = []
         self._file: IO[str] | None = None
         self._streams: tuple[Any, Any] | None = None
+        self._lock, self._busy, self._backlog = threading.RLock(), False, []
 
     def __enter__(self) -> RunLog:
         global _active
@@ -58,6 +59,30 @@ class RunLog:
             self._file.flush()
             self._held = []
 
+    def take(self, tee: _Tee, text: str) -> None:
+        """Text written to ``tee``: its complete lines are added. The one writer for both streams, safe against a
+        print from a signal handler that lands inside a write (the Ctrl-C notice): that text waits in a backlog
+        instead of re-entering the file's writer (which would raise) or a stream's unfinished line."""
+        with self._lock:
+            if self._busy:
+                self._backlog.append((tee, text))
+                return
+            self._busy = True
+            try:
+                self._lines_of(tee, text)
+                while self._backlog:
+                    self._lines_of(*self._backlog.pop(0))
+            finally:
+                self._busy = False
+
+    def _lines_of(self, tee: _Tee, text: str) -> None:
+        *lines, tee.partial = (tee.partial + text).split("\n")
+        for line in lines:
+            line = line.rsplit("\r", 1)[-1]  # a bar redrawn in place: what is left on the screen
+            if line.strip():
+                self.add(line)
+        tee.partial = tee.partial.rsplit("\r", 1)[-1]
+
     def add(self, line: str) -> None:
         if line.startswith(self.prefix):
             line = line[len(self.prefix) :]
@@ -76,42 +101,21 @@ def begin_run_log() -> None:
 
 
 class _Tee:
-    """A text stream that writes through to ``stream`` and hands complete lines to a :class:`RunLog`.
-
-    Safe against a print from a signal handler that lands inside a write (the Ctrl-C notice): that text
-    waits in a backlog instead of re-entering the file's writer, which would raise."""
+    """A text stream that writes through to ``stream`` and hands what it is written to its :class:`RunLog`,
+    which cuts it into lines (this stream's unfinished line is kept here)."""
 
     def __init__(self, stream: Any, log: RunLog) -> None:
-        self._stream, self._log, self._partial = stream, log, ""
-        self._lock, self._busy, self._backlog = threading.RLock(), False, []
+        self._stream, self._log, self.partial = stream, log, ""
 
     def write(self, text: str) -> int:
         written = self._stream.write(text)
-        with self._lock:
-            if self._busy:  # re-entered from a signal handler in the middle of a write
-                self._backlog.append(text)
-                return written
-            self._busy = True
-            try:
-                self._take(text)
-                while self._backlog:
-                    self._take(self._backlog.pop(0))
-            finally:
-                self._busy = False
+        self._log.take(self, text)
         return written
 
-    def _take(self, text: str) -> None:
-        *lines, self._partial = (self._partial + text).split("\n")
-        for line in lines:
-            line = line.rsplit("\r", 1)[-1]  # a bar redrawn in place: what is left on the screen
-            if line.strip():
-                self._log.add(line)
-        self._partial = self._partial.rsplit("\r", 1)[-1]
-
     def flush_partial(self) -> None:
-        if self._partial.strip():
-            self._log.add(self._partial)
-        self._partial = ""
+        if self.partial.strip():
+            self._log.add(self.partial)
+        self.partial = ""
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, flush...: the console's own
         return getattr(self._stream, name)

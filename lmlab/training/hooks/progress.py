@@ -54,8 +54,12 @@ class Progress(Hook):
             self.next_line_at = now + (self.first_line_s or math.inf)
         step = ctx.state.step
         on_grid = step % self.log_interval == 0
-        if on_grid or step == ctx.num_windows:
-            running = ctx.running_loss()
+        record_due = on_grid or step == ctx.num_windows  # steps.jsonl's grid, and each epoch's last step
+        line_due = self.bar.disable and (on_grid or (now >= self.next_line_at and step != ctx.num_windows))
+        if not (record_due or line_due):
+            return
+        running = ctx.running_loss()  # one read of the loss (a host sync on a GPU) for the record and the line
+        if record_due:
             self.bar.set_postfix(loss=f"{running:.3f}")
             ctx.logger.log_step(
                 ctx.state.global_step,
@@ -65,11 +69,11 @@ class Progress(Hook):
                 },
             )  # fmt: skip
             self.grid = _Window()
-        if self.bar.disable and (on_grid or (now >= self.next_line_at and step != ctx.num_windows)):
+        if line_due:
             seconds = now - self.line.since
             ctx.logger.log_progress(
                 {
-                    "epoch": ctx.state.epoch, "step": step, "steps": ctx.num_windows, "loss": ctx.running_loss(),
+                    "epoch": ctx.state.epoch, "step": step, "steps": ctx.num_windows, "loss": running,
                     "ms_per_step": 1000 * seconds / self.line.steps, "tokens_per_sec": self.line.speed(now),
                     "lr": ctx.lr, "eta_s": seconds / self.line.steps * (ctx.num_windows - step),
                 }
